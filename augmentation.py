@@ -1,0 +1,63 @@
+"""Augmentation registry: albumentations 2.x pipelines for training, and the one eval pipeline.
+
+An entry is a factory `(resize, mean, std, **kwargs) -> albumentations.Compose` for the TRAIN
+side; every pipeline ends with Normalize + ToTensorV2 so it returns a CHW float tensor.
+Validation and inference always use `eval_transform` (resize + normalize), so a training
+augmentation can never leak into validation.
+
+Add your own:
+
+    @AUGMENTATIONS.register()
+    def MyAugmentation(resize, mean, std, **kwargs):
+        return A.Compose([A.Resize(*resize), A.CLAHE(), *to_tensor(mean, std)])
+
+Example: python train.py --augmentation AlbuAugmentation --resize 256,192
+"""
+import albumentations as A
+from albumentations.pytorch import ToTensorV2
+
+from registry import Registry
+
+AUGMENTATIONS = Registry("augmentation")
+
+
+def to_tensor(mean, std):
+    """The common tail: scale to [0, 1], normalize with the dataset's mean/std, HWC -> CHW tensor."""
+    return [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
+
+
+def eval_transform(resize, mean, std):
+    """Validation and inference: resize + normalize, nothing random."""
+    return A.Compose([A.Resize(*resize), *to_tensor(mean, std)])
+
+
+@AUGMENTATIONS.register()
+def BaseAugmentation(resize, mean, std, **kwargs):
+    """No augmentation: resize + normalize (the eval pipeline)."""
+    return eval_transform(resize, mean, std)
+
+
+@AUGMENTATIONS.register()
+def AlbuAugmentation(resize, mean, std, **kwargs):
+    """Photometric and mild geometric noise; resize first so every later step runs small."""
+    return A.Compose([
+        A.Resize(*resize),
+        A.HorizontalFlip(p=0.5),  # faces are left-right symmetric; labels do not change
+        # shift-scale-rotate, kept mild: the face stays centred as in the real photos
+        A.Affine(translate_percent=(-0.06, 0.06), scale=(0.9, 1.1), rotate=(-15, 15), p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        # small hue shift: mask colour varies, but hair and skin colour carry age and gender cues
+        A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.3),
+        A.GaussNoise(std_range=(0.02, 0.08), p=0.2),
+        A.GaussianBlur(blur_limit=(3, 5), p=0.1),
+        A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.12),
+                        hole_width_range=(0.05, 0.12), p=0.3),
+        *to_tensor(mean, std),
+    ])
+
+
+def seed_transform(transform, seed):
+    """albumentations 2.x draws from the Compose's own generator, not the global RNGs: seed it
+    explicitly (once per DataLoader worker) so that a run is reproducible."""
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(int(seed) % 2**32)

@@ -1,0 +1,121 @@
+"""Command-line plumbing shared by every script: user errors, flag parsing, the main wrapper.
+
+- `UserError`: raise it for anything a user can cause (bad path, bad value, unknown name).
+  `run(main)` prints it as one line on stderr and exits with status 2, no traceback.
+- `ArgumentParser`: argparse with one-line errors and kebab-case aliases for every
+  snake_case flag (`--batch-size` works wherever `--batch_size` does).
+- `str2bool`, `parse_size`, `parse_floats`: flag types (never `type=bool`: it makes
+  `--cutmix False` true).
+
+Example: `python train.py --cutmix False --resize 299,299`
+"""
+import argparse
+import os
+import sys
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit status 2."""
+
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def str2bool(text):
+    """Parse True/False/1/0/yes/no/on/off (any case)."""
+    value = str(text).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True/False/1/0/yes/no, got {text!r}")
+
+
+def parse_size(text):
+    """Parse an input size 'H,W' (or a single 'S' for a square) into a (H, W) tuple of ints."""
+    parts = [p for p in str(text).replace("x", ",").split(",") if p.strip()]
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) <= 0:
+        raise argparse.ArgumentTypeError(f"expected H,W as two positive integers (e.g. 299,299), got {text!r}")
+    return size
+
+
+def parse_floats(text):
+    """Parse a comma-separated list of floats, e.g. '0.9,1,1'."""
+    try:
+        return [float(p) for p in str(text).split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def ratio(text):
+    """A float strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def bool_flag(group, *names, default=False, help=""):
+    """Add a boolean flag: `--x`, `--x True`, `--x no` all work."""
+    return group.add_argument(*names, type=str2bool, nargs="?", const=True, default=default,
+                              metavar="BOOL", help=help)
+
+
+def _snake_flags(argv):
+    """Rewrite `--kebab-case[=v]` option names to `--snake_case[=v]`; values are left alone."""
+    out, options_done = [], False
+    for token in argv:
+        if options_done or not token.startswith("--") or token == "--":
+            options_done = options_done or token == "--"
+            out.append(token)
+            continue
+        name, eq, value = token.partition("=")
+        out.append("--" + name[2:].replace("-", "_") + eq + value)
+    return out
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that accepts kebab-case aliases and reports a bad flag in one line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # a typo should not silently pick another flag
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        return super().parse_args(_snake_flags(argv), namespace)
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def run(main, parser_fn, argv=None):
+    """Parse flags and call `main(args)`; a UserError becomes one line on stderr and exit 2."""
+    try:
+        args = parser_fn().parse_args(argv)
+        return main(args)
+    except UserError as err:
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "error"
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)

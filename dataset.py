@@ -1,0 +1,406 @@
+"""Data: reading both layouts, the label scheme, person-level splits and the dataset registry.
+
+Layouts (see DESIGN.md):
+- competition: `TRAIN_DIR/train.csv` (id,gender,race,age,path) and `TRAIN_DIR/images/<path>/`
+  with the photos mask1..mask5, incorrect_mask, normal (.jpg/.jpeg/.png);
+  eval: `EVAL_DIR/info.csv` (ImageID,ans) and `EVAL_DIR/images/<ImageID>`.
+- folder per class: `TRAIN_DIR/<class_name>/<images>` (`--dataset ImageFolder`); classes are
+  the sorted folder names.
+
+A dataset entry reads a folder into `samples` (path, label, person) and decides the
+train/validation split; `ImageDataset` turns one side into tensors with its own transform.
+Add your own entry with `@DATASETS.register()` on a subclass of `MaskSplitByProfileDataset`
+(or any class with the same constructor, `samples`, `classes`, `mean`, `std` and `split()`).
+
+Example: python train.py --dataset MaskSplitByProfileDataset --val_ratio 0.2
+"""
+import bisect
+import csv
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps
+from sklearn.model_selection import train_test_split
+
+from cli import UserError
+from registry import Registry
+
+DATASETS = Registry("dataset")
+
+# Mean/std of the competition's photos (measured on its training set), ImageNet's otherwise.
+MASK_MEAN, MASK_STD = (0.548, 0.504, 0.479), (0.237, 0.247, 0.246)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# ---------------------------------------------------------------- the label scheme
+PHOTO_MASK = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0,
+              "incorrect_mask": 1, "normal": 2}  # file stem -> mask state
+MASK_NAMES = ("wear", "incorrect", "not_wear")
+GENDERS = {"male": 0, "female": 1}
+GENDER_NAMES = ("M", "F")
+AGE_BINS = (30, 60)  # band edges: <30, 30..59, >=60
+AGE_NAMES = ("<30", "30-59", "60+")
+NUM_CLASSES = len(MASK_NAMES) * len(GENDER_NAMES) * len(AGE_NAMES)
+PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+TRAIN_COLUMNS = ("id", "gender", "race", "age", "path")
+MAX_AGE = 120
+
+
+def age_band(age, bins=AGE_BINS):
+    """0 for age < bins[0], 1 for bins[0] <= age < bins[1], 2 above."""
+    return bisect.bisect_right(bins, age)
+
+
+def encode_label(mask, gender, age_class):
+    return (mask * len(GENDER_NAMES) + gender) * len(AGE_NAMES) + age_class
+
+
+def decode_label(label):
+    """18-class label -> (mask, gender, age band)."""
+    label = int(label)
+    return (label // (len(GENDER_NAMES) * len(AGE_NAMES)),
+            label // len(AGE_NAMES) % len(GENDER_NAMES),
+            label % len(AGE_NAMES))
+
+
+MASK_CLASSES = [f"{MASK_NAMES[m]}/{GENDER_NAMES[g]}/{AGE_NAMES[a]}"
+                for m, g, a in map(decode_label, range(NUM_CLASSES))]
+
+
+# ---------------------------------------------------------------- reading images
+def _is_hidden(name):
+    # Archives made on macOS carry `._mask1.jpg` and `.DS_Store`: never data.
+    return name.startswith(".")
+
+
+def load_image(path, min_size=None):
+    """Read an image as an RGB uint8 array, upright (EXIF orientation applied).
+
+    `min_size=(H, W)` lets a JPEG decode at a reduced scale (PIL draft mode) that is still at
+    least that large: much faster when the model input is smaller than the photo.
+    """
+    try:
+        with Image.open(path) as img:
+            if min_size is not None and img.format == "JPEG":
+                height, width = min_size
+                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # stored rotated by 90 degrees
+                    height, width = width, height
+                img.draft("RGB", (width, height))
+            img = ImageOps.exif_transpose(img)
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UserError(f"cannot read image {path}: {err}") from None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """One side of a split: paths and labels, and the transform of that side only."""
+
+    def __init__(self, paths, labels, transform, min_size=None):
+        assert len(paths) == len(labels), "one label per image"
+        self.paths, self.labels = list(paths), list(labels)
+        self.transform = transform
+        self.min_size = min_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        image = load_image(self.paths[index], self.min_size)
+        return self.transform(image=image)["image"], self.labels[index]
+
+
+# ---------------------------------------------------------------- the competition layout
+@dataclass(frozen=True)
+class Sample:
+    path: str    # relative to the dataset root
+    label: int
+    person: str  # the person's folder; "" where the layout has no persons
+
+
+def resolve_train_dir(data_dir):
+    """Accept TRAIN_DIR or TRAIN_DIR/images (the path the public baseline asks for)."""
+    data_dir = os.path.normpath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data folder {data_dir} does not exist")
+    parent = os.path.dirname(data_dir)
+    if (os.path.basename(data_dir) == "images" and not os.path.exists(os.path.join(data_dir, "train.csv"))
+            and os.path.isfile(os.path.join(parent, "train.csv"))):
+        return parent
+    return data_dir
+
+
+def read_csv_columns(path, columns):
+    """A CSV as strings (ids like `000600-1` must stay strings), with the columns checked."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot parse {path}: {err}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(columns)}, "
+                        f"found {','.join(frame.columns)}")
+    return frame
+
+
+def _person_photos(folder):
+    """{stem: file name} for one person's folder, checking the 7 expected photos."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if not _is_hidden(n))
+    except FileNotFoundError:
+        raise UserError(f"person folder {folder} does not exist (listed in train.csv)") from None
+    photos = {}
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        if stem not in PHOTO_MASK or ext.lower() not in PHOTO_EXTENSIONS:
+            raise UserError(f"unknown photo {os.path.join(folder, name)}: expected "
+                            f"{', '.join(PHOTO_MASK)} with extension {'/'.join(PHOTO_EXTENSIONS)}")
+        if stem in photos:
+            raise UserError(f"{folder} holds two photos named {stem}: {photos[stem]} and {name}")
+        photos[stem] = name
+    missing = [stem for stem in PHOTO_MASK if stem not in photos]
+    if missing:
+        raise UserError(f"{folder} is missing photo(s) {', '.join(missing)}")
+    return photos
+
+
+def _parse_age(text, row):
+    try:
+        age = int(str(text).strip())
+    except ValueError:
+        age = -1
+    if not 0 <= age <= MAX_AGE:
+        raise UserError(f"train.csv row {row}: bad age {text!r}, expected a whole number 0..{MAX_AGE}")
+    return age
+
+
+def read_mask_train(data_dir):
+    """Read and validate the competition layout into (root, [Sample])."""
+    root = resolve_train_dir(data_dir)
+    csv_path = os.path.join(root, "train.csv")
+    if not os.path.isfile(csv_path):
+        raise UserError(f"{root} has no train.csv: expected the competition layout "
+                        f"(train.csv + images/); for a folder per class use --dataset ImageFolder")
+    frame = read_csv_columns(csv_path, TRAIN_COLUMNS)
+    images_dir = os.path.join(root, "images")
+    if not os.path.isdir(images_dir):
+        raise UserError(f"{root} has no images/ folder next to train.csv")
+    if frame.empty:
+        raise UserError(f"{csv_path} lists no person")
+    duplicated = frame["path"][frame["path"].duplicated()].tolist()
+    if duplicated:
+        raise UserError(f"{csv_path}: person folder {duplicated[0]!r} is listed twice")
+    samples = []
+    for row, person in enumerate(frame.itertuples(index=False), start=2):  # row 1 is the header
+        gender = GENDERS.get(person.gender.strip().lower())
+        if gender is None:
+            raise UserError(f"train.csv row {row}: bad gender {person.gender!r}, expected male or female")
+        age_class = age_band(_parse_age(person.age, row))
+        folder = person.path.strip()
+        if not folder or _is_hidden(folder) or os.path.isabs(folder) or ".." in folder.split("/"):
+            raise UserError(f"train.csv row {row}: bad path {person.path!r}")
+        for stem, name in _person_photos(os.path.join(images_dir, folder)).items():
+            samples.append(Sample(f"images/{folder}/{name}",
+                                  encode_label(PHOTO_MASK[stem], gender, age_class), folder))
+    return root, samples
+
+
+# ---------------------------------------------------------------- splits
+def _stratify_or_none(strata, test_size):
+    """Stratify only where scikit-learn can: every stratum twice, both sides >= #strata."""
+    strata = np.asarray(strata)
+    counts = np.unique(strata, return_counts=True)[1]
+    n_test = int(np.ceil(test_size * len(strata)))
+    if counts.min() >= 2 and len(counts) <= n_test <= len(strata) - len(counts):
+        return strata
+    print(f"note: too few samples per class to stratify the split ({len(strata)} items, "
+          f"{len(counts)} classes); splitting at random")
+    return None
+
+
+def _split_items(n_items, val_ratio, seed, strata=None):
+    """Indices 0..n-1 split into (train, val), stratified on `strata` where possible."""
+    if n_items < 2:
+        raise UserError(f"need at least 2 items to split into train and validation, found {n_items}")
+    index = np.arange(n_items)
+    stratify = None if strata is None else _stratify_or_none(strata, val_ratio)
+    train, val = train_test_split(index, test_size=val_ratio, random_state=seed, shuffle=True, stratify=stratify)
+    return sorted(train.tolist()), sorted(val.tolist())
+
+
+class MaskBaseDataset:
+    """Competition layout, random split over IMAGES.
+
+    Warning: this leaks: the 7 photos of one person land on both sides, so validation scores
+    are inflated. Kept because the public baseline uses it; prefer a person split.
+    """
+    mean, std = MASK_MEAN, MASK_STD
+    label_scheme = "mask"
+    splits_by_person = False
+
+    def __init__(self, data_dir, val_ratio=0.2, seed=42, **kwargs):
+        self.root, self.samples = read_mask_train(data_dir)
+        self.classes = list(MASK_CLASSES)
+        self.val_ratio, self.seed = val_ratio, seed
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+    def paths(self, indices):
+        return [os.path.join(self.root, self.samples[i].path) for i in indices]
+
+    def labels(self, indices):
+        return [self.samples[i].label for i in indices]
+
+    def split(self):
+        """(train indices, val indices) into `samples`."""
+        return _split_items(len(self.samples), self.val_ratio, self.seed)
+
+
+class MaskSplitByProfileDataset(MaskBaseDataset):
+    """Competition layout, split by PERSON: all 7 photos of a person go to the same side."""
+    splits_by_person = True
+
+    def person_strata(self, persons):
+        """The value to stratify people on (None: not stratified)."""
+        return None
+
+    def split(self):
+        persons = sorted({s.person for s in self.samples})
+        first_label = {}
+        for s in self.samples:
+            first_label.setdefault(s.person, s.label)
+        strata = self.person_strata([first_label[p] for p in persons])
+        train_p, val_p = _split_items(len(persons), self.val_ratio, self.seed, strata)
+        val_people = {persons[i] for i in val_p}
+        train = [i for i, s in enumerate(self.samples) if s.person not in val_people]
+        val = [i for i, s in enumerate(self.samples) if s.person in val_people]
+        leaked = {self.samples[i].person for i in train} & {self.samples[i].person for i in val}
+        assert not leaked, f"person split leaked {len(leaked)} people into both sides"
+        return train, val
+
+
+class datasetSplitByClasses(MaskSplitByProfileDataset):  # noqa: N801 (the seed's flag value)
+    """Competition layout, split by person, stratified on the person's gender x age class."""
+
+    def person_strata(self, labels):
+        return [label % (len(GENDER_NAMES) * len(AGE_NAMES)) for label in labels]
+
+
+class ImageFolder(MaskBaseDataset):
+    """Any folder-per-class dataset: TRAIN_DIR/<class>/**/<image>; class-stratified split."""
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    label_scheme = "folder"
+
+    def __init__(self, data_dir, val_ratio=0.2, seed=42, **kwargs):
+        if not os.path.isdir(data_dir):
+            raise UserError(f"data folder {data_dir} does not exist")
+        self.root = os.path.normpath(data_dir)
+        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not _is_hidden(e.name))
+        if not self.classes:
+            raise UserError(f"{self.root} has no class folders: expected TRAIN_DIR/<class_name>/<images>")
+        self.samples = []
+        for label, name in enumerate(self.classes):
+            found = list_images(os.path.join(self.root, name))
+            if not found:
+                raise UserError(f"class folder {os.path.join(self.root, name)} holds no images "
+                                f"({'/'.join(IMAGE_EXTENSIONS)})")
+            self.samples += [Sample(os.path.join(name, rel), label, "") for rel in found]
+        self.val_ratio, self.seed = val_ratio, seed
+
+    def split(self):
+        return _split_items(len(self.samples), self.val_ratio, self.seed, [s.label for s in self.samples])
+
+
+for _entry in (MaskBaseDataset, MaskSplitByProfileDataset, datasetSplitByClasses, ImageFolder):
+    DATASETS.register()(_entry)
+
+
+def write_split_csv(path, source, train_idx, val_idx):
+    """split.csv: path (relative to the data folder), person, side."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "person", "side"])
+        for side, indices in (("train", train_idx), ("val", val_idx)):
+            writer.writerows([source.samples[i].path, source.samples[i].person, side] for i in indices)
+
+
+def class_counts(labels, num_classes):
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
+
+
+# ---------------------------------------------------------------- eval / test images
+def list_images(folder):
+    """Image files under `folder`, recursively, as sorted relative paths (hidden names skipped)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        rel = os.path.relpath(dirpath, folder)
+        found += [os.path.normpath(os.path.join(rel, n)) for n in filenames
+                  if not _is_hidden(n) and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
+@dataclass
+class EvalSet:
+    image_ids: list   # what goes into the ImageID column
+    paths: list       # full paths, same order
+    info: object      # info.csv as a DataFrame, or None for a plain folder
+
+
+def read_eval_dir(eval_dir):
+    """The competition's eval layout (info.csv + images/), or a plain folder of images.
+
+    Every image is checked before any work starts; ImageIDs that leave the images folder
+    (absolute, `..`) or repeat are refused.
+    """
+    if not os.path.isdir(eval_dir):
+        raise UserError(f"eval folder {eval_dir} does not exist")
+    info_path = os.path.join(eval_dir, "info.csv")
+    if not os.path.isfile(info_path):
+        ids = list_images(eval_dir)
+        if not ids:
+            raise UserError(f"{eval_dir} has neither info.csv nor any image")
+        return EvalSet(ids, [os.path.join(eval_dir, i) for i in ids], None)
+    info = read_csv_columns(info_path, ("ImageID", "ans"))
+    images_dir = os.path.join(eval_dir, "images")
+    ids = info["ImageID"].tolist()
+    repeated = info["ImageID"][info["ImageID"].duplicated()].tolist()
+    if repeated:
+        raise UserError(f"{info_path}: ImageID {repeated[0]!r} appears more than once")
+    for image_id in ids:
+        if not image_id or os.path.isabs(image_id) or ".." in image_id.replace("\\", "/").split("/"):
+            raise UserError(f"{info_path}: ImageID {image_id!r} points outside {images_dir}")
+    paths = [os.path.join(images_dir, i) for i in ids]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) listed in {info_path} are missing, first: {missing[0]}")
+    return EvalSet(ids, paths, info)
+
+
+# ---------------------------------------------------------------- loaders
+def seed_worker(worker_id):
+    """Per DataLoader worker: one intra-op thread (workers would otherwise oversubscribe the
+    cores) and seeds derived from the loader's generator, augmentation's own RNG included."""
+    from augmentation import seed_transform
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2**32  # the loader's base seed + worker id
+    np.random.seed(seed)
+    random.seed(seed)
+    seed_transform(torch.utils.data.get_worker_info().dataset.transform, seed)
+
+
+def make_loader(dataset, batch_size, num_workers, device, shuffle=False, drop_last=False, seed=None):
+    """A DataLoader with seeded shuffling and workers; pinned memory on CUDA."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+        worker_init_fn=seed_worker if num_workers > 0 else None, generator=generator,
+        persistent_workers=num_workers > 0)

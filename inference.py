@@ -1,0 +1,154 @@
+"""Turn run folders into a submission.
+
+With no arguments: the newest run under runs/, the images of data/eval, and
+output/submission.csv (info.csv's rows, in info.csv's order, with `ans` filled in).
+Everything about the model (architecture, class count, input size, mean/std) comes from the
+run's config.json; nothing has to be repeated here.
+
+Several `--model_dir` flags make a soft-voting ensemble (mean of the runs' softmax).
+On a plain folder of images (no info.csv) the output has ImageID (path relative to that
+folder), ans (class index) and class_name.
+
+Example:
+    python inference.py --model_dir runs/exp --model_dir runs/exp2 --answers data/eval/answers.csv
+"""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import f1_score
+from tqdm import tqdm
+
+import cli
+from augmentation import eval_transform
+from dataset import ImageDataset, make_loader, read_csv_columns, read_eval_dir
+from model import create_model, load_weights, resolve_device
+
+
+def get_args_parser():
+    parser = cli.ArgumentParser(description="Predict with trained run folders and write a submission.",
+                                epilog="Every flag also has a kebab-case spelling (--model-dir).")
+    parser.add_argument("--data_dir", default=os.path.join("data", "eval"),
+                        help="eval folder: info.csv + images/, or any folder of images")
+    parser.add_argument("--model_dir", action="append", default=None, metavar="RUN",
+                        help="a run folder; repeat for an ensemble (default: the newest run under --runs)")
+    parser.add_argument("--runs", default="runs", help="where to look for the newest run")
+    parser.add_argument("--checkpoint", default="best.pth", help="which checkpoint of each run folder")
+    parser.add_argument("--output", default=os.path.join("output", "submission.csv"))
+    parser.add_argument("--answers", default=None, metavar="CSV",
+                        help="true labels (ImageID,ans): print accuracy and macro F1")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=128)
+    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return parser
+
+
+def newest_run(runs_root, checkpoint):
+    """The run folder under `runs_root` whose checkpoint was written last."""
+    candidates = []
+    if os.path.isdir(runs_root):
+        for entry in os.scandir(runs_root):
+            ckpt = os.path.join(entry.path, checkpoint)
+            if entry.is_dir() and os.path.isfile(ckpt) and os.path.isfile(os.path.join(entry.path, "config.json")):
+                candidates.append((os.path.getmtime(ckpt), entry.path))
+    if not candidates:
+        raise cli.UserError(f"no trained run (config.json + {checkpoint}) under {runs_root}/: "
+                            f"train one first (python train.py) or pass --model_dir")
+    return max(candidates)[1]
+
+
+def read_config(run_dir):
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise cli.UserError(f"{run_dir} is not a run folder: no config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise cli.UserError(f"{path} is not valid JSON: {err}") from None
+    missing = [k for k in ("model", "num_classes", "classes", "input_size", "mean", "std") if k not in config]
+    if missing:
+        raise cli.UserError(f"{path} lacks {', '.join(missing)}")
+    return config
+
+
+def load_run(run_dir, config, checkpoint, device):
+    """The model of a run folder, rebuilt from its config.json alone, in eval mode."""
+    model = create_model(config["model"], config["num_classes"])
+    load_weights(model, os.path.join(run_dir, checkpoint), config["model"])
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def predict(model, loader, device, desc="predict"):
+    """Softmax probabilities for every image, in loader order, as a float numpy array."""
+    probs = []
+    for images, _ in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+        probs.append(torch.softmax(model(images.to(device, non_blocking=True)).float(), dim=1).cpu())
+    return torch.cat(probs).numpy()
+
+
+def run_probs(run_dir, config, checkpoint, paths, batch_size, num_workers, device):
+    model = load_run(run_dir, config, checkpoint, device)
+    size = tuple(config["input_size"])
+    dataset = ImageDataset(paths, [-1] * len(paths), eval_transform(size, config["mean"], config["std"]),
+                           min_size=size)
+    loader = make_loader(dataset, batch_size, num_workers, device)
+    return predict(model, loader, device, desc=os.path.basename(os.path.normpath(run_dir)))
+
+
+def score(answers_path, image_ids, preds, num_classes):
+    """Accuracy and macro F1 against a CSV of true labels (ImageID,ans)."""
+    answers = read_csv_columns(answers_path, ("ImageID", "ans")).set_index("ImageID")["ans"]
+    missing = [i for i in image_ids if i not in answers.index]
+    if missing:
+        raise cli.UserError(f"{answers_path} has no answer for {len(missing)} image(s), first {missing[0]}")
+    truth = answers.loc[image_ids].astype(int).to_numpy()
+    return float((truth == preds).mean()), float(f1_score(truth, preds, average="macro",
+                                                          labels=list(range(num_classes)), zero_division=0))
+
+
+def write_csv(frame, path):
+    """Write via a temporary file and rename: an interrupted run leaves no half submission."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def main(args):
+    device = resolve_device(args.device)
+    run_dirs = args.model_dir or [newest_run(args.runs, args.checkpoint)]
+    configs = [read_config(r) for r in run_dirs]  # fail on a bad run folder before any work
+    for run_dir, config in zip(run_dirs[1:], configs[1:]):
+        if config["classes"] != configs[0]["classes"]:
+            raise cli.UserError(f"cannot ensemble {run_dirs[0]} and {run_dir}: their classes differ")
+    eval_set = read_eval_dir(args.data_dir)  # checks every image exists
+    classes = configs[0]["classes"]
+
+    probs = np.zeros((len(eval_set.paths), len(classes)), dtype=np.float64)
+    for run_dir, config in zip(run_dirs, configs):
+        probs += run_probs(run_dir, config, args.checkpoint, eval_set.paths, args.batch_size,
+                           args.num_workers, device) / len(run_dirs)
+    preds = probs.argmax(1)
+    assert preds.min() >= 0 and preds.max() < len(classes), "prediction outside the class range"
+
+    if eval_set.info is not None:
+        submission = eval_set.info.copy()
+        submission["ans"] = preds
+    else:
+        submission = pd.DataFrame({"ImageID": eval_set.image_ids, "ans": preds,
+                                   "class_name": [classes[p] for p in preds]})
+    assert len(submission) == len(eval_set.image_ids), "one row per image"
+    write_csv(submission, args.output)
+    print(f"wrote {args.output}: {len(submission)} rows from {', '.join(run_dirs)}")
+    if args.answers:
+        acc, f1 = score(args.answers, eval_set.image_ids, preds, len(classes))
+        print(f"accuracy {acc:.4f}  macro F1 {f1:.4f}  ({len(preds)} images, {args.answers})")
+    return args.output
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser)

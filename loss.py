@@ -1,0 +1,208 @@
+"""Loss functions (criterions): every valid `--criterion` value lives here.
+
+Each entry is an `nn.Module` class registered in `CRITERIONS`. All share one constructor,
+
+    __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
+             new_focal_threshold=0.5, **kwargs)
+
+and ignore what they do not use, so `train.py` builds any of them the same way through
+`build_criterion(name, num_classes, class_counts=..., **options)`. `forward(logits, target)`
+takes logits [N, C] and hard integer targets [N] (long) and returns the mean loss (a scalar).
+
+Mixing contract: every criterion takes hard integer targets only. Batch mixing (CutMix, MixUp)
+calls the criterion twice and combines the results,
+
+    loss = lam * criterion(logits, y_a) + (1 - lam) * criterion(logits, y_b)
+
+(`cutmix.mixed_loss`), so a criterion of your own needs nothing special to work with mixing.
+
+Add your own loss with one decorated class in this file:
+
+    @CRITERIONS.register("my_loss")
+    class MyLoss(nn.Module):
+        def __init__(self, num_classes, class_counts=None, **kwargs):
+            super().__init__()
+
+        def forward(self, logits, target):
+            return F.cross_entropy(logits, target)
+
+Example: `python train.py --criterion new_focal --focal_gamma 2`
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cli import UserError
+from registry import Registry
+
+CRITERIONS = Registry("criterion")
+
+
+def build_criterion(name, num_classes, class_counts=None, **options):
+    """Build a criterion by registered name (or from a class passed in).
+
+    `class_counts` are the per-class image counts of the training split (used by
+    `weighted_cross_entropy`); options that are None are dropped so each loss's defaults win.
+    """
+    return CRITERIONS.build(name, num_classes, class_counts=class_counts, **options)
+
+
+def _check_gamma(gamma):
+    if gamma < 0:
+        raise UserError(f"--focal_gamma must be >= 0, got {gamma}")
+    return float(gamma)
+
+
+def _log_pt(logits, target):
+    """log p_t (log-probability of the true class) per sample, and 1 - p_t.
+
+    From log_softmax rather than softmax(...).log() so a confident wrong prediction gives a large
+    finite loss instead of log(0). 1 - p_t via expm1 keeps precision when p_t is close to 1, and
+    the clamp keeps the gradient of (1 - p_t) ** gamma finite for 0 < gamma < 1 at p_t == 1.
+    """
+    log_pt = F.log_softmax(logits, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+    one_minus_pt = (-torch.expm1(log_pt)).clamp(min=torch.finfo(log_pt.dtype).tiny)
+    return log_pt, one_minus_pt
+
+
+@CRITERIONS.register("cross_entropy")
+class CrossEntropyLoss(nn.Module):
+    """Plain cross-entropy."""
+
+    def __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
+                 new_focal_threshold=0.5, **kwargs):
+        super().__init__()
+
+    def forward(self, logits, target):
+        return F.cross_entropy(logits, target)
+
+
+@CRITERIONS.register("weighted_cross_entropy")
+class WeightedCrossEntropyLoss(nn.Module):
+    """Cross-entropy weighted by inverse class frequency of the training split.
+
+    weight_c = 1 / count_c, scaled so the weights average to 1 over the classes present in the
+    training split (the loss then stays on the scale of plain cross-entropy, so the learning rate
+    need not change). A class with no training images gets weight 0 instead of inf: it cannot be
+    a target anyway.
+    """
+
+    def __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
+                 new_focal_threshold=0.5, **kwargs):
+        super().__init__()
+        if class_counts is None:
+            raise UserError("criterion 'weighted_cross_entropy' needs the class counts of the "
+                            "training split (class_counts), got None")
+        counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
+        if counts.shape != (num_classes,):
+            raise UserError(f"class_counts must have one count per class ({num_classes}), "
+                            f"got {counts.numel()}")
+        if (counts < 0).any() or counts.sum() <= 0:
+            raise UserError(f"class_counts must be non-negative with at least one image, "
+                            f"got {counts.tolist()}")
+        present = counts > 0
+        weight = torch.where(present, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
+        weight = weight * present.sum() / weight.sum()
+        # A buffer, so `criterion.to(device)` moves the weights with it.
+        self.register_buffer("weight", weight.float())
+
+    def forward(self, logits, target):
+        return F.cross_entropy(logits, target, weight=self.weight.to(logits.dtype))
+
+
+@CRITERIONS.register("focal")
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al., 2017): FL = (1 - p_t) ** gamma * CE, mean over the batch.
+
+    gamma = `focal_gamma`; gamma 0 is plain cross-entropy. The factor keeps its gradient, as in
+    the paper.
+    """
+
+    def __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
+                 new_focal_threshold=0.5, **kwargs):
+        super().__init__()
+        self.gamma = _check_gamma(focal_gamma)
+
+    def forward(self, logits, target):
+        log_pt, one_minus_pt = _log_pt(logits, target)
+        return (one_minus_pt ** self.gamma * -log_pt).mean()
+
+
+@CRITERIONS.register("label_smoothing")
+class LabelSmoothingLoss(nn.Module):
+    """Cross-entropy with label smoothing (`smoothing`), as torch's `label_smoothing`."""
+
+    def __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
+                 new_focal_threshold=0.5, **kwargs):
+        super().__init__()
+        if not 0.0 <= smoothing < 1.0:
+            raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")
+        self.smoothing = float(smoothing)
+
+    def forward(self, logits, target):
+        return F.cross_entropy(logits, target, label_smoothing=self.smoothing)
+
+
+@CRITERIONS.register("f1")
+class F1Loss(nn.Module):
+    """Soft macro-F1 loss: 1 - mean over classes of the soft F1 on this batch.
+
+    With probabilities p = softmax(logits) and one-hot targets t, per class c:
+    tp = sum(p * t), fp = sum(p * (1 - t)), fn = sum((1 - p) * t), precision = tp / (tp + fp),
+    recall = tp / (tp + fn), F1 = 2 * precision * recall / (precision + recall), each with an
+    epsilon. The mean runs over the classes present in the batch's targets: a batch lacks most
+    of the classes, and an absent class's F1 is undefined (0/0); counting it as 0 would add a
+    floor that depends only on which classes were drawn. Probability put on an absent class is
+    still penalised, through the recall of the true class.
+    """
+
+    def __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
+                 new_focal_threshold=0.5, eps=1e-7, **kwargs):
+        super().__init__()
+        self.num_classes = num_classes
+        self.eps = eps
+
+    def forward(self, logits, target):
+        probs = F.softmax(logits, dim=1)
+        onehot = F.one_hot(target, self.num_classes).to(probs.dtype)
+        tp = (probs * onehot).sum(dim=0)
+        fp = (probs * (1 - onehot)).sum(dim=0)
+        fn = ((1 - probs) * onehot).sum(dim=0)
+        precision = tp / (tp + fp + self.eps)
+        recall = tp / (tp + fn + self.eps)
+        f1 = 2 * precision * recall / (precision + recall + self.eps)
+        present = onehot.sum(dim=0) > 0
+        return 1 - f1[present].mean()
+
+
+@CRITERIONS.register("new_focal")
+class NewFocalLoss(nn.Module):
+    """Reduced focal loss: trains on what is not yet learned, leaves what is learned alone.
+
+    Per sample, with p_t the probability of the true class, th = `new_focal_threshold` and
+    gamma = `focal_gamma`:
+
+        loss_i = CE_i                                if p_t <  th   (hard: full cross-entropy)
+        loss_i = ((1 - p_t) / th) ** gamma * CE_i    if p_t >= th   (easy: down-weighted)
+
+    and the loss is the mean over the batch. The factor is 1 at p_t == th, so the loss is
+    continuous. Unlike focal loss, hard samples keep the full cross-entropy instead of being
+    down-weighted too.
+    """
+
+    def __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
+                 new_focal_threshold=0.5, **kwargs):
+        super().__init__()
+        if not 0.0 < new_focal_threshold <= 1.0:
+            raise UserError(f"--new_focal_threshold must be in (0, 1], got {new_focal_threshold}")
+        self.gamma = _check_gamma(focal_gamma)
+        self.threshold = float(new_focal_threshold)
+
+    def forward(self, logits, target):
+        log_pt, one_minus_pt = _log_pt(logits, target)
+        # The factor keeps its gradient, as in `focal`: the loss is then one function of p_t whose
+        # gradient is its true derivative (still pushing p_t up, since the loss falls as p_t rises).
+        factor = (one_minus_pt / self.threshold) ** self.gamma
+        easy = log_pt.exp() >= self.threshold
+        factor = torch.where(easy, factor, torch.ones_like(factor))
+        return (factor * -log_pt).mean()

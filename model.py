@@ -1,0 +1,212 @@
+"""Model registry, weight loading and checkpoints.
+
+Seed names map onto timm models through one preset table; any other timm model name passes
+straight through (`--model convnext_tiny`). Every model is built with its head sized to the
+dataset's class count. Each entry knows its default input size (used when `--resize` is not
+given).
+
+Add your own model in this file:
+
+    @MODELS.register("myNet", input_size=(224, 224))
+    def my_net(num_classes, pretrained=False, **kwargs):
+        return MyNet(num_classes)
+
+Weights: `--pretrained` downloads timm's weights (a user's machine, with network);
+`--weights PATH` loads a local state dict, timm checkpoint, or .safetensors file. Checkpoints
+are read with `torch.load(weights_only=True)`: a file that would run code is refused.
+
+Example: python train.py --model efficientNet_b3 --pretrained True
+"""
+import functools
+import os
+import pickle
+
+import timm
+import torch
+from torch import nn
+
+from cli import UserError
+from registry import Registry
+
+MODELS = Registry("model")
+
+
+class BaseModel(nn.Module):
+    """A small CNN (four conv blocks, global pooling): fast on a CPU, for demos and debugging."""
+
+    def __init__(self, num_classes, width=32, drop_rate=0.25):
+        super().__init__()
+        blocks, channels = [], 3
+        for out in (width, width * 2, width * 4, width * 8):
+            blocks += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            channels = out
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def get_classifier(self):
+        return self.fc
+
+    def forward(self, x):
+        return self.fc(self.dropout(self.pool(self.features(x)).flatten(1)))
+
+
+@MODELS.register("BaseModel", input_size=(256, 192))  # the photos' 4:3 portrait shape, halved
+def base_model(num_classes, pretrained=False, **kwargs):
+    if pretrained:
+        print("note: BaseModel has no pretrained weights; starting from random init")
+    return BaseModel(num_classes)
+
+
+def timm_model(timm_name, num_classes, pretrained=False, **kwargs):
+    """One wrapper behind every preset: timm builds the model with a num_classes-way head."""
+    try:
+        return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes)
+    except (OSError, RuntimeError, ValueError) as err:
+        if pretrained:  # no network, no hub cache: say what to do instead
+            raise UserError(f"cannot get pretrained weights for {timm_name} ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}); "
+                            f"download them elsewhere and pass --weights PATH") from None
+        raise
+
+
+# seed name -> (timm model, default input size H, W)
+PRESETS = {
+    "imgInceptionV3": ("inception_v3", (299, 299)),
+    "denseNet": ("densenet121", (224, 224)),
+    "mobileNet": ("mobilenetv3_large_100", (224, 224)),
+    "resnet18": ("resnet18", (224, 224)),
+    "resnet34": ("resnet34", (224, 224)),
+    "resnet50": ("resnet50", (224, 224)),
+    "efficientNet_b0": ("efficientnet_b0", (224, 224)),
+    "efficientNet_b1": ("efficientnet_b1", (240, 240)),
+    "efficientNet_b2": ("efficientnet_b2", (256, 256)),
+    "efficientNet_b3": ("efficientnet_b3", (288, 288)),
+    "efficientNet_b4": ("efficientnet_b4", (320, 320)),
+    "efficientNet_b5": ("efficientnet_b5", (448, 448)),
+    "efficientNet_b6": ("efficientnet_b6", (528, 528)),
+    "efficientNet_b7": ("efficientnet_b7", (600, 600)),
+}
+for _name, (_timm_name, _size) in PRESETS.items():
+    MODELS.register(_name, input_size=_size, timm_name=_timm_name)(functools.partial(timm_model, _timm_name))
+
+
+def check_model_name(name):
+    """Fail early, before any data is read, on a name that is neither registered nor timm's."""
+    if callable(name) or name in MODELS or timm.is_model(name):
+        return
+    raise MODELS.unknown(name, extra_choices=timm.list_models(),
+                         hint=" (or any timm model name: timm.list_models())")
+
+
+def create_model(name, num_classes, pretrained=False):
+    """A registered model, or a timm model by its own name, with a num_classes-way head."""
+    check_model_name(name)
+    if callable(name) or name in MODELS:
+        return MODELS.build(name, num_classes=num_classes, pretrained=pretrained)
+    return timm_model(name, num_classes, pretrained=pretrained)
+
+
+def default_input_size(name, model):
+    """(H, W): the entry's own size, else the timm model's pretrained config, else 224."""
+    size = MODELS.meta(name).get("input_size")
+    if size is None:
+        size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[1:])
+    return tuple(size)
+
+
+def resolve_device(choice):
+    """`auto` means CUDA where there is one."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(obj, path):
+    """Write to a temporary name, then rename: a crash mid-write never leaves a broken file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    """A checkpoint as plain data; files carrying code (pickled objects) are refused."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors raises its own error types
+            raise UserError(f"cannot read {path}: {err}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(f"refusing to load {path}: it holds more than weights and could run code "
+                        f"({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise UserError(f"cannot read checkpoint {path}: {err}") from None
+
+
+def state_dict_of(checkpoint):
+    """The model weights inside a checkpoint of ours, of timm's train.py, or a bare state dict."""
+    if isinstance(checkpoint, dict):
+        for key in ("model", "state_dict", "model_state_dict", "state_dict_ema"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
+        raise UserError("the checkpoint holds no state dict of tensors")
+    prefixes = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+    cleaned = {}
+    for key, value in checkpoint.items():
+        while key.startswith(prefixes):
+            key = key.split(".", 1)[1]
+        cleaned[key] = value
+    return cleaned
+
+
+def _head_prefix(model):
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for name, module in model.named_modules():
+        if module is head and name:
+            return name + "."
+    return None
+
+
+def load_weights(model, path, model_name="model", allow_new_head=False):
+    """Load weights from `path` into `model`; any mismatch is a UserError naming both sides.
+
+    With `allow_new_head` (fine-tuning from `--weights`), a classifier of another class count
+    is skipped and the model's freshly initialised head kept.
+    """
+    state = state_dict_of(read_checkpoint(path))
+    own = model.state_dict()
+    head = _head_prefix(model)
+    wrong_shape = [k for k in own if k in state and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    skipped = []
+    if allow_new_head and head:
+        skipped = [k for k in wrong_shape if k.startswith(head)]
+        wrong_shape = [k for k in wrong_shape if k not in skipped]
+    if wrong_shape or missing or unexpected:
+        classes = [tuple(state[k].shape)[0] for k in state if head and k.startswith(head) and k.endswith("weight")]
+        theirs = f" (its head has {classes[0]} outputs)" if classes else ""
+        ours = getattr(model.get_classifier(), "out_features", "?") if hasattr(model, "get_classifier") else "?"
+        detail = (wrong_shape and f"{len(wrong_shape)} tensor(s) of another shape, first {wrong_shape[0]}"
+                  or missing and f"{len(missing)} missing, first {missing[0]}"
+                  or f"{len(unexpected)} unexpected, first {unexpected[0]}")
+        raise UserError(f"checkpoint {path}{theirs} does not fit model {model_name} with {ours} classes: {detail}")
+    for key in skipped:
+        state[key] = own[key]
+    model.load_state_dict(state)
+    if skipped:
+        print(f"note: {path}: head of another class count skipped; {head.rstrip('.')} starts from random init")
+    return model
