@@ -34,7 +34,7 @@ MODELS = Registry("model")
 class BaseModel(nn.Module):
     """A small CNN (four conv blocks, global pooling): fast on a CPU, for demos and debugging."""
 
-    def __init__(self, num_classes, width=32, drop_rate=0.25):
+    def __init__(self, num_classes, width=16, drop_rate=0.25):
         super().__init__()
         blocks, channels = [], 3
         for out in (width, width * 2, width * 4, width * 8):

@@ -1,0 +1,35 @@
+"""Every augmentation entry: shapes, dtype, normalisation, reproducibility."""
+import numpy as np
+import pytest
+import torch
+
+from augmentation import AUGMENTATIONS, eval_transform, seed_transform
+from dataset import MASK_MEAN, MASK_STD
+
+IMAGE = np.random.default_rng(0).integers(0, 256, (512, 384, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name", AUGMENTATIONS.names())
+def test_every_augmentation_gives_a_normalised_chw_tensor(name):
+    transform = AUGMENTATIONS.build(name, resize=(64, 48), mean=MASK_MEAN, std=MASK_STD)
+    out = transform(image=IMAGE)["image"]
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 64, 48) and out.dtype == torch.float32
+    assert torch.isfinite(out).all() and -5 < out.mean() < 5
+
+
+def test_eval_transform_is_resize_and_normalize_only():
+    transform = eval_transform((64, 48), MASK_MEAN, MASK_STD)
+    a, b = transform(image=IMAGE)["image"], transform(image=IMAGE)["image"]
+    assert torch.equal(a, b)
+    flat = eval_transform((8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(image=np.full((16, 16, 3), 255, np.uint8))
+    assert torch.allclose(flat["image"], torch.full((3, 8, 8), 2.0))
+
+
+def test_train_augmentation_is_random_and_seedable():
+    transform = AUGMENTATIONS.build("AlbuAugmentation", resize=(64, 48), mean=MASK_MEAN, std=MASK_STD)
+    seed_transform(transform, 7)
+    first = [transform(image=IMAGE)["image"] for _ in range(4)]
+    assert any(not torch.equal(first[0], x) for x in first[1:])
+    seed_transform(transform, 7)
+    again = [transform(image=IMAGE)["image"] for _ in range(4)]
+    assert all(torch.equal(x, y) for x, y in zip(first, again))

@@ -1,0 +1,158 @@
+"""The CLIs end to end, as real subprocesses on generated data."""
+import json
+import os
+import shutil
+
+import pandas as pd
+import pytest
+
+from conftest import run_cli
+from dataset import MASK_CLASSES, NUM_CLASSES
+
+FAST = ["--model", "BaseModel", "--resize", "64,48", "--batch_size", "32", "--num_workers", "0"]
+
+
+def _metrics(run_dir):
+    return pd.read_csv(os.path.join(run_dir, "metrics.csv"))
+
+
+@pytest.fixture(scope="module")
+def data(sample_data, tmp_path_factory):
+    """A working folder holding the sample data at data/, where the CLIs look by default."""
+    work = tmp_path_factory.mktemp("work")
+    shutil.copytree(sample_data, work / "data")
+    return work
+
+
+def test_reference_command_then_inference_with_defaults(data):
+    """The seed command as written (one epoch), then `python inference.py` with no arguments."""
+    run_cli("train.py", "--epochs", "1", "--augmentation", "AlbuAugmentation", "--model", "imgInceptionV3",
+            "--criterion", "new_focal", "--lr", "1e-4", "--batch_size", "16", "--valid_batch_size", "64",
+            "--dataset", "datasetSplitByClasses", "--optimizer", "Adam", "--cutmix", "True",
+            "--resize", "299,299", cwd=data)
+    run_dir = data / "runs" / "exp"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"] == "imgInceptionV3" and config["input_size"] == [299, 299]
+    assert config["cutmix"] is True and config["criterion"] == "new_focal"
+    assert config["classes"] == MASK_CLASSES and config["num_classes"] == NUM_CLASSES
+    for name in ("best.pth", "last.pth", "split.csv", "metrics.csv"):
+        assert (run_dir / name).is_file(), name
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(run_dir))
+    metrics = _metrics(run_dir)
+    assert list(metrics.columns) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1",
+                                     "lr", "seconds"]
+    assert len(metrics) == 1 and metrics["val_f1"].between(0, 1).all()
+
+    result = run_cli("inference.py", cwd=data)
+    submission = pd.read_csv(data / "output" / "submission.csv", dtype={"ImageID": str})
+    info = pd.read_csv(data / "data" / "eval" / "info.csv", dtype={"ImageID": str})
+    assert list(submission.columns) == list(info.columns)
+    assert len(submission) == len(info)
+    for row_sub, row_info in zip(submission.itertuples(), info.itertuples()):  # row by row, same order
+        assert row_sub.ImageID == row_info.ImageID
+        assert 0 <= row_sub.ans < NUM_CLASSES
+    assert "wrote" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def base_run(data):
+    """A fast BaseModel run of 2 epochs."""
+    run_cli("train.py", *FAST, "--epochs", "2", "--name", "base", "--seed", "5", cwd=data)
+    return data / "runs" / "base"
+
+
+def test_same_seed_same_split_and_metrics(data, base_run):
+    run_cli("train.py", *FAST, "--epochs", "2", "--name", "base", "--seed", "5", cwd=data)
+    again = data / "runs" / "base2"  # the name was taken: a new folder, nothing overwritten
+    assert (base_run / "split.csv").read_text() == (again / "split.csv").read_text()
+    first, second = _metrics(base_run), _metrics(again)
+    assert len(first) == 2
+    pd.testing.assert_frame_equal(first.drop(columns="seconds"), second.drop(columns="seconds"))
+
+
+def test_split_csv_is_a_person_split(data, base_run):
+    split = pd.read_csv(base_run / "split.csv", dtype=str)
+    assert (split.groupby("person")["side"].nunique() == 1).all()
+    assert len(split) == 7 * len(pd.read_csv(data / "data" / "train" / "train.csv"))
+
+
+def test_inference_answers_and_ensemble(data, base_run, tmp_path):
+    out = tmp_path / "sub.csv"
+    result = run_cli("inference.py", "--model_dir", base_run, "--model_dir", base_run, "--output", out,
+                     "--answers", data / "data" / "eval" / "answers.csv", "--num_workers", "0", cwd=data)
+    assert "macro F1" in result.stdout
+    assert len(pd.read_csv(out)) == len(pd.read_csv(data / "data" / "eval" / "info.csv"))
+
+
+def test_inference_on_a_plain_folder(data, base_run, tmp_path):
+    images = tmp_path / "photos" / "nested"
+    images.mkdir(parents=True)
+    for src in list((data / "data" / "eval" / "images").iterdir())[:5]:
+        shutil.copy(src, images / src.name)
+    out = tmp_path / "plain.csv"
+    run_cli("inference.py", "--model_dir", base_run, "--data_dir", tmp_path / "photos", "--output", out, cwd=data)
+    result = pd.read_csv(out)
+    assert list(result.columns) == ["ImageID", "ans", "class_name"]
+    assert len(result) == 5 and all(i.startswith("nested/") for i in result["ImageID"])
+    assert all(MASK_CLASSES[a] == c for a, c in zip(result["ans"], result["class_name"]))
+
+
+def test_inference_checks_every_image_first(data, base_run, tmp_path):
+    broken = tmp_path / "eval"
+    shutil.copytree(data / "data" / "eval", broken)
+    victim = pd.read_csv(broken / "info.csv")["ImageID"].iloc[-1]
+    (broken / "images" / victim).unlink()
+    result = run_cli("inference.py", "--model_dir", base_run, "--data_dir", broken,
+                     "--output", tmp_path / "x.csv", cwd=data, check=False)
+    assert result.returncode != 0 and victim in result.stderr
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_image_folder_training_and_weights(data, base_run, tmp_path):
+    """A folder-per-class dataset trains from --weights (backbone of a run, new head)."""
+    root = tmp_path / "folders"
+    for person in sorted((data / "data" / "train" / "images").iterdir())[:12]:
+        if person.name.startswith("."):
+            continue
+        for photo in person.iterdir():
+            if photo.name.startswith("."):
+                continue
+            cls = "mask" if photo.stem.startswith("mask") else photo.stem
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            shutil.copy(photo, root / cls / f"{person.name}_{photo.name}")
+    run_cli("train.py", *FAST, "--dataset", "ImageFolder", "--data_dir", root, "--epochs", "1",
+            "--weights", base_run / "best.pth", "--name", "folders", cwd=data)
+    run_dir = data / "runs" / "folders"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["classes"] == ["incorrect_mask", "mask", "normal"] and config["num_classes"] == 3
+    split = pd.read_csv(run_dir / "split.csv", keep_default_na=False)
+    assert (split["person"] == "").all()
+
+
+@pytest.mark.parametrize("flag,value,valid", [
+    ("--model", "nosuchnet", "imgInceptionV3"),
+    ("--dataset", "nosuchset", "datasetSplitByClasses"),
+    ("--criterion", "nosuchloss", "new_focal"),
+    ("--augmentation", "nosuchaug", "AlbuAugmentation"),
+    ("--optimizer", "nosuchopt", "AdamW"),
+])
+def test_unknown_registry_name_is_one_line(data, flag, value, valid, tmp_path):
+    result = run_cli("train.py", flag, value, "--model_dir", tmp_path / "runs", cwd=data, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and value in lines[0] and valid in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--cutmix", "maybe"], "--cutmix"),
+    (["--resize", "a,b"], "--resize"),
+    (["--data_dir", "no/such/dir"], "no/such/dir"),
+    (["--val_ratio", "1.5"], "--val_ratio"),
+])
+def test_bad_flag_values_are_one_line(data, args, needle, tmp_path):
+    result = run_cli("train.py", *args, "--epochs", "1", "--model_dir", tmp_path / "runs", *FAST[:2],
+                     cwd=data, check=False, timeout=600)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
