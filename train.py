@@ -205,6 +205,11 @@ def evaluate(model, loader, criterion, device, amp, num_classes):
     }
 
 
+def is_better(val, best):
+    """Higher macro F1 wins; a tie (common once a small val set saturates) goes to the lower val loss."""
+    return val["val_f1"] > best["val_f1"] or (val["val_f1"] == best["val_f1"] and val["val_loss"] < best["val_loss"])
+
+
 def log_epoch(run_dir, writer, row, is_best, epochs):
     """One epoch's row: metrics.csv, TensorBoard scalars and one printed line."""
     path = os.path.join(run_dir, "metrics.csv")
@@ -289,9 +294,7 @@ def main(args):
                                                 amp, scaler, desc=f"epoch {epoch}/{args.epochs}")
         scheduler.step()
         val = evaluate(model, val_loader, criterion, device, amp, num_classes)
-        # best = higher macro F1; a tie (common once a small val set saturates) goes to lower val loss
-        is_best = val["val_f1"] > best["val_f1"] or (val["val_f1"] == best["val_f1"]
-                                                     and val["val_loss"] < best["val_loss"])
+        is_best = is_better(val, best)
         if is_best:
             best = {"val_f1": val["val_f1"], "val_loss": val["val_loss"], "val_acc": val["val_acc"], "epoch": epoch}
             save_checkpoint({"model": model.state_dict(), "epoch": epoch, **best}, os.path.join(run_dir, "best.pth"))

@@ -5,6 +5,7 @@ import shutil
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import run_cli
 from dataset import MASK_CLASSES, NUM_CLASSES
@@ -156,3 +157,33 @@ def test_bad_flag_values_are_one_line(data, args, needle, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_best_epoch_rule():
+    from train import is_better
+    best = {"val_f1": 0.8, "val_loss": 0.5}
+    assert is_better({"val_f1": 0.81, "val_loss": 9.0}, best)
+    assert is_better({"val_f1": 0.8, "val_loss": 0.4}, best)  # tie in F1: lower loss wins
+    assert not is_better({"val_f1": 0.8, "val_loss": 0.5}, best)
+    assert not is_better({"val_f1": 0.79, "val_loss": 0.0}, best)  # accuracy or loss never beat F1
+
+
+def test_early_stopping_counts_epochs_without_a_better_f1(data, monkeypatch, tmp_path):
+    """--patience 2 stops after the second epoch in a row without a better val F1 (not the third)."""
+    import train
+    scores = iter([(0.5, 1.0), (0.6, 0.9), (0.6, 0.95), (0.55, 0.8), (0.9, 0.1), (0.95, 0.1)])
+
+    def fake_evaluate(*args, **kwargs):
+        f1, loss = next(scores)
+        return {"val_f1": f1, "val_loss": loss, "val_acc": f1}
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    args = train.get_args_parser().parse_args([*FAST, "--epochs", "6", "--patience", "2", "--cutmix", "False",
+                                               "--mixup", "no", "--data_dir", str(data / "data" / "train"),
+                                               "--model_dir", str(tmp_path), "--name", "patience"])
+    run_dir = train.main(args)
+    metrics = _metrics(run_dir)
+    assert metrics["epoch"].tolist() == [1, 2, 3, 4]  # epoch 2 best, 3 (tie, higher loss) and 4 worse
+    assert metrics["val_f1"].tolist() == [0.5, 0.6, 0.6, 0.55]
+    assert torch.load(os.path.join(run_dir, "best.pth"), weights_only=True)["epoch"] == 2
+    config = json.loads(open(os.path.join(run_dir, "config.json")).read())
+    assert config["cutmix"] is False and config["mixup"] is False
