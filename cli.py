@@ -116,6 +116,9 @@ def run(main, parser_fn, argv=None):
         args = parser_fn().parse_args(argv)
         return main(args)
     except UserError as err:
+        message = str(err).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original line
+            message = message.splitlines()[-1].split("UserError: ", 1)[-1]
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "error"
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(2)

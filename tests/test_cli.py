@@ -187,3 +187,15 @@ def test_early_stopping_counts_epochs_without_a_better_f1(data, monkeypatch, tmp
     assert torch.load(os.path.join(run_dir, "best.pth"), weights_only=True)["epoch"] == 2
     config = json.loads(open(os.path.join(run_dir, "config.json")).read())
     assert config["cutmix"] is False and config["mixup"] is False
+
+
+def test_corrupt_training_image_is_one_line_from_a_worker(sample_data, tmp_path):
+    data_copy = tmp_path / "data"
+    shutil.copytree(sample_data, data_copy)
+    for victim in (data_copy / "train" / "images").glob("*/mask2.*"):  # every person: whatever the order
+        victim.write_bytes(victim.read_bytes()[:200])  # truncated
+    result = run_cli("train.py", *FAST[:4], "--num_workers", "2", "--epochs", "1", "--val_ratio", "0.5",
+                     "--data_dir", data_copy / "train", "--model_dir", tmp_path / "runs", check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot read image" in lines[0] and "/mask2." in lines[0], result.stderr
