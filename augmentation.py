@@ -14,6 +14,7 @@ Add your own:
 Example: python train.py --augmentation AlbuAugmentation --resize 256,192
 """
 import albumentations as A
+import torch
 from albumentations.pytorch import ToTensorV2
 
 from registry import Registry
@@ -61,3 +62,45 @@ def seed_transform(transform, seed):
     explicitly (once per DataLoader worker) so that a run is reproducible."""
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(int(seed) % 2**32)
+
+
+# ---------------------------------------------------------------- test-time augmentation
+# Views of an already resized and normalized NCHW batch; the softmax is averaged over the
+# original and every view asked for (`--tta hflip,zoom`).
+TTA_VIEWS = Registry("TTA view")
+
+
+@TTA_VIEWS.register("hflip")
+def hflip(images):
+    return images.flip(-1)
+
+
+@TTA_VIEWS.register("zoom")
+def zoom(images, scale=1.1):
+    """Scale up by 10% and crop the centre back to the input size."""
+    height, width = images.shape[-2:]
+    big = torch.nn.functional.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+    top, left = (big.shape[-2] - height) // 2, (big.shape[-1] - width) // 2
+    return big[..., top:top + height, left:left + width]
+
+
+@TTA_VIEWS.register("zoom_hflip")
+def zoom_hflip(images):
+    return hflip(zoom(images))
+
+
+def parse_tta(text):
+    """'hflip,zoom' -> the view functions (an empty text or 'none': no TTA); unknown names fail."""
+    names = [n.strip() for n in (text or "").split(",") if n.strip() and n.strip() != "none"]
+    return [TTA_VIEWS.get(n) for n in names]
+
+
+def tta_logits(model, images, views):
+    """Logits of the plain batch, and the log of the softmax averaged over it and its views."""
+    logits = model(images)
+    if not views:
+        return logits, torch.log_softmax(logits.float(), dim=1)
+    probs = torch.softmax(logits.float(), dim=1)
+    for view in views:
+        probs = probs + torch.softmax(model(view(images)).float(), dim=1)
+    return logits, torch.log(probs / (len(views) + 1))

@@ -54,6 +54,14 @@ def parse_floats(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def parse_ints(text):
+    """A comma-separated list of integers, e.g. '30,58'."""
+    try:
+        return [int(p) for p in str(text).split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
 def positive_int(text):
     try:
         value = int(text)

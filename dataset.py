@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageOps
-from sklearn.model_selection import train_test_split
+from sklearn.metrics import f1_score
+from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from cli import UserError
 from registry import Registry
@@ -69,6 +70,14 @@ def decode_label(label):
 
 MASK_CLASSES = [f"{MASK_NAMES[m]}/{GENDER_NAMES[g]}/{AGE_NAMES[a]}"
                 for m, g, a in map(decode_label, range(NUM_CLASSES))]
+TASKS = {"mask": len(MASK_NAMES), "gender": len(GENDER_NAMES), "age": len(AGE_NAMES)}  # label's factors
+
+
+def task_f1(labels, preds):
+    """Macro F1 of each sub-task (mask, gender, age), decomposed from 18-class labels."""
+    true, pred = np.array([decode_label(x) for x in labels]), np.array([decode_label(x) for x in preds])
+    return {name: f1_score(true[:, i], pred[:, i], average="macro", labels=list(range(size)), zero_division=0)
+            for i, (name, size) in enumerate(TASKS.items())}
 
 
 # ---------------------------------------------------------------- reading images
@@ -77,48 +86,74 @@ def _is_hidden(name):
     return name.startswith(".")
 
 
-def load_image(path, min_size=None):
+def load_image(path, min_size=None, region=None):
     """Read an image as an RGB uint8 array, upright (EXIF orientation applied).
 
-    `min_size=(H, W)` lets a JPEG decode at a reduced scale (PIL draft mode) that is still at
-    least that large: much faster when the model input is smaller than the photo.
+    `region=(x1, y1, x2, y2)` crops it (pixel coordinates of the full-size upright image).
+    `min_size=(H, W)` lets a JPEG decode at a reduced scale (PIL draft mode) that still leaves
+    the image (or the region) at least that large: much faster when the model input is smaller
+    than the photo.
     """
     try:
         with Image.open(path) as img:
+            rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # stored turned by 90 degrees
+            full_w, full_h = img.size[::-1] if rotated else img.size  # upright size
             if min_size is not None and img.format == "JPEG":
                 height, width = min_size
-                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # stored rotated by 90 degrees
-                    height, width = width, height
-                img.draft("RGB", (width, height))
+                if region is not None:  # the region, not the whole photo, must stay that large
+                    height = height * full_h / max(region[3] - region[1], 1)
+                    width = width * full_w / max(region[2] - region[0], 1)
+                want = (int(np.ceil(height)), int(np.ceil(width))) if rotated else \
+                    (int(np.ceil(width)), int(np.ceil(height)))
+                img.draft("RGB", want)
             img = ImageOps.exif_transpose(img)
-            return np.asarray(img.convert("RGB"))
+            image = np.asarray(img.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as err:
         raise UserError(f"cannot read image {path}: {err}") from None
+    if region is not None:
+        sy, sx = image.shape[0] / full_h, image.shape[1] / full_w  # < 1 after a reduced decode
+        x1, y1, x2, y2 = region
+        image = image[int(y1 * sy):max(int(np.ceil(y2 * sy)), int(y1 * sy) + 1),
+                      int(x1 * sx):max(int(np.ceil(x2 * sx)), int(x1 * sx) + 1)]
+    return image
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """One side of a split: paths and labels, and the transform of that side only."""
 
-    def __init__(self, paths, labels, transform, min_size=None):
+    def __init__(self, paths, labels, transform, min_size=None, regions=None):
         assert len(paths) == len(labels), "one label per image"
+        assert regions is None or len(regions) == len(paths), "one crop region per image"
         self.paths, self.labels = list(paths), list(labels)
         self.transform = transform
         self.min_size = min_size
+        self.regions = regions  # face crops, or None for the whole photo
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        image = load_image(self.paths[index], self.min_size)
+        region = None if self.regions is None else self.regions[index]
+        image = load_image(self.paths[index], self.min_size, region)
         return self.transform(image=image)["image"], self.labels[index]
 
 
 # ---------------------------------------------------------------- the competition layout
 @dataclass(frozen=True)
 class Sample:
-    path: str    # relative to the dataset root
+    path: str     # relative to the dataset root
     label: int
-    person: str  # the person's folder; "" where the layout has no persons
+    person: str   # the person's folder; "" where the layout has no persons
+    age: int = -1  # the person's age (competition layout), for --age_bins
+
+
+def training_label(sample, age_bins=None):
+    """The label to train on: with `age_bins` (e.g. 30,58) the age band is re-cut; validation,
+    metrics and submissions always keep the standard bands."""
+    if not age_bins or sample.age < 0:
+        return sample.label
+    mask, gender, _ = decode_label(sample.label)
+    return encode_label(mask, gender, age_band(sample.age, tuple(age_bins)))
 
 
 def resolve_train_dir(data_dir):
@@ -179,8 +214,8 @@ def _parse_age(text, row):
     return age
 
 
-def read_mask_train(data_dir):
-    """Read and validate the competition layout into (root, [Sample])."""
+def read_mask_train(data_dir, relabel=None):
+    """Read and validate the competition layout into (root, [Sample]); `relabel`: a CSV of fixes."""
     root = resolve_train_dir(data_dir)
     csv_path = os.path.join(root, "train.csv")
     if not os.path.isfile(csv_path):
@@ -200,14 +235,78 @@ def read_mask_train(data_dir):
         gender = GENDERS.get(person.gender.strip().lower())
         if gender is None:
             raise UserError(f"train.csv row {row}: bad gender {person.gender!r}, expected male or female")
-        age_class = age_band(_parse_age(person.age, row))
+        age = _parse_age(person.age, row)
+        age_class = age_band(age)
         folder = person.path.strip()
         if not folder or _is_hidden(folder) or os.path.isabs(folder) or ".." in folder.split("/"):
             raise UserError(f"train.csv row {row}: bad path {person.path!r}")
         for stem, name in _person_photos(os.path.join(images_dir, folder)).items():
             samples.append(Sample(f"images/{folder}/{name}",
-                                  encode_label(PHOTO_MASK[stem], gender, age_class), folder))
+                                  encode_label(PHOTO_MASK[stem], gender, age_class), folder, age))
+    if relabel:
+        samples = apply_relabel(samples, relabel, frame)
     return root, samples
+
+
+MASK_VALUES = {"wear": 0, "incorrect": 1, "not_wear": 2, "normal": 2, "0": 0, "1": 1, "2": 2}
+
+
+def apply_relabel(samples, relabel_csv, meta):
+    """Corrected labels from a CSV, applied as the data is read.
+
+    Columns: `path` (a person folder, e.g. 000001_female_Asian_45, or one image,
+    e.g. 000001_female_Asian_45/normal.jpg) or `id` (train.csv's id; must name one person),
+    and any of `gender` (male/female), `age` (years), `mask` (wear/incorrect/not_wear or 0/1/2;
+    for an image row only). Blank cells keep the old value. Prints how many images changed.
+    """
+    fixes = pd.read_csv(relabel_csv, dtype=str, keep_default_na=False) if os.path.isfile(relabel_csv) else None
+    if fixes is None:
+        raise UserError(f"relabel file {relabel_csv} not found")
+    if "path" not in fixes.columns and "id" not in fixes.columns:
+        raise UserError(f"{relabel_csv}: needs a 'path' or an 'id' column")
+    by_id = meta.groupby(meta["id"].str.strip())["path"].apply(list).to_dict()
+    people = {s.person for s in samples}
+    samples = list(samples)
+    index = {s.path: i for i, s in enumerate(samples)}
+    changed = set()
+    for row_no, fix in enumerate(fixes.to_dict("records"), start=2):
+        target = str(fix.get("path", "")).strip().strip("/")
+        if not target:
+            folders = by_id.get(str(fix.get("id", "")).strip(), [])
+            if len(folders) != 1:
+                raise UserError(f"{relabel_csv} row {row_no}: id {fix.get('id')!r} names "
+                                f"{len(folders)} people; use the person's folder in a 'path' column")
+            target = folders[0]
+        target = target[len("images/"):] if target.startswith("images/") else target
+        if target in people:
+            hits = [i for i, s in enumerate(samples) if s.person == target]
+        elif f"images/{target}" in index:
+            hits = [index[f"images/{target}"]]
+        else:
+            raise UserError(f"{relabel_csv} row {row_no}: no person or image {target!r} in the data")
+        for i in hits:
+            sample = samples[i]
+            mask, gender, _ = decode_label(sample.label)
+            age = sample.age
+            if str(fix.get("gender", "")).strip():
+                gender = GENDERS.get(fix["gender"].strip().lower())
+                if gender is None:
+                    raise UserError(f"{relabel_csv} row {row_no}: bad gender {fix['gender']!r}")
+            if str(fix.get("age", "")).strip():
+                age = _parse_age(fix["age"], row_no)
+            if str(fix.get("mask", "")).strip():
+                if len(hits) != 1:
+                    raise UserError(f"{relabel_csv} row {row_no}: a mask fix needs an image path, not a person")
+                mask = MASK_VALUES.get(fix["mask"].strip().lower())
+                if mask is None:
+                    raise UserError(f"{relabel_csv} row {row_no}: bad mask {fix['mask']!r}, "
+                                    f"expected wear/incorrect/not_wear or 0/1/2")
+            label = encode_label(mask, gender, age_band(age))
+            if (label, age) != (sample.label, sample.age):
+                samples[i] = Sample(sample.path, label, sample.person, age)
+                changed.add(i)
+    print(f"relabel: {len(changed)} image label(s) changed by {relabel_csv}")
+    return samples
 
 
 # ---------------------------------------------------------------- splits
@@ -243,8 +342,8 @@ class MaskBaseDataset:
     label_scheme = "mask"
     splits_by_person = False
 
-    def __init__(self, data_dir, val_ratio=0.2, seed=42, **kwargs):
-        self.root, self.samples = read_mask_train(data_dir)
+    def __init__(self, data_dir, val_ratio=0.2, seed=42, relabel=None, **kwargs):
+        self.root, self.samples = read_mask_train(data_dir, relabel)
         self.classes = list(MASK_CLASSES)
         self.val_ratio, self.seed = val_ratio, seed
 
@@ -261,6 +360,26 @@ class MaskBaseDataset:
     def split(self):
         """(train indices, val indices) into `samples`."""
         return _split_items(len(self.samples), self.val_ratio, self.seed)
+
+    def folds(self, k):
+        """K (train indices, val indices) pairs: every sample is held out exactly once."""
+        labels = [s.label for s in self.samples]
+        if self.splits_by_person:  # people never straddle folds
+            splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=self.seed)
+            groups = [s.person for s in self.samples]
+            if len(set(groups)) < k:
+                raise UserError(f"--kfold {k}: only {len(set(groups))} people")
+        else:
+            splitter, groups = StratifiedKFold(n_splits=k, shuffle=True, random_state=self.seed), None
+            if min(np.bincount(labels)[np.unique(labels)]) < k:
+                splitter = KFold(n_splits=k, shuffle=True, random_state=self.seed)  # a class too small
+        folds = [(sorted(t.tolist()), sorted(v.tolist()))
+                 for t, v in splitter.split(np.zeros(len(labels)), labels, groups)]
+        if self.splits_by_person:
+            for train, val in folds:
+                leaked = {self.samples[i].person for i in train} & {self.samples[i].person for i in val}
+                assert not leaked, f"fold leaked {len(leaked)} people into both sides"
+        return folds
 
 
 class MaskSplitByProfileDataset(MaskBaseDataset):
@@ -322,17 +441,52 @@ for _entry in (MaskBaseDataset, MaskSplitByProfileDataset, datasetSplitByClasses
     DATASETS.register()(_entry)
 
 
-def write_split_csv(path, source, train_idx, val_idx):
-    """split.csv: path (relative to the data folder), person, side."""
+def write_split_csv(path, source, train_idx, val_idx, extra=()):
+    """split.csv: path (relative to the data folder; extra training images as given), person, side."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "person", "side"])
         for side, indices in (("train", train_idx), ("val", val_idx)):
             writer.writerows([source.samples[i].path, source.samples[i].person, side] for i in indices)
+        writer.writerows([s.path, s.person, "train"] for s in extra)
 
 
 def class_counts(labels, num_classes):
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
+
+
+def read_extra(data_dir):
+    """--extra_data: more training images, as Samples with full paths.
+
+    The competition layout (train.csv + images/), or class-index folders
+    `DIR/<0..17>/<images>` (the 18 mask classes by number).
+    """
+    if os.path.isfile(os.path.join(resolve_train_dir(data_dir), "train.csv")):
+        root, samples = read_mask_train(data_dir)
+        return [Sample(os.path.join(root, s.path), s.label, f"extra:{s.person}", s.age) for s in samples]
+    folders = sorted(e.name for e in os.scandir(data_dir) if e.is_dir() and not _is_hidden(e.name))
+    bad = [f for f in folders if not (f.isdigit() and int(f) < NUM_CLASSES)]
+    if bad or not folders:
+        raise UserError(f"extra data {data_dir}: expected train.csv + images/, or folders named by class "
+                        f"index 0..{NUM_CLASSES - 1}; found {bad[0] if bad else 'no folders'!r}")
+    return [Sample(os.path.join(data_dir, f, rel), int(f), "extra:") for f in folders
+            for rel in list_images(os.path.join(data_dir, f))]
+
+
+def read_pseudo_labels(probs_csv, eval_dir, threshold, classes):
+    """--pseudo_labels: eval images whose saved top probability is >= threshold, labelled by
+    their argmax, as Samples with full paths (for the training side only)."""
+    frame = read_csv_columns(probs_csv, ["ImageID", *classes])
+    if list(frame.columns[1:]) != list(classes):
+        raise UserError(f"{probs_csv}: probability columns do not match this dataset's classes")
+    probs = frame[list(classes)].astype(float).to_numpy()
+    eval_set = read_eval_dir(eval_dir)
+    where = dict(zip(eval_set.image_ids, eval_set.paths))
+    missing = [i for i in frame["ImageID"] if i not in where]
+    if missing:
+        raise UserError(f"{probs_csv}: ImageID {missing[0]!r} is not in {eval_dir}")
+    keep = probs.max(1) >= threshold
+    return [Sample(where[i], int(p), "pseudo:") for i, p in zip(frame["ImageID"][keep], probs[keep].argmax(1))]
 
 
 # ---------------------------------------------------------------- eval / test images
@@ -396,11 +550,11 @@ def seed_worker(worker_id):
     seed_transform(torch.utils.data.get_worker_info().dataset.transform, seed)
 
 
-def make_loader(dataset, batch_size, num_workers, device, shuffle=False, drop_last=False, seed=None):
+def make_loader(dataset, batch_size, num_workers, device, shuffle=False, drop_last=False, seed=None, sampler=None):
     """A DataLoader with seeded shuffling and workers; pinned memory on CUDA."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
         worker_init_fn=seed_worker if num_workers > 0 else None, generator=generator,
         persistent_workers=num_workers > 0)

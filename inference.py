@@ -22,8 +22,10 @@ from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 import cli
-from augmentation import eval_transform
+from augmentation import TTA_VIEWS, eval_transform, parse_tta, tta_logits
 from dataset import ImageDataset, make_loader, read_csv_columns, read_eval_dir
+from ensemble import probs_path_for
+from facecrop import face_regions
 from model import create_model, load_weights, resolve_device
 
 
@@ -39,6 +41,11 @@ def get_args_parser():
     parser.add_argument("--output", default=os.path.join("output", "submission.csv"))
     parser.add_argument("--answers", default=None, metavar="CSV",
                         help="true labels (ImageID,ans): print accuracy and macro F1")
+    parser.add_argument("--tta", default="none", metavar="VIEWS",
+                        help=f"average the softmax over the image and these views, e.g. hflip,zoom "
+                             f"({TTA_VIEWS.help()})")
+    cli.bool_flag(parser, "--save_probs", help="also write per-class probabilities to <output>_probs.csv "
+                                               "(the input of ensemble.py and --pseudo_labels)")
     parser.add_argument("--batch_size", type=cli.positive_int, default=128)
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -46,13 +53,14 @@ def get_args_parser():
 
 
 def newest_run(runs_root, checkpoint):
-    """The run folder under `runs_root` whose checkpoint was written last."""
+    """The run folder under `runs_root` (a k-fold parent counts as one) finished last."""
     candidates = []
     if os.path.isdir(runs_root):
         for entry in os.scandir(runs_root):
-            ckpt = os.path.join(entry.path, checkpoint)
-            if entry.is_dir() and os.path.isfile(ckpt) and os.path.isfile(os.path.join(entry.path, "config.json")):
-                candidates.append((os.path.getmtime(ckpt), entry.path))
+            done = [os.path.join(entry.path, name) for name in (checkpoint, "kfold.json")]
+            done = [p for p in done if os.path.isfile(p)]
+            if entry.is_dir() and done and os.path.isfile(os.path.join(entry.path, "config.json")):
+                candidates.append((max(map(os.path.getmtime, done)), entry.path))
     if not candidates:
         raise cli.UserError(f"no trained run (config.json + {checkpoint}) under {runs_root}/: "
                             f"train one first (python train.py) or pass --model_dir")
@@ -68,35 +76,52 @@ def read_config(run_dir):
             config = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise cli.UserError(f"{path} is not valid JSON: {err}") from None
+    if config.get("folds"):  # a k-fold parent: its folds are checked one by one
+        return config
     missing = [k for k in ("model", "num_classes", "classes", "input_size", "mean", "std") if k not in config]
     if missing:
         raise cli.UserError(f"{path} lacks {', '.join(missing)}")
     return config
 
 
+def expand_runs(run_dirs):
+    """Run folders with a k-fold parent replaced by its fold folders (an ensemble of the folds)."""
+    expanded = []
+    for run_dir in run_dirs:
+        config = read_config(run_dir)
+        expanded += [os.path.join(run_dir, fold) for fold in config["folds"]] if config.get("folds") else [run_dir]
+    return expanded
+
+
 def load_run(run_dir, config, checkpoint, device):
     """The model of a run folder, rebuilt from its config.json alone, in eval mode."""
-    model = create_model(config["model"], config["num_classes"])
+    model = create_model(config["model"], config["num_classes"], head=config.get("head", "linear"),
+                         tasks=config.get("tasks"), msd=config.get("msd", 0), msd_p=config.get("msd_p", 0.25))
     load_weights(model, os.path.join(run_dir, checkpoint), config["model"])
     return model.to(device).eval()
 
 
 @torch.no_grad()
-def predict(model, loader, device, desc="predict"):
-    """Softmax probabilities for every image, in loader order, as a float numpy array."""
+def predict(model, loader, device, views=(), desc="predict"):
+    """Softmax probabilities (averaged over the TTA views) for every image, in loader order."""
     probs = []
     for images, _ in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
-        probs.append(torch.softmax(model(images.to(device, non_blocking=True)).float(), dim=1).cpu())
+        probs.append(tta_logits(model, images.to(device, non_blocking=True), views)[1].exp().cpu())
     return torch.cat(probs).numpy()
 
 
-def run_probs(run_dir, config, checkpoint, paths, batch_size, num_workers, device):
+def run_probs(run_dir, config, checkpoint, paths, views, batch_size, num_workers, device):
+    """One run's probabilities on `paths`, with its own input size, normalization and face crop."""
     model = load_run(run_dir, config, checkpoint, device)
     size = tuple(config["input_size"])
+    regions = None
+    if config.get("facecrop"):
+        regions = face_regions(paths, os.path.commonpath([os.path.dirname(p) for p in paths]),
+                               config.get("face_margin", 0.3))
     dataset = ImageDataset(paths, [-1] * len(paths), eval_transform(size, config["mean"], config["std"]),
-                           min_size=size)
+                           min_size=size, regions=regions)
     loader = make_loader(dataset, batch_size, num_workers, device)
-    return predict(model, loader, device, desc=os.path.basename(os.path.normpath(run_dir)))
+    return predict(model, loader, device, views, desc=os.path.basename(os.path.normpath(run_dir)))
 
 
 def score(answers_path, image_ids, preds, num_classes):
@@ -120,7 +145,8 @@ def write_csv(frame, path):
 
 def main(args):
     device = resolve_device(args.device)
-    run_dirs = args.model_dir or [newest_run(args.runs, args.checkpoint)]
+    views = parse_tta(args.tta)
+    run_dirs = expand_runs(args.model_dir or [newest_run(args.runs, args.checkpoint)])
     configs = [read_config(r) for r in run_dirs]  # fail on a bad run folder before any work
     for run_dir, config in zip(run_dirs[1:], configs[1:]):
         if config["classes"] != configs[0]["classes"]:
@@ -130,7 +156,7 @@ def main(args):
 
     probs = np.zeros((len(eval_set.paths), len(classes)), dtype=np.float64)
     for run_dir, config in zip(run_dirs, configs):
-        probs += run_probs(run_dir, config, args.checkpoint, eval_set.paths, args.batch_size,
+        probs += run_probs(run_dir, config, args.checkpoint, eval_set.paths, views, args.batch_size,
                            args.num_workers, device) / len(run_dirs)
     preds = probs.argmax(1)
     assert preds.min() >= 0 and preds.max() < len(classes), "prediction outside the class range"
@@ -143,7 +169,13 @@ def main(args):
                                    "class_name": [classes[p] for p in preds]})
     assert len(submission) == len(eval_set.image_ids), "one row per image"
     write_csv(submission, args.output)
-    print(f"wrote {args.output}: {len(submission)} rows from {', '.join(run_dirs)}")
+    print(f"wrote {args.output}: {len(submission)} rows from {', '.join(run_dirs)}"
+          f"{' with TTA ' + args.tta if views else ''}")
+    if args.save_probs:
+        probs_path = probs_path_for(args.output)
+        write_csv(pd.DataFrame(probs.round(6), columns=classes).assign(ImageID=eval_set.image_ids)
+                  [["ImageID", *classes]], probs_path)
+        print(f"wrote {probs_path}: per-class probabilities")
     if args.answers:
         acc, f1 = score(args.answers, eval_set.image_ids, preds, len(classes))
         print(f"accuracy {acc:.4f}  macro F1 {f1:.4f}  ({len(preds)} images, {args.answers})")

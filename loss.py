@@ -185,8 +185,8 @@ class NewFocalLoss(nn.Module):
         loss_i = CE_i                                if p_t <  th   (hard: full cross-entropy)
         loss_i = ((1 - p_t) / th) ** gamma * CE_i    if p_t >= th   (easy: down-weighted)
 
-    and the loss is the mean over the batch. The factor is 1 at p_t == th, so the loss is
-    continuous. Unlike focal loss, hard samples keep the full cross-entropy instead of being
+    and the loss is the mean over the batch. At p_t == th the factor is ((1 - th) / th) ** gamma:
+    1 at the default th = 0.5, where the loss is continuous. Unlike focal loss, hard samples keep the full cross-entropy instead of being
     down-weighted too.
     """
 
@@ -206,3 +206,53 @@ class NewFocalLoss(nn.Module):
         easy = log_pt.exp() >= self.threshold
         factor = torch.where(easy, factor, torch.ones_like(factor))
         return (factor * -log_pt).mean()
+
+
+def split_target(target, tasks):
+    """Joint class index -> one index per task (mixed radix: label = (t0 * n1 + t1) * n2 + t2)."""
+    parts, rest = [], target
+    for size in reversed(tasks):
+        parts.append(rest % size)
+        rest = rest // size
+    return parts[::-1]
+
+
+def task_log_probs(logits, tasks):
+    """Per-task log-probabilities, marginalised from joint logits over len(tasks) factors."""
+    joint = F.log_softmax(logits.float(), dim=1).view(-1, *tasks)
+    dims = range(1, len(tasks) + 1)
+    return [torch.logsumexp(joint, dim=[d for d in dims if d != i + 1]) if len(tasks) > 1 else joint
+            for i in range(len(tasks))]
+
+
+class MultiTaskLoss(nn.Module):
+    """One loss per task (mask, gender, age), weighted by `task_weights` and summed.
+
+    Takes joint logits and joint targets like every criterion (so CutMix's mixing contract
+    holds); each task's logits are the marginal log-probabilities of the joint softmax, which
+    for `model.FactorizedHead` are exactly that head's own task log-softmax.
+    """
+
+    def __init__(self, criterion, num_classes, tasks, task_weights=None, class_counts=None, **options):
+        super().__init__()
+        if int(torch.tensor(tasks).prod()) != num_classes:
+            raise UserError(f"tasks {tasks} do not factor {num_classes} classes")
+        weights = list(task_weights) if task_weights else [1.0] * len(tasks)
+        if len(weights) != len(tasks) or min(weights) < 0:
+            raise UserError(f"--task_weights needs {len(tasks)} non-negative numbers, got {task_weights}")
+        self.tasks, self.weights = tuple(tasks), weights
+        counts = None if class_counts is None else torch.tensor(class_counts, dtype=torch.float64).view(*tasks)
+        self.losses = nn.ModuleList()
+        for i, size in enumerate(self.tasks):
+            task_counts = None
+            if counts is not None:
+                task_counts = counts.sum(dim=[d for d in range(len(tasks)) if d != i]).tolist() if len(tasks) > 1 \
+                    else counts.tolist()
+            self.losses.append(build_criterion(criterion, size, class_counts=task_counts, **options))
+
+    def task_losses(self, logits, target):
+        return [loss(logp, t) for loss, logp, t in
+                zip(self.losses, task_log_probs(logits, self.tasks), split_target(target, self.tasks))]
+
+    def forward(self, logits, target):
+        return sum(w * l for w, l in zip(self.weights, self.task_losses(logits, target)))

@@ -21,6 +21,7 @@ import functools
 import os
 import pickle
 
+import numpy as np
 import timm
 import torch
 from torch import nn
@@ -93,6 +94,54 @@ for _name, (_timm_name, _size) in PRESETS.items():
     MODELS.register(_name, input_size=_size, timm_name=_timm_name)(functools.partial(timm_model, _timm_name))
 
 
+# ---------------------------------------------------------------- heads
+class FactorizedHead(nn.Module):
+    """Multi-task head: one linear layer per task (e.g. mask 3, gender 2, age 3) whose
+    log-softmaxes are summed into the joint classes (label = ((t0 * n1) + t1) * n2 + t2 ...).
+
+    The output is a valid logit vector over the joint classes (its softmax is the product of
+    the task probabilities), so metrics, checkpoints, ensembles and submissions stay joint;
+    `loss.MultiTaskLoss` recovers each task by marginalising."""
+
+    def __init__(self, in_features, tasks):
+        super().__init__()
+        self.tasks = tuple(tasks)
+        self.fc = nn.Linear(in_features, sum(self.tasks))
+
+    def forward(self, features):
+        parts = torch.split(self.fc(features), self.tasks, dim=-1)
+        joint = None
+        for part in parts:
+            logp = torch.log_softmax(part.float(), dim=-1)
+            joint = logp if joint is None else (joint.unsqueeze(-1) + logp.unsqueeze(-2)).flatten(-2)
+        return joint
+
+
+class MultiSampleDropout(nn.Module):
+    """Multi-sample dropout: in training, the head's output averaged over `samples` dropout
+    masks of the features; at eval, one pass without dropout."""
+
+    def __init__(self, head, samples=4, p=0.25):
+        super().__init__()
+        self.head, self.samples, self.dropout = head, samples, nn.Dropout(p)
+
+    def forward(self, features):
+        if not self.training:
+            return self.head(features)
+        return torch.stack([self.head(self.dropout(features)) for _ in range(self.samples)]).mean(0)
+
+
+def replace_classifier(model, build):
+    """Swap the model's classifier (any depth, e.g. `head.fc`) for `build(old_classifier)`."""
+    old = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for name, module in model.named_modules():
+        if module is old and name:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, build(old))
+            return model
+    raise UserError(f"{type(model).__name__} has no classifier layer that a custom head can replace")
+
+
 def check_model_name(name):
     """Fail early, before any data is read, on a name that is neither registered nor timm's."""
     if callable(name) or name in MODELS or timm.is_model(name):
@@ -101,12 +150,25 @@ def check_model_name(name):
                          hint=" (or any timm model name: timm.list_models())")
 
 
-def create_model(name, num_classes, pretrained=False):
-    """A registered model, or a timm model by its own name, with a num_classes-way head."""
+def create_model(name, num_classes, pretrained=False, head="linear", tasks=None, msd=0, msd_p=0.25):
+    """A registered model, or a timm model by its own name, with a num_classes-way output.
+
+    head="multitask": a FactorizedHead over `tasks` (their product must be num_classes);
+    msd > 1: multi-sample dropout with `msd` samples of rate `msd_p` around the head.
+    """
     check_model_name(name)
     if callable(name) or name in MODELS:
-        return MODELS.build(name, num_classes=num_classes, pretrained=pretrained)
-    return timm_model(name, num_classes, pretrained=pretrained)
+        model = MODELS.build(name, num_classes=num_classes, pretrained=pretrained)
+    else:
+        model = timm_model(name, num_classes, pretrained=pretrained)
+    if head == "multitask":
+        if not tasks or int(np.prod(tasks)) != num_classes:
+            raise UserError(f"--head multitask needs the competition's label scheme (tasks {tasks} for "
+                            f"{num_classes} classes)")
+        replace_classifier(model, lambda old: FactorizedHead(old.in_features, tasks))
+    if msd and msd > 1:
+        replace_classifier(model, lambda old: MultiSampleDropout(old, msd, msd_p))
+    return model
 
 
 def default_input_size(name, model):

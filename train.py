@@ -10,6 +10,7 @@ Example:
         --dataset datasetSplitByClasses --optimizer Adam --cutmix True --resize 299,299
 """
 import csv
+import dataclasses
 import inspect
 import json
 import math
@@ -23,10 +24,12 @@ from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 import cli
-from augmentation import AUGMENTATIONS, eval_transform, seed_transform
+from augmentation import AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, seed_transform, tta_logits
 from cutmix import MODES as CUTMIX_MODES, BatchMixer, mixed_loss
-from dataset import DATASETS, ImageDataset, class_counts, make_loader, write_split_csv
-from loss import CRITERIONS, build_criterion
+from dataset import (DATASETS, TASKS, ImageDataset, class_counts, make_loader, read_extra, read_pseudo_labels,
+                     task_f1, training_label, write_split_csv)
+from facecrop import face_regions
+from loss import CRITERIONS, MultiTaskLoss, build_criterion
 from model import (MODELS, check_model_name, create_model, default_input_size, load_weights, resolve_device,
                    save_checkpoint)
 from registry import Registry
@@ -40,6 +43,7 @@ for _name, _cls in vars(torch.optim).items():
 
 SCHEDULERS = ("none", "step", "cosine")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "lr", "seconds")
+TASK_COLUMNS = tuple(f"val_f1_{task}" for task in TASKS)  # the per-task report (competition layout)
 
 
 def get_args_parser():
@@ -55,12 +59,34 @@ def get_args_parser():
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="DataLoader worker processes (0: load in the main process)")
     data.add_argument("--seed", type=int, default=42, help="seeds the split, init, shuffling, augmentation")
+    data.add_argument("--kfold", type=int, default=0, metavar="K",
+                      help="train K models on person-grouped, class-stratified folds (0: one split)")
+    cli.bool_flag(data, "--facecrop", help="crop to the MTCNN face box (cached on disk) in training and inference")
+    data.add_argument("--face_margin", type=float, default=0.3, help="face box grown by this share of its size")
+    data.add_argument("--sampler", choices=("none", "weighted"), default="none",
+                      help="weighted: draw training images with inverse class frequency")
+    data.add_argument("--age_bins", type=cli.parse_ints, default=None, metavar="A,B",
+                      help="age band edges for TRAINING labels only (e.g. 30,58); metrics keep 30,60")
+    data.add_argument("--extra_data", action="append", default=None, metavar="DIR",
+                      help="more training images (same layout, or folders 0..17); training side only")
+    data.add_argument("--relabel", default=None, metavar="CSV", help="label fixes applied when the data is read")
+    data.add_argument("--pseudo_labels", default=None, metavar="PROBS_CSV",
+                      help="eval probabilities (inference.py --save_probs): confident images join training")
+    data.add_argument("--pseudo_threshold", type=cli.ratio, default=0.9, help="top probability needed")
+    data.add_argument("--pseudo_data_dir", default=os.path.join("data", "eval"),
+                      help="the eval folder the pseudo-label ImageIDs refer to")
 
     model = parser.add_argument_group("Model")
     model.add_argument("--model", default="BaseModel", help=f"{MODELS.help()}, or any timm model name")
     cli.bool_flag(model, "--pretrained", help="start from timm's pretrained weights (needs network)")
     model.add_argument("--weights", default=None, metavar="PATH",
                        help="start from a local state dict / timm checkpoint / .safetensors")
+    model.add_argument("--head", choices=("linear", "multitask"), default="linear",
+                       help="multitask: mask/gender/age heads combined into the 18 classes")
+    model.add_argument("--task_weights", type=cli.parse_floats, default=None, metavar="M,G,A",
+                       help="multitask: loss weight per head (default 1,1,1)")
+    model.add_argument("--msd", type=int, default=0, metavar="N", help="multi-sample dropout: N samples (0: off)")
+    model.add_argument("--msd_p", type=float, default=0.25, help="multi-sample dropout rate")
 
     loss = parser.add_argument_group("Loss and augmentation")
     loss.add_argument("--criterion", default="cross_entropy", help=CRITERIONS.help())
@@ -75,6 +101,8 @@ def get_args_parser():
     loss.add_argument("--beta", type=float, default=1.0, help="lambda ~ Beta(beta, beta)")
     loss.add_argument("--cutmix_mode", choices=CUTMIX_MODES, default="box",
                       help="box, or vertical: a full-height strip (faces are centred)")
+    loss.add_argument("--val_tta", default="none", metavar="VIEWS",
+                      help=f"test-time augmentation for validation, e.g. hflip,zoom ({TTA_VIEWS.help()})")
 
     optim = parser.add_argument_group("Optimization")
     optim.add_argument("--epochs", type=cli.positive_int, default=10)
@@ -142,6 +170,14 @@ def build_scheduler(kind, optimizer, epochs, step, gamma):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
+def balanced_sampler(labels, counts, seed):
+    """Draw (with replacement) each image with weight 1/count of its class: classes come up
+    about equally often."""
+    weights = [1.0 / counts[label] for label in labels]
+    return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True,
+                                                  generator=torch.Generator().manual_seed(seed))
+
+
 def rng_states():
     """Every RNG a run draws from, as plain data (loadable with weights_only=True)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -183,26 +219,33 @@ def train_one_epoch(model, loader, criterion, optimizer, mixer, device, amp, sca
 
 
 @torch.no_grad()
-def evaluate(model, loader, criterion, device, amp, num_classes):
-    """Loss, accuracy and macro F1 over the WHOLE loader (predictions concatenated first)."""
+def evaluate(model, loader, criterion, device, amp, num_classes, views=(), per_task=False):
+    """Loss, accuracy and macro F1 over the WHOLE loader (predictions concatenated first).
+
+    With TTA `views`, predictions come from the softmax averaged over the views; the loss stays
+    that of the plain images. `per_task` adds the macro F1 of mask, gender and age.
+    """
     model.eval()
-    loss_sum, logits_all, labels_all = 0.0, [], []
+    loss_sum, logp_all, labels_all = 0.0, [], []
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            logits = model(images)
+            logits, logp = tta_logits(model, images, views)
         loss_sum += criterion(logits.float(), labels).item() * len(labels)
-        logits_all.append(logits.float().cpu())
+        logp_all.append(logp.cpu())
         labels_all.append(labels.cpu())
-    logits, labels = torch.cat(logits_all), torch.cat(labels_all)
-    preds = logits.argmax(1)
-    return {
+    logp, labels = torch.cat(logp_all), torch.cat(labels_all)
+    preds = logp.argmax(1)
+    result = {
         "val_loss": loss_sum / len(labels),
         "val_acc": (preds == labels).float().mean().item(),
         "val_f1": f1_score(labels.numpy(), preds.numpy(), average="macro",
                            labels=list(range(num_classes)), zero_division=0),
-        "preds": preds, "labels": labels,
+        "probs": logp.exp().numpy(), "preds": preds, "labels": labels,
     }
+    if per_task:
+        result.update({f"val_f1_{task}": f1 for task, f1 in task_f1(labels.tolist(), preds.tolist()).items()})
+    return result
 
 
 def is_better(val, best):
@@ -213,21 +256,174 @@ def is_better(val, best):
 def log_epoch(run_dir, writer, row, is_best, epochs):
     """One epoch's row: metrics.csv, TensorBoard scalars and one printed line."""
     path = os.path.join(run_dir, "metrics.csv")
+    columns = METRIC_COLUMNS + tuple(c for c in TASK_COLUMNS if c in row)
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         out = csv.writer(f)
         if new:
-            out.writerow(METRIC_COLUMNS)
-        out.writerow([row[k] if isinstance(row[k], int) else f"{row[k]:.6g}" for k in METRIC_COLUMNS])
-    for key in METRIC_COLUMNS[1:-1]:
-        writer.add_scalar(key, row[key], row["epoch"])
+            out.writerow(columns)
+        out.writerow([row[k] if isinstance(row[k], int) else f"{row[k]:.6g}" for k in columns])
+    for key in columns:
+        if key not in ("epoch", "seconds"):
+            writer.add_scalar(key, row[key], row["epoch"])
     writer.flush()
+    tasks = "".join(f"  {c[len('val_f1_'):]} {row[c]:.3f}" for c in TASK_COLUMNS if c in row)
     print(f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.3f}  "
-          f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}  val_f1 {row['val_f1']:.4f}  "
+          f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}  val_f1 {row['val_f1']:.4f}{tasks}  "
           f"lr {row['lr']:.2e}  {row['seconds']:.1f}s{'  *best*' if is_best else ''}", flush=True)
 
 
+# ---------------------------------------------------------------- data
+@dataclasses.dataclass
+class TrainingData:
+    """What every fold trains on."""
+    source: object   # the dataset entry: samples, classes, mean/std, split()/folds()
+    extra: list      # Samples with full paths for the training side only (--extra_data, --pseudo_labels)
+    regions: dict    # full image path -> face crop region (--facecrop), else empty
+
+
+def load_training_data(args):
+    relabel = args.relabel
+    source = DATASETS.build(args.dataset, args.data_dir, val_ratio=args.val_ratio, seed=args.seed, relabel=relabel)
+    if relabel and source.label_scheme != "mask":
+        raise cli.UserError("--relabel applies to the competition layout only")
+    if source.label_scheme != "mask":
+        for flag, value in (("--head multitask", args.head == "multitask"), ("--age_bins", args.age_bins),
+                            ("--extra_data", args.extra_data), ("--pseudo_labels", args.pseudo_labels)):
+            if value:
+                raise cli.UserError(f"{flag} needs the competition's 18-class layout, not {args.dataset}")
+    groups = [(source.root, source.paths(range(len(source.samples))))]  # (folder, its image paths)
+    extra = []
+    for folder in args.extra_data or []:
+        found = read_extra(folder)
+        print(f"extra data: {len(found)} training images from {folder}")
+        extra += found
+        groups.append((folder, [s.path for s in found]))
+    if args.pseudo_labels:
+        pseudo = read_pseudo_labels(args.pseudo_labels, args.pseudo_data_dir, args.pseudo_threshold, source.classes)
+        print(f"pseudo labels: {len(pseudo)} eval images at top probability >= {args.pseudo_threshold}")
+        extra += pseudo
+        groups.append((args.pseudo_data_dir, [s.path for s in pseudo]))
+    regions = {}
+    if args.facecrop:  # one face box cache per data folder
+        for folder, paths in groups:
+            regions.update(zip(paths, face_regions(paths, folder, args.face_margin)))
+    return TrainingData(source, extra, regions)
+
+
+def write_oof(run_dir, source, folds, results):
+    """oof.csv (one row per training image: its fold's held-out prediction) and kfold.json."""
+    rows = []
+    for fold, ((_, val_idx), result) in enumerate(zip(folds, results), start=1):
+        for i, probs in zip(val_idx, result["probs"]):
+            sample = source.samples[i]
+            rows.append([sample.path, sample.person, fold, sample.label, int(probs.argmax()), *probs.round(6)])
+    rows.sort(key=lambda r: r[0])
+    with open(os.path.join(run_dir, "oof.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "person", "fold", "label", "pred", *source.classes])
+        writer.writerows(rows)
+    labels, preds = [r[3] for r in rows], [r[4] for r in rows]
+    summary = {"oof_f1": f1_score(labels, preds, average="macro", labels=list(range(source.num_classes)),
+                                  zero_division=0),
+               "fold_f1": [r["val_f1"] for r in results]}
+    write_json(os.path.join(run_dir, "kfold.json"), summary)
+    return summary
+
+
 # ---------------------------------------------------------------- main
+def train_fold(args, data, train_idx, val_idx, run_dir, device, amp):
+    """Train one model on one split into `run_dir`; returns the best epoch's validation output."""
+    source, num_classes = data.source, data.source.num_classes
+    tasks = tuple(TASKS.values()) if source.label_scheme == "mask" else None
+    seed_everything(args.seed)
+
+    # model and input size
+    model = create_model(args.model, num_classes, pretrained=args.pretrained, head=args.head, tasks=tasks,
+                         msd=args.msd, msd_p=args.msd_p)
+    if args.weights:
+        load_weights(model, args.weights, args.model, allow_new_head=True)
+    model.to(device)
+    resize = tuple(args.resize or default_input_size(args.model, model))
+
+    # the two sides: the training side gets --extra_data / --pseudo_labels and --age_bins labels
+    train_samples = [source.samples[i] for i in train_idx] + data.extra
+    train_paths = source.paths(train_idx) + [s.path for s in data.extra]
+    train_labels = [training_label(s, args.age_bins) for s in train_samples]
+    val_paths, val_labels = source.paths(val_idx), source.labels(val_idx)
+    regions = (lambda paths: [data.regions[p] for p in paths]) if data.regions else (lambda paths: None)
+
+    # transforms (one per side) and loaders
+    train_tf = AUGMENTATIONS.build(args.augmentation, resize=resize, mean=source.mean, std=source.std)
+    seed_transform(train_tf, args.seed)
+    val_tf = eval_transform(resize, source.mean, source.std)
+    train_set = ImageDataset(train_paths, train_labels, train_tf, min_size=resize, regions=regions(train_paths))
+    val_set = ImageDataset(val_paths, val_labels, val_tf, min_size=resize, regions=regions(val_paths))
+    counts = class_counts(train_labels, num_classes)
+    sampler = balanced_sampler(train_labels, counts, args.seed) if args.sampler == "weighted" else None
+    # drop_last keeps BatchNorm and pairwise mixing away from a 1-image last batch
+    train_loader = make_loader(train_set, args.batch_size, args.num_workers, device, shuffle=sampler is None,
+                               drop_last=len(train_set) > args.batch_size, seed=args.seed, sampler=sampler)
+    val_loader = make_loader(val_set, args.valid_batch_size, args.num_workers, device)
+
+    options = dict(focal_gamma=args.focal_gamma, smoothing=args.smoothing, new_focal_threshold=args.new_focal_threshold)
+    if args.head == "multitask":
+        criterion = MultiTaskLoss(args.criterion, num_classes, tasks, args.task_weights, counts, **options)
+    else:
+        criterion = build_criterion(args.criterion, num_classes, class_counts=counts, **options)
+    criterion.to(device)
+    mixer = BatchMixer(args.cutmix, args.mixup, prob=args.cutmix_prob, beta=args.beta,
+                       mode=args.cutmix_mode, seed=args.seed)
+    optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
+    scheduler = build_scheduler(args.scheduler, optimizer, args.epochs, args.lr_decay_step, args.gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    views = parse_tta(args.val_tta)
+
+    # the run folder
+    config = {**vars(args), "resize": list(resize), "input_size": list(resize), "num_classes": num_classes,
+              "classes": source.classes, "mean": list(source.mean), "std": list(source.std),
+              "label_scheme": source.label_scheme, "tasks": list(tasks) if tasks else None,
+              "data_dir": source.root, "train_images": len(train_set), "val_images": len(val_set)}
+    write_json(os.path.join(run_dir, "config.json"), config)
+    write_split_csv(os.path.join(run_dir, "split.csv"), source, train_idx, val_idx, data.extra)
+    from torch.utils.tensorboard import SummaryWriter  # slow import: only once a run starts
+    writer = SummaryWriter(run_dir)
+    print(f"run {run_dir}: {args.model} at {resize[0]}x{resize[1]}, {len(train_set)} train / "
+          f"{len(val_set)} val images, {num_classes} classes, {device}", flush=True)
+
+    best = {"val_f1": -1.0, "val_loss": math.inf, "epoch": 0}
+    best_output, bad_epochs, started = None, 0, time.time()
+    for epoch in range(1, args.epochs + 1):
+        tic = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, mixer, device,
+                                                amp, scaler, desc=f"epoch {epoch}/{args.epochs}")
+        scheduler.step()
+        val = evaluate(model, val_loader, criterion, device, amp, num_classes, views, per_task=tasks is not None)
+        is_best = is_better(val, best)
+        if is_best:
+            best = {"val_f1": val["val_f1"], "val_loss": val["val_loss"], "val_acc": val["val_acc"], "epoch": epoch}
+            best_output = val
+            save_checkpoint({"model": model.state_dict(), "epoch": epoch, **best}, os.path.join(run_dir, "best.pth"))
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "rng": rng_states(),
+                         "mixer_rng": mixer.rng.bit_generator.state}, os.path.join(run_dir, "last.pth"))
+        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "lr": lr,
+               "seconds": time.time() - tic, **{k: v for k, v in val.items() if k.startswith("val_")}}
+        log_epoch(run_dir, writer, row, is_best, args.epochs)
+        if args.patience and bad_epochs >= args.patience:
+            print(f"early stop: no better val F1 for {bad_epochs} epochs")
+            break
+    writer.close()
+    print(f"done in {(time.time() - started) / 60:.1f} min: best epoch {best['epoch']} "
+          f"val_f1 {best['val_f1']:.4f} val_acc {best.get('val_acc', 0):.3f} -> {os.path.join(run_dir, 'best.pth')}")
+    return {**best, "probs": best_output["probs"]}
+
+
 def main(args):
     device = resolve_device(args.device)
     amp = args.amp and device.type == "cuda"
@@ -237,83 +433,28 @@ def main(args):
                            (CRITERIONS, args.criterion), (OPTIMIZERS, args.optimizer)):
         registry.get(name)  # fail on a typo before any work
     check_model_name(args.model)
+    parse_tta(args.val_tta)
+    if args.kfold == 1 or args.kfold < 0:
+        raise cli.UserError(f"--kfold needs K >= 2 (or 0 for one split), got {args.kfold}")
     seed_everything(args.seed)
 
-    # data and split
-    source = DATASETS.build(args.dataset, args.data_dir, val_ratio=args.val_ratio, seed=args.seed)
-    train_idx, val_idx = source.split()
-    num_classes = source.num_classes
-
-    # model and input size
-    model = create_model(args.model, num_classes, pretrained=args.pretrained)
-    if args.weights:
-        load_weights(model, args.weights, args.model, allow_new_head=True)
-    model.to(device)
-    resize = tuple(args.resize or default_input_size(args.model, model))
-
-    # transforms (one per side) and loaders
-    train_tf = AUGMENTATIONS.build(args.augmentation, resize=resize, mean=source.mean, std=source.std)
-    seed_transform(train_tf, args.seed)
-    val_tf = eval_transform(resize, source.mean, source.std)
-    train_set = ImageDataset(source.paths(train_idx), source.labels(train_idx), train_tf, min_size=resize)
-    val_set = ImageDataset(source.paths(val_idx), source.labels(val_idx), val_tf, min_size=resize)
-    # drop_last keeps BatchNorm and pairwise mixing away from a 1-image last batch
-    train_loader = make_loader(train_set, args.batch_size, args.num_workers, device, shuffle=True,
-                               drop_last=len(train_set) > args.batch_size, seed=args.seed)
-    val_loader = make_loader(val_set, args.valid_batch_size, args.num_workers, device)
-
-    train_counts = class_counts(train_set.labels, num_classes)
-    criterion = build_criterion(args.criterion, num_classes, class_counts=train_counts,
-                                focal_gamma=args.focal_gamma, smoothing=args.smoothing,
-                                new_focal_threshold=args.new_focal_threshold).to(device)
-    mixer = BatchMixer(args.cutmix, args.mixup, prob=args.cutmix_prob, beta=args.beta,
-                       mode=args.cutmix_mode, seed=args.seed)
-    optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
-    scheduler = build_scheduler(args.scheduler, optimizer, args.epochs, args.lr_decay_step, args.gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-
-    # the run folder
+    data = load_training_data(args)
+    folds = data.source.folds(args.kfold) if args.kfold else [data.source.split()]
     run_dir = make_run_dir(args.model_dir, args.name)
-    config = {**vars(args), "resize": list(resize), "input_size": list(resize), "num_classes": num_classes,
-              "classes": source.classes, "mean": list(source.mean), "std": list(source.std),
-              "label_scheme": source.label_scheme, "data_dir": source.root,
-              "train_images": len(train_set), "val_images": len(val_set)}
-    write_json(os.path.join(run_dir, "config.json"), config)
-    write_split_csv(os.path.join(run_dir, "split.csv"), source, train_idx, val_idx)
-    from torch.utils.tensorboard import SummaryWriter  # slow import: only once a run starts
-    writer = SummaryWriter(run_dir)
-    print(f"run {run_dir}: {args.model} at {resize[0]}x{resize[1]}, {len(train_set)} train / "
-          f"{len(val_set)} val images, {num_classes} classes, {device}", flush=True)
-
-    best = {"val_f1": -1.0, "val_loss": math.inf, "epoch": 0}
-    bad_epochs, started = 0, time.time()
-    for epoch in range(1, args.epochs + 1):
-        tic = time.time()
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, mixer, device,
-                                                amp, scaler, desc=f"epoch {epoch}/{args.epochs}")
-        scheduler.step()
-        val = evaluate(model, val_loader, criterion, device, amp, num_classes)
-        is_best = is_better(val, best)
-        if is_best:
-            best = {"val_f1": val["val_f1"], "val_loss": val["val_loss"], "val_acc": val["val_acc"], "epoch": epoch}
-            save_checkpoint({"model": model.state_dict(), "epoch": epoch, **best}, os.path.join(run_dir, "best.pth"))
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                         "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "rng": rng_states(),
-                         "mixer_rng": mixer.rng.bit_generator.state}, os.path.join(run_dir, "last.pth"))
-        log_epoch(run_dir, writer, {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                                    **{k: val[k] for k in ("val_loss", "val_acc", "val_f1")},
-                                    "lr": lr, "seconds": time.time() - tic}, is_best, args.epochs)
-        if args.patience and bad_epochs >= args.patience:
-            print(f"early stop: no better val F1 for {bad_epochs} epochs")
-            break
-    writer.close()
-    print(f"done in {(time.time() - started) / 60:.1f} min: best epoch {best['epoch']} "
-          f"val_f1 {best['val_f1']:.4f} val_acc {best.get('val_acc', 0):.3f} -> {os.path.join(run_dir, 'best.pth')}")
+    if not args.kfold:
+        train_fold(args, data, *folds[0], run_dir, device, amp)
+        return run_dir
+    fold_dirs = [f"fold{i}" for i in range(1, len(folds) + 1)]
+    write_json(os.path.join(run_dir, "config.json"), {**vars(args), "folds": fold_dirs,
+                                                      "classes": data.source.classes})
+    results = []
+    for fold_dir, (train_idx, val_idx) in zip(fold_dirs, folds):
+        os.mkdir(os.path.join(run_dir, fold_dir))
+        print(f"--- {fold_dir} of {len(folds)}")
+        results.append(train_fold(args, data, train_idx, val_idx, os.path.join(run_dir, fold_dir), device, amp))
+    summary = write_oof(run_dir, data.source, folds, results)
+    print(f"k-fold: out-of-fold macro F1 {summary['oof_f1']:.4f}, per fold "
+          f"{', '.join(f'{f:.4f}' for f in summary['fold_f1'])} -> {run_dir}")
     return run_dir
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: small generated datasets in the competition layout, made once per session."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,17 @@ def sample_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample") / "data"
     make_sample_data.generate(str(out), persons=30, eval_persons=10, seed=0)
     return out
+
+
+FAST = ["--model", "BaseModel", "--resize", "64,48", "--batch_size", "32", "--num_workers", "0"]  # tiny runs
+
+
+@pytest.fixture(scope="module")
+def work(sample_data, tmp_path_factory):
+    """A working folder holding the sample data at data/, where the CLIs look by default."""
+    folder = tmp_path_factory.mktemp("work")
+    shutil.copytree(sample_data, folder / "data")
+    return folder
 
 
 def run_cli(script, *args, cwd=None, check=True, timeout=900):

@@ -7,31 +7,22 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import FAST, run_cli
 from dataset import MASK_CLASSES, NUM_CLASSES
 
-FAST = ["--model", "BaseModel", "--resize", "64,48", "--batch_size", "32", "--num_workers", "0"]
 
 
 def _metrics(run_dir):
     return pd.read_csv(os.path.join(run_dir, "metrics.csv"))
 
 
-@pytest.fixture(scope="module")
-def data(sample_data, tmp_path_factory):
-    """A working folder holding the sample data at data/, where the CLIs look by default."""
-    work = tmp_path_factory.mktemp("work")
-    shutil.copytree(sample_data, work / "data")
-    return work
-
-
-def test_reference_command_then_inference_with_defaults(data):
+def test_reference_command_then_inference_with_defaults(work):
     """The seed command as written (one epoch), then `python inference.py` with no arguments."""
     run_cli("train.py", "--epochs", "1", "--augmentation", "AlbuAugmentation", "--model", "imgInceptionV3",
             "--criterion", "new_focal", "--lr", "1e-4", "--batch_size", "16", "--valid_batch_size", "64",
             "--dataset", "datasetSplitByClasses", "--optimizer", "Adam", "--cutmix", "True",
-            "--resize", "299,299", cwd=data)
-    run_dir = data / "runs" / "exp"
+            "--resize", "299,299", cwd=work)
+    run_dir = work / "runs" / "exp"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"] == "imgInceptionV3" and config["input_size"] == [299, 299]
     assert config["cutmix"] is True and config["criterion"] == "new_focal"
@@ -41,12 +32,12 @@ def test_reference_command_then_inference_with_defaults(data):
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(run_dir))
     metrics = _metrics(run_dir)
     assert list(metrics.columns) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1",
-                                     "lr", "seconds"]
+                                     "lr", "seconds", "val_f1_mask", "val_f1_gender", "val_f1_age"]
     assert len(metrics) == 1 and metrics["val_f1"].between(0, 1).all()
 
-    result = run_cli("inference.py", cwd=data)
-    submission = pd.read_csv(data / "output" / "submission.csv", dtype={"ImageID": str})
-    info = pd.read_csv(data / "data" / "eval" / "info.csv", dtype={"ImageID": str})
+    result = run_cli("inference.py", cwd=work)
+    submission = pd.read_csv(work / "output" / "submission.csv", dtype={"ImageID": str})
+    info = pd.read_csv(work / "data" / "eval" / "info.csv", dtype={"ImageID": str})
     assert list(submission.columns) == list(info.columns)
     assert len(submission) == len(info)
     for row_sub, row_info in zip(submission.itertuples(), info.itertuples()):  # row by row, same order
@@ -56,63 +47,63 @@ def test_reference_command_then_inference_with_defaults(data):
 
 
 @pytest.fixture(scope="module")
-def base_run(data):
+def base_run(work):
     """A fast BaseModel run of 2 epochs."""
-    run_cli("train.py", *FAST, "--epochs", "2", "--name", "base", "--seed", "5", cwd=data)
-    return data / "runs" / "base"
+    run_cli("train.py", *FAST, "--epochs", "2", "--name", "base", "--seed", "5", cwd=work)
+    return work / "runs" / "base"
 
 
-def test_same_seed_same_split_and_metrics(data, base_run):
-    run_cli("train.py", *FAST, "--epochs", "2", "--name", "base", "--seed", "5", cwd=data)
-    again = data / "runs" / "base2"  # the name was taken: a new folder, nothing overwritten
+def test_same_seed_same_split_and_metrics(work, base_run):
+    run_cli("train.py", *FAST, "--epochs", "2", "--name", "base", "--seed", "5", cwd=work)
+    again = work / "runs" / "base2"  # the name was taken: a new folder, nothing overwritten
     assert (base_run / "split.csv").read_text() == (again / "split.csv").read_text()
     first, second = _metrics(base_run), _metrics(again)
     assert len(first) == 2
     pd.testing.assert_frame_equal(first.drop(columns="seconds"), second.drop(columns="seconds"))
 
 
-def test_split_csv_is_a_person_split(data, base_run):
+def test_split_csv_is_a_person_split(work, base_run):
     split = pd.read_csv(base_run / "split.csv", dtype=str)
     assert (split.groupby("person")["side"].nunique() == 1).all()
-    assert len(split) == 7 * len(pd.read_csv(data / "data" / "train" / "train.csv"))
+    assert len(split) == 7 * len(pd.read_csv(work / "data" / "train" / "train.csv"))
 
 
-def test_inference_answers_and_ensemble(data, base_run, tmp_path):
+def test_inference_answers_and_ensemble(work, base_run, tmp_path):
     out = tmp_path / "sub.csv"
     result = run_cli("inference.py", "--model_dir", base_run, "--model_dir", base_run, "--output", out,
-                     "--answers", data / "data" / "eval" / "answers.csv", "--num_workers", "0", cwd=data)
+                     "--answers", work / "data" / "eval" / "answers.csv", "--num_workers", "0", cwd=work)
     assert "macro F1" in result.stdout
-    assert len(pd.read_csv(out)) == len(pd.read_csv(data / "data" / "eval" / "info.csv"))
+    assert len(pd.read_csv(out)) == len(pd.read_csv(work / "data" / "eval" / "info.csv"))
 
 
-def test_inference_on_a_plain_folder(data, base_run, tmp_path):
+def test_inference_on_a_plain_folder(work, base_run, tmp_path):
     images = tmp_path / "photos" / "nested"
     images.mkdir(parents=True)
-    for src in list((data / "data" / "eval" / "images").iterdir())[:5]:
+    for src in list((work / "data" / "eval" / "images").iterdir())[:5]:
         shutil.copy(src, images / src.name)
     out = tmp_path / "plain.csv"
-    run_cli("inference.py", "--model_dir", base_run, "--data_dir", tmp_path / "photos", "--output", out, cwd=data)
+    run_cli("inference.py", "--model_dir", base_run, "--data_dir", tmp_path / "photos", "--output", out, cwd=work)
     result = pd.read_csv(out)
     assert list(result.columns) == ["ImageID", "ans", "class_name"]
     assert len(result) == 5 and all(i.startswith("nested/") for i in result["ImageID"])
     assert all(MASK_CLASSES[a] == c for a, c in zip(result["ans"], result["class_name"]))
 
 
-def test_inference_checks_every_image_first(data, base_run, tmp_path):
+def test_inference_checks_every_image_first(work, base_run, tmp_path):
     broken = tmp_path / "eval"
-    shutil.copytree(data / "data" / "eval", broken)
+    shutil.copytree(work / "data" / "eval", broken)
     victim = pd.read_csv(broken / "info.csv")["ImageID"].iloc[-1]
     (broken / "images" / victim).unlink()
     result = run_cli("inference.py", "--model_dir", base_run, "--data_dir", broken,
-                     "--output", tmp_path / "x.csv", cwd=data, check=False)
+                     "--output", tmp_path / "x.csv", cwd=work, check=False)
     assert result.returncode != 0 and victim in result.stderr
     assert not (tmp_path / "x.csv").exists()
 
 
-def test_image_folder_training_and_weights(data, base_run, tmp_path):
+def test_image_folder_training_and_weights(work, base_run, tmp_path):
     """A folder-per-class dataset trains from --weights (backbone of a run, new head)."""
     root = tmp_path / "folders"
-    for person in sorted((data / "data" / "train" / "images").iterdir())[:12]:
+    for person in sorted((work / "data" / "train" / "images").iterdir())[:12]:
         if person.name.startswith("."):
             continue
         for photo in person.iterdir():
@@ -122,8 +113,8 @@ def test_image_folder_training_and_weights(data, base_run, tmp_path):
             (root / cls).mkdir(parents=True, exist_ok=True)
             shutil.copy(photo, root / cls / f"{person.name}_{photo.name}")
     run_cli("train.py", *FAST, "--dataset", "ImageFolder", "--data_dir", root, "--epochs", "1",
-            "--weights", base_run / "best.pth", "--name", "folders", cwd=data)
-    run_dir = data / "runs" / "folders"
+            "--weights", base_run / "best.pth", "--name", "folders", cwd=work)
+    run_dir = work / "runs" / "folders"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["classes"] == ["incorrect_mask", "mask", "normal"] and config["num_classes"] == 3
     split = pd.read_csv(run_dir / "split.csv", keep_default_na=False)
@@ -137,8 +128,8 @@ def test_image_folder_training_and_weights(data, base_run, tmp_path):
     ("--augmentation", "nosuchaug", "AlbuAugmentation"),
     ("--optimizer", "nosuchopt", "AdamW"),
 ])
-def test_unknown_registry_name_is_one_line(data, flag, value, valid, tmp_path):
-    result = run_cli("train.py", flag, value, "--model_dir", tmp_path / "runs", cwd=data, check=False)
+def test_unknown_registry_name_is_one_line(work, flag, value, valid, tmp_path):
+    result = run_cli("train.py", flag, value, "--model_dir", tmp_path / "runs", cwd=work, check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and value in lines[0] and valid in lines[0], result.stderr
@@ -151,9 +142,9 @@ def test_unknown_registry_name_is_one_line(data, flag, value, valid, tmp_path):
     (["--data_dir", "no/such/dir"], "no/such/dir"),
     (["--val_ratio", "1.5"], "--val_ratio"),
 ])
-def test_bad_flag_values_are_one_line(data, args, needle, tmp_path):
+def test_bad_flag_values_are_one_line(work, args, needle, tmp_path):
     result = run_cli("train.py", *args, "--epochs", "1", "--model_dir", tmp_path / "runs", *FAST[:2],
-                     cwd=data, check=False, timeout=600)
+                     cwd=work, check=False, timeout=600)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
@@ -168,17 +159,17 @@ def test_best_epoch_rule():
     assert not is_better({"val_f1": 0.79, "val_loss": 0.0}, best)  # accuracy or loss never beat F1
 
 
-def test_early_stopping_counts_epochs_without_a_better_f1(data, monkeypatch, tmp_path):
+def test_early_stopping_counts_epochs_without_a_better_f1(work, monkeypatch, tmp_path):
     """--patience 2 stops after the second epoch in a row without a better val F1 (not the third)."""
     import train
     scores = iter([(0.5, 1.0), (0.6, 0.9), (0.6, 0.95), (0.55, 0.8), (0.9, 0.1), (0.95, 0.1)])
 
     def fake_evaluate(*args, **kwargs):
         f1, loss = next(scores)
-        return {"val_f1": f1, "val_loss": loss, "val_acc": f1}
+        return {"val_f1": f1, "val_loss": loss, "val_acc": f1, "probs": None}
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
     args = train.get_args_parser().parse_args([*FAST, "--epochs", "6", "--patience", "2", "--cutmix", "False",
-                                               "--mixup", "no", "--data_dir", str(data / "data" / "train"),
+                                               "--mixup", "no", "--data_dir", str(work / "data" / "train"),
                                                "--model_dir", str(tmp_path), "--name", "patience"])
     run_dir = train.main(args)
     metrics = _metrics(run_dir)
