@@ -36,15 +36,23 @@ def test_folds_group_people_and_hold_out_each_image_once(sample_data):
     assert source.folds(3) == folds  # seeded
 
 
-def test_kfold_run_oof_and_fold_ensemble(work):
-    run_cli("train.py", *FAST, "--epochs", "1", "--kfold", "3", "--name", "kf", cwd=work)
+def test_kfold_run_oof_and_fold_ensemble(work, tmp_path):
+    extra = tmp_path / "extra" / "5"
+    extra.mkdir(parents=True)
+    for src in list((work / "data" / "eval" / "images").iterdir())[:3]:
+        shutil.copy(src, extra / src.name)
+    run_cli("train.py", *FAST, "--epochs", "1", "--kfold", "3", "--name", "kf", "--extra_data", extra.parent,
+            cwd=work)
     parent = work / "runs" / "kf"
     for fold in ("fold1", "fold2", "fold3"):
         assert (parent / fold / "best.pth").is_file() and (parent / fold / "config.json").is_file()
+        split = pd.read_csv(parent / fold / "split.csv", keep_default_na=False)
+        extra_rows = split[split["person"] == "extra:"]
+        assert len(extra_rows) == 3 and (extra_rows["side"] == "train").all()  # never held out
     oof = pd.read_csv(parent / "oof.csv", dtype={"person": str})
     assert list(oof.columns) == ["path", "person", "fold", "label", "pred", *MASK_CLASSES]
-    split = pd.read_csv(parent / "fold1" / "split.csv")
-    assert len(oof) == len(split) and oof["path"].is_unique  # every training image exactly once
+    train_images = 7 * len(pd.read_csv(work / "data" / "train" / "train.csv"))
+    assert len(oof) == train_images and oof["path"].is_unique  # every training image exactly once
     assert (oof.groupby("person")["fold"].nunique() == 1).all()  # no person in two held-out folds
     assert np.allclose(oof[MASK_CLASSES].sum(axis=1), 1, atol=1e-3)
     assert (oof["pred"] == oof[MASK_CLASSES].to_numpy().argmax(1)).all()
