@@ -20,6 +20,7 @@ import os
 import random
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -118,24 +119,98 @@ def load_image(path, min_size=None, region=None):
     return image
 
 
+CACHE_HEADROOM = 1.125  # cached images are this much larger than the model input: room for crops/zoom
+
+
+class ImageCache:
+    """Decoded (and face-cropped) images, resized once to a fixed size, shared by every
+    DataLoader worker: the first epoch fills it, later epochs skip decoding.
+
+    kind "ram": shared-memory tensors; kind "disk": a memory-mapped file at `path` (for
+    datasets larger than RAM; the OS keeps what fits in its page cache).
+    """
+
+    def __init__(self, count, size, kind="ram", path=None):
+        height, width = (int(np.ceil(s * CACHE_HEADROOM)) for s in size)
+        self.shape, self.kind, self.path = (count, height, width, 3), kind, path
+        if kind == "ram":
+            need = int(np.prod(self.shape))
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            if need > 0.8 * free:
+                raise UserError(f"--cache ram needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free; "
+                                f"use --cache disk or a smaller --resize")
+            self.images = torch.zeros(self.shape, dtype=torch.uint8).share_memory_()
+            self.filled = torch.zeros(count, dtype=torch.bool).share_memory_()
+        elif kind == "disk":
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count * height * width * 3 + count,))
+            self._opened = None  # opened per process: a memmap must not be pickled into workers
+        else:
+            raise UserError(f"unknown cache kind {kind!r}; expected ram or disk")
+
+    def _disk(self):
+        if self._opened is None or self._opened[0] != os.getpid():
+            flat = np.load(self.path, mmap_mode="r+")
+            count = self.shape[0]
+            self._opened = (os.getpid(), flat[:-count].reshape(self.shape), flat[-count:])
+        return self._opened[1:]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_opened", None)
+        if self.kind == "disk":
+            state["_opened"] = None
+        return state
+
+    def get(self, index):
+        images, filled = (self.images, self.filled) if self.kind == "ram" else self._disk()
+        if not filled[index]:
+            return None
+        image = images[index]
+        return image.numpy() if self.kind == "ram" else np.asarray(image)
+
+    def put(self, index, image):
+        """Store an image (any size: resized to the cache's) and return the stored array."""
+        height, width = self.shape[1:3]
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        images, filled = (self.images, self.filled) if self.kind == "ram" else self._disk()
+        images[index] = torch.from_numpy(image) if self.kind == "ram" else image
+        filled[index] = True
+        return image
+
+    def close(self):
+        if self.kind == "disk" and self.path and os.path.exists(self.path):
+            os.remove(self.path)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """One side of a split: paths and labels, and the transform of that side only."""
 
-    def __init__(self, paths, labels, transform, min_size=None, regions=None):
+    def __init__(self, paths, labels, transform, min_size=None, regions=None, cache=None, cache_slots=None):
         assert len(paths) == len(labels), "one label per image"
         assert regions is None or len(regions) == len(paths), "one crop region per image"
         self.paths, self.labels = list(paths), list(labels)
         self.transform = transform
         self.min_size = min_size
         self.regions = regions  # face crops, or None for the whole photo
+        self.cache = cache      # an ImageCache, or None
+        self.cache_slots = list(range(len(self.paths))) if cache_slots is None else list(cache_slots)
 
     def __len__(self):
         return len(self.paths)
 
+    def read(self, index):
+        """The decoded (cropped) image, from the cache when it holds it."""
+        slot = self.cache_slots[index]
+        image = self.cache.get(slot) if self.cache is not None else None
+        if image is None:
+            region = None if self.regions is None else self.regions[index]
+            image = load_image(self.paths[index], self.min_size, region)
+            if self.cache is not None:
+                image = self.cache.put(slot, image)
+        return image
+
     def __getitem__(self, index):
-        region = None if self.regions is None else self.regions[index]
-        image = load_image(self.paths[index], self.min_size, region)
-        return self.transform(image=image)["image"], self.labels[index]
+        return self.transform(image=self.read(index))["image"], self.labels[index]
 
 
 # ---------------------------------------------------------------- the competition layout

@@ -26,7 +26,7 @@ from augmentation import TTA_VIEWS, eval_transform, parse_tta, tta_logits
 from dataset import ImageDataset, make_loader, read_csv_columns, read_eval_dir
 from ensemble import probs_path_for
 from facecrop import face_regions
-from model import create_model, load_weights, resolve_device
+from model import create_model, load_weights, resolve_device, resolve_precision
 
 
 def get_args_parser():
@@ -46,6 +46,9 @@ def get_args_parser():
                              f"({TTA_VIEWS.help()})")
     cli.bool_flag(parser, "--save_probs", help="also write per-class probabilities to <output>_probs.csv "
                                                "(the input of ensemble.py and --pseudo_labels)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="auto: bf16 where the CPU/GPU has native bf16, fp16 on older GPUs, else fp32")
+    cli.bool_flag(parser, "--channels_last", default=None, help="NHWC memory format (default: on with bf16/fp16)")
     parser.add_argument("--batch_size", type=cli.positive_int, default=128)
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -101,18 +104,19 @@ def load_run(run_dir, config, checkpoint, device):
     return model.to(device).eval()
 
 
-@torch.no_grad()
-def predict(model, loader, device, views=(), desc="predict"):
+@torch.inference_mode()
+def predict(model, loader, device, precision, views=(), desc="predict"):
     """Softmax probabilities (averaged over the TTA views) for every image, in loader order."""
     probs = []
     for images, _ in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
-        probs.append(tta_logits(model, images.to(device, non_blocking=True), views)[1].exp().cpu())
-    return torch.cat(probs).numpy()
+        with precision.autocast():
+            probs.append(tta_logits(model, precision.batch(images.to(device, non_blocking=True)), views)[1])
+    return torch.cat(probs).exp().cpu().numpy()
 
 
-def run_probs(run_dir, config, checkpoint, paths, views, batch_size, num_workers, device):
+def run_probs(run_dir, config, checkpoint, paths, views, batch_size, num_workers, device, precision):
     """One run's probabilities on `paths`, with its own input size, normalization and face crop."""
-    model = load_run(run_dir, config, checkpoint, device)
+    model = precision.model(load_run(run_dir, config, checkpoint, device))
     size = tuple(config["input_size"])
     regions = None
     if config.get("facecrop"):
@@ -121,7 +125,7 @@ def run_probs(run_dir, config, checkpoint, paths, views, batch_size, num_workers
     dataset = ImageDataset(paths, [-1] * len(paths), eval_transform(size, config["mean"], config["std"]),
                            min_size=size, regions=regions)
     loader = make_loader(dataset, batch_size, num_workers, device)
-    return predict(model, loader, device, views, desc=os.path.basename(os.path.normpath(run_dir)))
+    return predict(model, loader, device, precision, views, desc=os.path.basename(os.path.normpath(run_dir)))
 
 
 def score(answers_path, image_ids, preds, num_classes):
@@ -145,6 +149,7 @@ def write_csv(frame, path):
 
 def main(args):
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device, args.channels_last)
     views = parse_tta(args.tta)
     run_dirs = expand_runs(args.model_dir or [newest_run(args.runs, args.checkpoint)])
     configs = [read_config(r) for r in run_dirs]  # fail on a bad run folder before any work
@@ -157,7 +162,7 @@ def main(args):
     probs = np.zeros((len(eval_set.paths), len(classes)), dtype=np.float64)
     for run_dir, config in zip(run_dirs, configs):
         probs += run_probs(run_dir, config, args.checkpoint, eval_set.paths, views, args.batch_size,
-                           args.num_workers, device) / len(run_dirs)
+                           args.num_workers, device, precision) / len(run_dirs)
     preds = probs.argmax(1)
     assert preds.min() >= 0 and preds.max() < len(classes), "prediction outside the class range"
 

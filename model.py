@@ -17,6 +17,7 @@ are read with `torch.load(weights_only=True)`: a file that would run code is ref
 
 Example: python train.py --model efficientNet_b3 --pretrained True
 """
+import dataclasses
 import functools
 import os
 import pickle
@@ -171,12 +172,59 @@ def create_model(name, num_classes, pretrained=False, head="linear", tasks=None,
     return model
 
 
-def default_input_size(name, model):
+def input_size_of(name):
     """(H, W): the entry's own size, else the timm model's pretrained config, else 224."""
     size = MODELS.meta(name).get("input_size")
-    if size is None:
-        size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[1:])
-    return tuple(size)
+    if size is None and isinstance(name, str) and timm.is_model(name):
+        cfg = timm.get_pretrained_cfg(name)
+        size = cfg.input_size[1:] if cfg is not None else None
+    return tuple(size or (224, 224))
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_native_bf16():
+    """AVX512-BF16 or AMX: bf16 matrix maths in hardware (elsewhere bf16 is emulated and slow)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How the model runs: autocast dtype and memory format, decided once per run."""
+    name: str            # fp32 | bf16 | fp16
+    device_type: str     # cpu | cuda
+    channels_last: bool  # NHWC tensors: what bf16/fp16 convolution kernels are fastest on
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=DTYPES[self.name], enabled=self.name != "fp32")
+
+    def model(self, model):
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def batch(self, images):
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def scaler(self):
+        """fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+
+def resolve_precision(choice, device, channels_last=None):
+    """`auto`: bf16 on a CUDA GPU or CPU with native bf16, fp16 on older GPUs, fp32 elsewhere.
+    channels_last defaults to on with bf16/fp16 (measured 2.2x with bf16 on a 2-core CPU)."""
+    device = torch.device(device)
+    if choice == "auto":
+        if device.type == "cuda":
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            choice = "bf16" if cpu_has_native_bf16() else "fp32"
+    if choice == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs CUDA; on a CPU use bf16 or fp32")
+    if channels_last is None:
+        channels_last = choice != "fp32"
+    return Precision(choice, device.type, bool(channels_last))
 
 
 def resolve_device(choice):

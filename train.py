@@ -24,14 +24,15 @@ from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 import cli
+import distributed
 from augmentation import AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, seed_transform, tta_logits
 from cutmix import MODES as CUTMIX_MODES, BatchMixer, mixed_loss
-from dataset import (DATASETS, TASKS, ImageDataset, class_counts, make_loader, read_extra, read_pseudo_labels,
-                     task_f1, training_label, write_split_csv)
+from dataset import (DATASETS, TASKS, ImageCache, ImageDataset, class_counts, make_loader, read_extra,
+                     read_pseudo_labels, task_f1, training_label, write_split_csv)
 from facecrop import face_regions
 from loss import CRITERIONS, MultiTaskLoss, build_criterion
-from model import (MODELS, check_model_name, create_model, default_input_size, load_weights, resolve_device,
-                   save_checkpoint)
+from model import (MODELS, check_model_name, create_model, input_size_of, load_weights, resolve_device,
+                   resolve_precision, save_checkpoint)
 from registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
@@ -58,6 +59,9 @@ def get_args_parser():
                       help="input size; default: the model's own")
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="DataLoader worker processes (0: load in the main process)")
+    data.add_argument("--cache", choices=("none", "ram", "disk"), default="none",
+                      help="keep decoded (face-cropped) images from the first epoch: in shared memory, "
+                           "or in a memory-mapped file in the run folder for data larger than RAM")
     data.add_argument("--seed", type=int, default=42, help="seeds the split, init, shuffling, augmentation")
     data.add_argument("--kfold", type=int, default=0, metavar="K",
                       help="train K models on person-grouped, class-stratified folds (0: one split)")
@@ -116,7 +120,11 @@ def get_args_parser():
     optim.add_argument("--gamma", type=float, default=0.5, help="step: lr multiplier at each decay")
     optim.add_argument("--patience", type=int, default=5,
                        help="stop after this many epochs without a better val F1 (0: never)")
-    cli.bool_flag(optim, "--amp", help="mixed precision (fp16 autocast + grad scaler) on CUDA")
+    optim.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="auto: bf16 autocast where the CPU/GPU has native bf16, fp16 on older GPUs, else fp32")
+    cli.bool_flag(optim, "--channels_last", default=None,
+                  help="NHWC memory format (default: on with bf16/fp16)")
+    cli.bool_flag(optim, "--amp", default=None, help="the seed's flag: True = --precision auto, False = fp32")
     optim.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
     out = parser.add_argument_group("Output")
@@ -187,17 +195,19 @@ def rng_states():
 
 
 # ---------------------------------------------------------------- the loop
-def train_one_epoch(model, loader, criterion, optimizer, mixer, device, amp, scaler, desc):
-    """One pass over the training side; returns mean loss and accuracy on unmixed batches."""
+def train_one_epoch(model, loader, criterion, optimizer, mixer, device, precision, scaler, desc,
+                    context=distributed.Context()):
+    """One pass over the training side; returns mean loss and accuracy on unmixed batches
+    (over every rank under torchrun)."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = unmixed = 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if context.is_main else True, dynamic_ncols=True)
     for step, (images, labels) in enumerate(bar):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = precision.batch(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
         images, y_a, y_b, lam = mixer(images, labels)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with precision.autocast():
             logits = model(images)
             loss = mixed_loss(criterion, logits, y_a, y_b, lam)
         optimizer.zero_grad(set_to_none=True)
@@ -213,31 +223,42 @@ def train_one_epoch(model, loader, criterion, optimizer, mixer, device, amp, sca
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
                             acc=f"{correct.item() / max(unmixed, 1):.3f}")
-    if not math.isfinite(loss_sum.item()):
+    loss_total, seen, correct_total, unmixed = distributed.sum_all(context, loss_sum.item(), seen, correct.item(),
+                                                                   unmixed)
+    if not math.isfinite(loss_total):
         raise cli.UserError("training loss is not finite (NaN or inf): lower --lr, or check the data")
-    return loss_sum.item() / max(seen, 1), correct.item() / unmixed if unmixed else float("nan")
+    return loss_total / max(seen, 1), correct_total / unmixed if unmixed else float("nan")
 
 
 @torch.no_grad()
-def evaluate(model, loader, criterion, device, amp, num_classes, views=(), per_task=False):
-    """Loss, accuracy and macro F1 over the WHOLE loader (predictions concatenated first).
+def evaluate(model, loader, criterion, device, precision, num_classes, views=(), per_task=False,
+             context=distributed.Context()):
+    """Loss, accuracy and macro F1 over the WHOLE validation set: predictions are concatenated
+    first (and gathered from every rank under torchrun, the sampler's padding dropped).
 
     With TTA `views`, predictions come from the softmax averaged over the views; the loss stays
     that of the plain images. `per_task` adds the macro F1 of mask, gender and age.
     """
     model.eval()
-    loss_sum, logp_all, labels_all = 0.0, [], []
+    logits_all, logp_all, labels_all = [], [], []
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        images = precision.batch(images.to(device, non_blocking=True))
+        with precision.autocast():
             logits, logp = tta_logits(model, images, views)
-        loss_sum += criterion(logits.float(), labels).item() * len(labels)
+        logits_all.append(logits.float().cpu())
         logp_all.append(logp.cpu())
-        labels_all.append(labels.cpu())
-    logp, labels = torch.cat(logp_all), torch.cat(labels_all)
+        labels_all.append(labels)
+    logits, logp, labels = torch.cat(logits_all), torch.cat(logp_all), torch.cat(labels_all)
+    if context.enabled:  # each rank saw a padded shard: merge by dataset index
+        shards = distributed.gather(context, (list(loader.sampler), logits, logp, labels))
+        merged = {}
+        for order, *rows in shards:
+            for position, index in enumerate(order):
+                merged.setdefault(index, [r[position] for r in rows])
+        logits, logp, labels = (torch.stack(column) for column in zip(*(merged[i] for i in sorted(merged))))
     preds = logp.argmax(1)
     result = {
-        "val_loss": loss_sum / len(labels),
+        "val_loss": criterion(logits.to(device), labels.to(device)).item(),
         "val_acc": (preds == labels).float().mean().item(),
         "val_f1": f1_score(labels.numpy(), preds.numpy(), average="macro",
                            labels=list(range(num_classes)), zero_division=0),
@@ -280,9 +301,18 @@ class TrainingData:
     source: object   # the dataset entry: samples, classes, mean/std, split()/folds()
     extra: list      # Samples with full paths for the training side only (--extra_data, --pseudo_labels)
     regions: dict    # full image path -> face crop region (--facecrop), else empty
+    cache: object = None  # an ImageCache over every image (--cache), shared by all folds
+    slots: dict = dataclasses.field(default_factory=dict)  # full image path -> its cache slot
+
+    def dataset(self, paths, labels, transform, resize):
+        """An ImageDataset over `paths` with this data's face crops and cache."""
+        regions = [self.regions[p] for p in paths] if self.regions else None
+        slots = [self.slots[p] for p in paths] if self.cache is not None else None
+        return ImageDataset(paths, labels, transform, min_size=resize, regions=regions, cache=self.cache,
+                            cache_slots=slots)
 
 
-def load_training_data(args):
+def load_training_data(args, context=distributed.Context()):
     relabel = args.relabel
     source = DATASETS.build(args.dataset, args.data_dir, val_ratio=args.val_ratio, seed=args.seed, relabel=relabel)
     if relabel and source.label_scheme != "mask":
@@ -305,10 +335,22 @@ def load_training_data(args):
         extra += pseudo
         groups.append((args.pseudo_data_dir, [s.path for s in pseudo]))
     regions = {}
-    if args.facecrop:  # one face box cache per data folder
+    if args.facecrop:  # one face box cache per data folder, filled by rank 0 alone
+        if not context.is_main:
+            distributed.barrier(context)
         for folder, paths in groups:
             regions.update(zip(paths, face_regions(paths, folder, args.face_margin)))
+        if context.is_main:
+            distributed.barrier(context)
     return TrainingData(source, extra, regions)
+
+
+def attach_cache(data, kind, resize, run_dir):
+    """--cache: one ImageCache over every image the folds use."""
+    paths = data.source.paths(range(len(data.source.samples))) + [s.path for s in data.extra]
+    data.slots = {p: i for i, p in enumerate(paths)}
+    data.cache = ImageCache(len(paths), resize, kind, path=os.path.join(run_dir, f".image_cache{os.getpid()}.npy"))
+    print(f"cache: {len(paths)} decoded images at {data.cache.shape[1]}x{data.cache.shape[2]} in {kind}")
 
 
 def write_oof(run_dir, source, folds, results):
@@ -332,39 +374,45 @@ def write_oof(run_dir, source, folds, results):
 
 
 # ---------------------------------------------------------------- main
-def train_fold(args, data, train_idx, val_idx, run_dir, device, amp):
+def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resize, context=distributed.Context()):
     """Train one model on one split into `run_dir`; returns the best epoch's validation output."""
     source, num_classes = data.source, data.source.num_classes
     tasks = tuple(TASKS.values()) if source.label_scheme == "mask" else None
     seed_everything(args.seed)
 
-    # model and input size
     model = create_model(args.model, num_classes, pretrained=args.pretrained, head=args.head, tasks=tasks,
                          msd=args.msd, msd_p=args.msd_p)
     if args.weights:
         load_weights(model, args.weights, args.model, allow_new_head=True)
-    model.to(device)
-    resize = tuple(args.resize or default_input_size(args.model, model))
+    model = precision.model(model.to(device))
+    net = model  # what is saved; `model` becomes the DDP wrapper under torchrun
+    if context.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
 
     # the two sides: the training side gets --extra_data / --pseudo_labels and --age_bins labels
     train_samples = [source.samples[i] for i in train_idx] + data.extra
     train_paths = source.paths(train_idx) + [s.path for s in data.extra]
     train_labels = [training_label(s, args.age_bins) for s in train_samples]
     val_paths, val_labels = source.paths(val_idx), source.labels(val_idx)
-    regions = (lambda paths: [data.regions[p] for p in paths]) if data.regions else (lambda paths: None)
 
     # transforms (one per side) and loaders
     train_tf = AUGMENTATIONS.build(args.augmentation, resize=resize, mean=source.mean, std=source.std)
-    seed_transform(train_tf, args.seed)
-    val_tf = eval_transform(resize, source.mean, source.std)
-    train_set = ImageDataset(train_paths, train_labels, train_tf, min_size=resize, regions=regions(train_paths))
-    val_set = ImageDataset(val_paths, val_labels, val_tf, min_size=resize, regions=regions(val_paths))
+    seed_transform(train_tf, args.seed + context.rank)
+    train_set = data.dataset(train_paths, train_labels, train_tf, resize)
+    val_set = data.dataset(val_paths, val_labels, eval_transform(resize, source.mean, source.std), resize)
     counts = class_counts(train_labels, num_classes)
-    sampler = balanced_sampler(train_labels, counts, args.seed) if args.sampler == "weighted" else None
     # drop_last keeps BatchNorm and pairwise mixing away from a 1-image last batch
+    drop_last = len(train_set) > args.batch_size * context.world_size
+    if context.enabled:
+        sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=drop_last)
+        val_sampler = torch.utils.data.DistributedSampler(val_set, shuffle=False)
+    else:
+        sampler = balanced_sampler(train_labels, counts, args.seed) if args.sampler == "weighted" else None
+        val_sampler = None
     train_loader = make_loader(train_set, args.batch_size, args.num_workers, device, shuffle=sampler is None,
-                               drop_last=len(train_set) > args.batch_size, seed=args.seed, sampler=sampler)
-    val_loader = make_loader(val_set, args.valid_batch_size, args.num_workers, device)
+                               drop_last=drop_last, seed=args.seed, sampler=sampler)
+    val_loader = make_loader(val_set, args.valid_batch_size, args.num_workers, device, sampler=val_sampler)
 
     options = dict(focal_gamma=args.focal_gamma, smoothing=args.smoothing, new_focal_threshold=args.new_focal_threshold)
     if args.head == "multitask":
@@ -373,62 +421,78 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, amp):
         criterion = build_criterion(args.criterion, num_classes, class_counts=counts, **options)
     criterion.to(device)
     mixer = BatchMixer(args.cutmix, args.mixup, prob=args.cutmix_prob, beta=args.beta,
-                       mode=args.cutmix_mode, seed=args.seed)
+                       mode=args.cutmix_mode, seed=args.seed + context.rank)
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     scheduler = build_scheduler(args.scheduler, optimizer, args.epochs, args.lr_decay_step, args.gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    scaler = precision.scaler()
     views = parse_tta(args.val_tta)
 
-    # the run folder
+    # the run folder: rank 0 writes it
     config = {**vars(args), "resize": list(resize), "input_size": list(resize), "num_classes": num_classes,
               "classes": source.classes, "mean": list(source.mean), "std": list(source.std),
               "label_scheme": source.label_scheme, "tasks": list(tasks) if tasks else None,
-              "data_dir": source.root, "train_images": len(train_set), "val_images": len(val_set)}
-    write_json(os.path.join(run_dir, "config.json"), config)
-    write_split_csv(os.path.join(run_dir, "split.csv"), source, train_idx, val_idx, data.extra)
-    from torch.utils.tensorboard import SummaryWriter  # slow import: only once a run starts
-    writer = SummaryWriter(run_dir)
+              "data_dir": source.root, "train_images": len(train_set), "val_images": len(val_set),
+              "precision": precision.name, "channels_last": precision.channels_last,
+              "world_size": context.world_size}
+    writer = None
+    if context.is_main:
+        write_json(os.path.join(run_dir, "config.json"), config)
+        write_split_csv(os.path.join(run_dir, "split.csv"), source, train_idx, val_idx, data.extra)
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only once a run starts
+        writer = SummaryWriter(run_dir)
     print(f"run {run_dir}: {args.model} at {resize[0]}x{resize[1]}, {len(train_set)} train / "
-          f"{len(val_set)} val images, {num_classes} classes, {device}", flush=True)
+          f"{len(val_set)} val images, {num_classes} classes, {device} {precision.name}"
+          f"{' channels_last' if precision.channels_last else ''}", flush=True)
 
     best = {"val_f1": -1.0, "val_loss": math.inf, "epoch": 0}
     best_output, bad_epochs, started = None, 0, time.time()
     for epoch in range(1, args.epochs + 1):
         tic = time.time()
         lr = optimizer.param_groups[0]["lr"]
+        if context.enabled:
+            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, mixer, device,
-                                                amp, scaler, desc=f"epoch {epoch}/{args.epochs}")
+                                                precision, scaler, f"epoch {epoch}/{args.epochs}", context)
         scheduler.step()
-        val = evaluate(model, val_loader, criterion, device, amp, num_classes, views, per_task=tasks is not None)
-        is_best = is_better(val, best)
+        val = evaluate(model, val_loader, criterion, device, precision, num_classes, views,
+                       per_task=tasks is not None, context=context)
+        is_best = is_better(val, best)  # every rank holds the same gathered metrics: same decisions
         if is_best:
             best = {"val_f1": val["val_f1"], "val_loss": val["val_loss"], "val_acc": val["val_acc"], "epoch": epoch}
             best_output = val
-            save_checkpoint({"model": model.state_dict(), "epoch": epoch, **best}, os.path.join(run_dir, "best.pth"))
             bad_epochs = 0
         else:
             bad_epochs += 1
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                         "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "rng": rng_states(),
-                         "mixer_rng": mixer.rng.bit_generator.state}, os.path.join(run_dir, "last.pth"))
-        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "lr": lr,
-               "seconds": time.time() - tic, **{k: v for k, v in val.items() if k.startswith("val_")}}
-        log_epoch(run_dir, writer, row, is_best, args.epochs)
+        if context.is_main:
+            if is_best:
+                save_checkpoint({"model": net.state_dict(), "epoch": epoch, **best}, os.path.join(run_dir, "best.pth"))
+            save_checkpoint({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "rng": rng_states(),
+                             "mixer_rng": mixer.rng.bit_generator.state}, os.path.join(run_dir, "last.pth"))
+            row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "lr": lr,
+                   "seconds": time.time() - tic, **{k: v for k, v in val.items() if k.startswith("val_")}}
+            log_epoch(run_dir, writer, row, is_best, args.epochs)
         if args.patience and bad_epochs >= args.patience:
             print(f"early stop: no better val F1 for {bad_epochs} epochs")
             break
-    writer.close()
+    if writer is not None:
+        writer.close()
     print(f"done in {(time.time() - started) / 60:.1f} min: best epoch {best['epoch']} "
           f"val_f1 {best['val_f1']:.4f} val_acc {best.get('val_acc', 0):.3f} -> {os.path.join(run_dir, 'best.pth')}")
     return {**best, "probs": best_output["probs"]}
 
 
 def main(args):
-    device = resolve_device(args.device)
-    amp = args.amp and device.type == "cuda"
-    if args.amp and not amp:
-        print("note: --amp applies on CUDA only; training in fp32")
+    context, device = distributed.setup(args.device)
+    try:
+        return run_training(args, context, device or resolve_device(args.device))
+    finally:
+        distributed.teardown(context)
+
+
+def run_training(args, context, device):
+    precision = resolve_precision("fp32" if args.amp is False else args.precision, device, args.channels_last)
     for registry, name in ((DATASETS, args.dataset), (AUGMENTATIONS, args.augmentation),
                            (CRITERIONS, args.criterion), (OPTIMIZERS, args.optimizer)):
         registry.get(name)  # fail on a typo before any work
@@ -436,26 +500,41 @@ def main(args):
     parse_tta(args.val_tta)
     if args.kfold == 1 or args.kfold < 0:
         raise cli.UserError(f"--kfold needs K >= 2 (or 0 for one split), got {args.kfold}")
+    if context.enabled and args.sampler == "weighted":
+        raise cli.UserError("--sampler weighted does not combine with torchrun; use --criterion "
+                            "weighted_cross_entropy instead")
     seed_everything(args.seed)
+    resize = tuple(args.resize or input_size_of(args.model))
 
-    data = load_training_data(args)
+    data = load_training_data(args, context)
     folds = data.source.folds(args.kfold) if args.kfold else [data.source.split()]
-    run_dir = make_run_dir(args.model_dir, args.name)
-    if not args.kfold:
-        train_fold(args, data, *folds[0], run_dir, device, amp)
+    run_dir = distributed.broadcast(context, make_run_dir(args.model_dir, args.name) if context.is_main else None)
+    if args.cache != "none":
+        attach_cache(data, args.cache, resize, run_dir)
+    try:
+        if not args.kfold:
+            train_fold(args, data, *folds[0], run_dir, device, precision, resize, context)
+            return run_dir
+        fold_dirs = [f"fold{i}" for i in range(1, len(folds) + 1)]
+        if context.is_main:
+            write_json(os.path.join(run_dir, "config.json"), {**vars(args), "folds": fold_dirs,
+                                                              "classes": data.source.classes})
+        results = []
+        for fold_dir, (train_idx, val_idx) in zip(fold_dirs, folds):
+            if context.is_main:
+                os.mkdir(os.path.join(run_dir, fold_dir))
+            distributed.barrier(context)
+            print(f"--- {fold_dir} of {len(folds)}")
+            results.append(train_fold(args, data, train_idx, val_idx, os.path.join(run_dir, fold_dir), device,
+                                      precision, resize, context))
+        if context.is_main:
+            summary = write_oof(run_dir, data.source, folds, results)
+            print(f"k-fold: out-of-fold macro F1 {summary['oof_f1']:.4f}, per fold "
+                  f"{', '.join(f'{f:.4f}' for f in summary['fold_f1'])} -> {run_dir}")
         return run_dir
-    fold_dirs = [f"fold{i}" for i in range(1, len(folds) + 1)]
-    write_json(os.path.join(run_dir, "config.json"), {**vars(args), "folds": fold_dirs,
-                                                      "classes": data.source.classes})
-    results = []
-    for fold_dir, (train_idx, val_idx) in zip(fold_dirs, folds):
-        os.mkdir(os.path.join(run_dir, fold_dir))
-        print(f"--- {fold_dir} of {len(folds)}")
-        results.append(train_fold(args, data, train_idx, val_idx, os.path.join(run_dir, fold_dir), device, amp))
-    summary = write_oof(run_dir, data.source, folds, results)
-    print(f"k-fold: out-of-fold macro F1 {summary['oof_f1']:.4f}, per fold "
-          f"{', '.join(f'{f:.4f}' for f in summary['fold_f1'])} -> {run_dir}")
-    return run_dir
+    finally:
+        if data.cache is not None:
+            data.cache.close()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cli import UserError
-from model import (MODELS, PRESETS, check_model_name, create_model, default_input_size, load_weights,
+from model import (MODELS, PRESETS, check_model_name, create_model, input_size_of, load_weights,
                    read_checkpoint, save_checkpoint)
 
 NUM_CLASSES = 18
@@ -21,13 +21,13 @@ def test_every_model_builds_runs_and_backpropagates(name):
     out.logsumexp(1).mean().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    h, w = default_input_size(name, model)
+    h, w = input_size_of(name)
     assert h >= 64 and w >= 64
 
 
 def test_inception_preset_is_299_with_an_18_way_head():
     model = create_model("imgInceptionV3", NUM_CLASSES)
-    assert default_input_size("imgInceptionV3", model) == (299, 299)
+    assert input_size_of("imgInceptionV3") == (299, 299)
     assert model.get_classifier().out_features == NUM_CLASSES
 
 
@@ -39,7 +39,7 @@ def test_presets_map_to_timm():
 def test_any_timm_name_passes_through():
     model = create_model("resnet10t", 5)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
-    assert default_input_size("resnet10t", model) == (176, 176)  # from timm's own config
+    assert input_size_of("resnet10t") == (176, 176)  # from timm's own config
 
 
 def test_unknown_model_lists_names_and_closest_match():

@@ -1,0 +1,123 @@
+"""The fast paths: precision, the decoded-image cache, and torchrun (DDP on gloo)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from augmentation import eval_transform
+from cli import UserError
+from conftest import FAST, ROOT
+from dataset import DATASETS, ImageCache, ImageDataset, load_image, make_loader
+from model import create_model, resolve_precision
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    import model
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: True)
+    auto = resolve_precision("auto", "cpu")
+    assert auto.name == "bf16" and auto.channels_last and not auto.scaler().is_enabled()
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu").name == "fp32"
+    assert not resolve_precision("fp32", "cpu").channels_last
+    assert resolve_precision("bf16", "cpu", channels_last=False).channels_last is False
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_bf16_channels_last_step_matches_fp32_closely():
+    torch.manual_seed(0)
+    net = create_model("BaseModel", 18).eval()
+    x = torch.randn(4, 3, 64, 48)
+    reference = net(x)
+    precision = resolve_precision("bf16", "cpu")
+    fast = precision.model(net)
+    with precision.autocast():
+        out = fast(precision.batch(x))
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), reference, atol=0.1)
+
+
+@pytest.mark.parametrize("kind", ["ram", "disk"])
+def test_image_cache_serves_later_epochs_from_memory(sample_data, tmp_path, kind, monkeypatch):
+    source = DATASETS.build("datasetSplitByClasses", str(sample_data / "train"))
+    paths, labels = source.paths(range(40)), source.labels(range(40))
+    cache = ImageCache(len(paths), (64, 48), kind, path=str(tmp_path / "cache.npy"))
+    dataset = ImageDataset(paths, labels, eval_transform((64, 48), source.mean, source.std), (64, 48), cache=cache)
+    first = torch.cat([x for x, _ in make_loader(dataset, 8, 2, "cpu")])  # workers fill the shared cache
+    assert cache.get(39) is not None and cache.get(0).shape == (72, 54, 3)
+    import dataset as dataset_module
+    monkeypatch.setattr(dataset_module, "load_image", lambda *a, **k: pytest.fail("decoded again"))
+    second = torch.cat([x for x, _ in make_loader(dataset, 8, 0, "cpu")])
+    assert torch.equal(first, second)
+    cache.close()
+    assert not (tmp_path / "cache.npy").exists()
+
+
+def test_cache_region_and_draft_decode_agree(sample_data):
+    """A face region cut from a reduced JPEG decode is the same crop as from a full decode."""
+    path = next((sample_data / "train" / "images").glob("*/mask1.jpg"))
+    region = (76, 74, 308, 356)
+    full = load_image(path, region=region)
+    small = load_image(path, min_size=(64, 48), region=region)
+    assert full.shape == (282, 232, 3)
+    assert small.shape[0] >= 64 and small.shape[1] >= 48 and small.shape[0] < full.shape[0]
+    shrunk = torch.nn.functional.interpolate(torch.from_numpy(full).permute(2, 0, 1)[None].float(),
+                                             size=small.shape[:2], mode="area")[0].permute(1, 2, 0).numpy()
+    assert np.abs(shrunk - small).mean() < 8  # same content, up to decoder rounding
+
+
+def test_torchrun_two_cpu_processes(work, tmp_path):
+    """torchrun with gloo: one run folder, written by rank 0, with complete metrics rows."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+         os.path.join(ROOT, "train.py"), *FAST, "--epochs", "1", "--device", "cpu",
+         "--model_dir", str(tmp_path / "runs"), "--name", "ddp"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert os.listdir(tmp_path / "runs") == ["ddp"]
+    run_dir = tmp_path / "runs" / "ddp"
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert len(metrics) == 1 and not metrics.isna().any().any()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["world_size"] == 2
+    assert result.stdout.count("epoch 1/1") == 1  # rank 0 alone prints
+
+
+def _evaluate_on_two_ranks(rank, world_size, port, out_dir):
+    """One rank of a gloo group: evaluate a fixed model on 5 images (the sampler pads to 6)."""
+    import torch.distributed as dist
+
+    import distributed
+    from train import evaluate
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    images, labels = torch.randn(5, 3, 2, 2), torch.tensor([0, 1, 2, 3, 1])
+    data = torch.utils.data.TensorDataset(images, labels)
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=False)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=sampler)
+    context = distributed.Context(rank, world_size, rank)
+    result = evaluate(model, loader, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+                      resolve_precision("fp32", "cpu"), 4, context=context)
+    torch.save({k: result[k] for k in ("labels", "preds", "val_loss", "val_f1")}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_distributed_evaluate_gathers_the_whole_set_once(tmp_path):
+    torch.multiprocessing.spawn(_evaluate_on_two_ranks, args=(2, 29533, str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    images, labels = torch.randn(5, 3, 2, 2), torch.tensor([0, 1, 2, 3, 1])
+    expected_loss = torch.nn.functional.cross_entropy(model(images), labels).item()
+    for rank in (0, 1):  # both ranks hold the same, complete, unpadded result
+        result = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert result["labels"].tolist() == labels.tolist()  # 5, not 6, in dataset order
+        assert result["preds"].tolist() == model(images).argmax(1).tolist()
+        assert result["val_loss"] == pytest.approx(expected_loss, rel=1e-5)
