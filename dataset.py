@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 from sklearn.metrics import f1_score
 from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold, train_test_split
 
+from augmentation import seed_transform
 from cli import UserError
 from registry import Registry
 
@@ -209,7 +210,11 @@ class ImageDataset(torch.utils.data.Dataset):
                 image = self.cache.put(slot, image)
         return image
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        """`item` is an index, or (index, augmentation seed) from an EpochSampler."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            seed_transform(self.transform, seed)
         return self.transform(image=self.read(index))["image"], self.labels[index]
 
 
@@ -614,22 +619,55 @@ def read_eval_dir(eval_dir):
 
 
 # ---------------------------------------------------------------- loaders
+class EpochSampler(torch.utils.data.Sampler):
+    """The training order, as a pure function of (seed, epoch): a shuffle, or class-balanced
+    draws with replacement (`weights`), sharded over `world_size` ranks under torchrun.
+
+    Each index comes with its own augmentation seed, so what a sample looks like depends on
+    (seed, epoch, index) only: not on the worker count, the worker that loads it, or whether
+    the run was interrupted and resumed (`set_epoch` before each epoch).
+    """
+
+    def __init__(self, count, seed=0, weights=None, rank=0, world_size=1, drop_last=False):
+        self.count, self.seed, self.weights = count, seed, weights
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.count // self.world_size if self.drop_last else -(-self.count // self.world_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.count, generator=generator)
+        else:
+            order = torch.multinomial(torch.as_tensor(self.weights, dtype=torch.double), self.count,
+                                      replacement=True, generator=generator)
+        sample_seeds = torch.randint(0, 2**31 - 1, (self.count,), generator=generator)
+        total = len(self) * self.world_size
+        picks = torch.arange(total) % self.count  # pad by wrapping (like DistributedSampler)
+        for position in picks[self.rank::self.world_size].tolist():
+            yield int(order[position]), int(sample_seeds[position])
+
+
 def seed_worker(worker_id):
     """Per DataLoader worker: one intra-op thread (workers would otherwise oversubscribe the
-    cores) and seeds derived from the loader's generator, augmentation's own RNG included."""
-    from augmentation import seed_transform
+    cores) and the global RNGs seeded from the loader's seed."""
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32  # the loader's base seed + worker id
     np.random.seed(seed)
     random.seed(seed)
-    seed_transform(torch.utils.data.get_worker_info().dataset.transform, seed)
 
 
-def make_loader(dataset, batch_size, num_workers, device, shuffle=False, drop_last=False, seed=None, sampler=None):
-    """A DataLoader with seeded shuffling and workers; pinned memory on CUDA."""
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+def make_loader(dataset, batch_size, num_workers, device, shuffle=False, drop_last=False, seed=0, sampler=None):
+    """A DataLoader with persistent workers, one thread each; pinned memory on CUDA.
+    `shuffle` without a sampler means an EpochSampler seeded with `seed`."""
+    if shuffle and sampler is None:
+        sampler = EpochSampler(len(dataset), seed)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
+        dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last, sampler=sampler,
         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
-        worker_init_fn=seed_worker if num_workers > 0 else None, generator=generator,
-        persistent_workers=num_workers > 0)
+        worker_init_fn=seed_worker if num_workers > 0 else None, persistent_workers=num_workers > 0)

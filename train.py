@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 import cli
 import distributed
-from augmentation import AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, seed_transform, tta_logits
+from augmentation import AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, tta_logits
 from cutmix import MODES as CUTMIX_MODES, BatchMixer, mixed_loss
-from dataset import (DATASETS, TASKS, ImageCache, ImageDataset, class_counts, make_loader, read_extra,
+from dataset import (DATASETS, TASKS, EpochSampler, ImageCache, ImageDataset, class_counts, make_loader, read_extra,
                      read_pseudo_labels, task_f1, training_label, write_split_csv)
 from facecrop import face_regions
 from loss import CRITERIONS, MultiTaskLoss, build_criterion
@@ -176,14 +176,6 @@ def build_scheduler(kind, optimizer, epochs, step, gamma):
     if kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-
-
-def balanced_sampler(labels, counts, seed):
-    """Draw (with replacement) each image with weight 1/count of its class: classes come up
-    about equally often."""
-    weights = [1.0 / counts[label] for label in labels]
-    return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True,
-                                                  generator=torch.Generator().manual_seed(seed))
 
 
 def rng_states():
@@ -398,20 +390,16 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
 
     # transforms (one per side) and loaders
     train_tf = AUGMENTATIONS.build(args.augmentation, resize=resize, mean=source.mean, std=source.std)
-    seed_transform(train_tf, args.seed + context.rank)
     train_set = data.dataset(train_paths, train_labels, train_tf, resize)
     val_set = data.dataset(val_paths, val_labels, eval_transform(resize, source.mean, source.std), resize)
     counts = class_counts(train_labels, num_classes)
+    # --sampler weighted: each image drawn with weight 1/count of its class, so classes come up about equally
+    weights = [1.0 / counts[label] for label in train_labels] if args.sampler == "weighted" else None
+    sampler = EpochSampler(len(train_set), args.seed, weights, context.rank, context.world_size)
+    val_sampler = torch.utils.data.DistributedSampler(val_set, shuffle=False) if context.enabled else None
     # drop_last keeps BatchNorm and pairwise mixing away from a 1-image last batch
-    drop_last = len(train_set) > args.batch_size * context.world_size
-    if context.enabled:
-        sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=drop_last)
-        val_sampler = torch.utils.data.DistributedSampler(val_set, shuffle=False)
-    else:
-        sampler = balanced_sampler(train_labels, counts, args.seed) if args.sampler == "weighted" else None
-        val_sampler = None
-    train_loader = make_loader(train_set, args.batch_size, args.num_workers, device, shuffle=sampler is None,
-                               drop_last=drop_last, seed=args.seed, sampler=sampler)
+    train_loader = make_loader(train_set, args.batch_size, args.num_workers, device,
+                               drop_last=len(sampler) > args.batch_size, sampler=sampler)
     val_loader = make_loader(val_set, args.valid_batch_size, args.num_workers, device, sampler=val_sampler)
 
     options = dict(focal_gamma=args.focal_gamma, smoothing=args.smoothing, new_focal_threshold=args.new_focal_threshold)
@@ -449,8 +437,7 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
     for epoch in range(1, args.epochs + 1):
         tic = time.time()
         lr = optimizer.param_groups[0]["lr"]
-        if context.enabled:
-            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+        sampler.set_epoch(epoch)  # the order and augmentation of an epoch depend on (seed, epoch) alone
         train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, mixer, device,
                                                 precision, scaler, f"epoch {epoch}/{args.epochs}", context)
         scheduler.step()
@@ -500,9 +487,6 @@ def run_training(args, context, device):
     parse_tta(args.val_tta)
     if args.kfold == 1 or args.kfold < 0:
         raise cli.UserError(f"--kfold needs K >= 2 (or 0 for one split), got {args.kfold}")
-    if context.enabled and args.sampler == "weighted":
-        raise cli.UserError("--sampler weighted does not combine with torchrun; use --criterion "
-                            "weighted_cross_entropy instead")
     seed_everything(args.seed)
     resize = tuple(args.resize or input_size_of(args.model))
 

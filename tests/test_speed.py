@@ -66,7 +66,7 @@ def test_cache_region_and_draft_decode_agree(sample_data):
     small = load_image(path, min_size=(64, 48), region=region)
     assert full.shape == (282, 232, 3)
     assert small.shape[0] >= 64 and small.shape[1] >= 48 and small.shape[0] < full.shape[0]
-    shrunk = torch.nn.functional.interpolate(torch.from_numpy(full).permute(2, 0, 1)[None].float(),
+    shrunk = torch.nn.functional.interpolate(torch.tensor(full).permute(2, 0, 1)[None].float(),
                                              size=small.shape[:2], mode="area")[0].permute(1, 2, 0).numpy()
     assert np.abs(shrunk - small).mean() < 8  # same content, up to decoder rounding
 

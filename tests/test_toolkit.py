@@ -15,10 +15,9 @@ import dataset
 from augmentation import parse_tta, tta_logits
 from cli import UserError
 from conftest import FAST, run_cli
-from dataset import DATASETS, MASK_CLASSES, Sample, decode_label, task_f1, training_label
+from dataset import DATASETS, MASK_CLASSES, EpochSampler, Sample, decode_label, task_f1, training_label
 from loss import MultiTaskLoss, split_target
 from model import FactorizedHead, MultiSampleDropout, create_model
-from train import balanced_sampler
 
 
 
@@ -128,10 +127,25 @@ def test_multi_sample_dropout_averages_in_training_only():
 # ---------------------------------------------------------------- sampler, age bins
 def test_weighted_sampler_balances_classes():
     labels = [0] * 900 + [1] * 90 + [2] * 10
-    counts = np.bincount(labels).tolist()
-    drawn = np.bincount([labels[i] for i in balanced_sampler(labels, counts, seed=0)], minlength=3)
+    counts = np.bincount(labels)
+    sampler = EpochSampler(len(labels), seed=0, weights=[1.0 / counts[label] for label in labels])
+    drawn = np.bincount([labels[i] for i, _ in sampler], minlength=3)
     assert len(labels) == drawn.sum()
     assert all(250 < n < 420 for n in drawn), drawn
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    sampler = EpochSampler(10, seed=3)
+    sampler.set_epoch(2)
+    epoch2 = list(sampler)
+    assert sorted(i for i, _ in epoch2) == list(range(10))  # a permutation
+    sampler.set_epoch(3)
+    assert list(sampler) != epoch2
+    again = EpochSampler(10, seed=3)
+    again.set_epoch(2)
+    assert list(again) == epoch2  # a fresh sampler (a resumed run) replays the epoch exactly
+    shards = [list(EpochSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
+    assert sum(map(len, shards)) == 12 and {i for s in shards for i, _ in s} == set(range(10))
 
 
 def test_age_bins_change_training_labels_only():
