@@ -10,7 +10,7 @@ demo:
 	$(PYTHON) make_sample_data.py --out $(DEMO_DATA) --persons 500 --eval-persons 200 --overwrite
 	$(PYTHON) train.py --data_dir $(DEMO_DATA)/train --name demo --model BaseModel --resize 96,72 \
 		--epochs 25 --batch_size 32 --lr 3e-3 --scheduler cosine --criterion new_focal --patience 0
-	$(PYTHON) inference.py --data_dir $(DEMO_DATA)/eval --answers $(DEMO_DATA)/eval/answers.csv
+	$(PYTHON) inference.py --data_dir $(DEMO_DATA)/eval --answers $(DEMO_DATA)/eval/answers.csv --overwrite
 
 test:
 	$(PYTHON) -m pip install -q -r requirements.txt

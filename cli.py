@@ -102,17 +102,66 @@ def _snake_flags(argv):
     return out
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that accepts kebab-case aliases and reports a bad flag in one line."""
+def read_options_file(path):
+    """A YAML or JSON file of options (a mapping of flag name -> value)."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found")
+    import yaml  # JSON is YAML too: one parser reads both
+    try:
+        with open(path) as f:
+            options = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(options, dict):
+        raise UserError(f"{path} must hold a mapping of option: value")
+    return options
 
-    def __init__(self, *args, **kwargs):
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that accepts kebab-case aliases and reports a bad flag in one line.
+
+    A parser with a `--config FILE` option reads options from a YAML/JSON file first, so that
+    flags on the command line override it; with `--resume RUN` it reads RUN/config.json the same
+    way. Keys in `derived_keys` (values a run records but nobody sets) are skipped.
+    """
+
+    def __init__(self, *args, derived_keys=(), **kwargs):
         kwargs.setdefault("allow_abbrev", False)  # a typo should not silently pick another flag
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+        self.derived_keys = set(derived_keys)
 
     def parse_args(self, args=None, namespace=None):
-        argv = sys.argv[1:] if args is None else list(args)
-        return super().parse_args(_snake_flags(argv), namespace)
+        argv = _snake_flags(sys.argv[1:] if args is None else list(args))
+        known, _ = self.parse_known_args(argv)
+        path = getattr(known, "config", None)
+        if getattr(known, "resume", None):
+            path = os.path.join(known.resume, "config.json")
+            if not os.path.isfile(path):
+                raise UserError(f"--resume {known.resume}: not a run folder (no config.json)")
+        if path:
+            argv = self.options_argv(read_options_file(path), path) + argv
+        return super().parse_args(argv, namespace)
+
+    def options_argv(self, options, path):
+        """Options from a file as command-line words, so they get the flags' own parsing."""
+        actions = {a.dest: a for a in self._actions if a.option_strings}
+        argv = []
+        for key, value in options.items():
+            key = str(key).replace("-", "_")
+            if key in self.derived_keys or key in ("config", "resume") or value is None:
+                continue
+            if key not in actions:
+                raise UserError(f"{path}: unknown option {key!r} (see {self.prog} --help)")
+            flag = f"--{key}"
+            if isinstance(actions[key], argparse._AppendAction):
+                for item in value if isinstance(value, list) else [value]:
+                    argv += [flag, str(item)]
+            elif isinstance(value, (list, tuple)):
+                argv += [flag, ",".join(map(str, value))]
+            else:
+                argv += [flag, str(value)]
+        return argv
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")

@@ -670,4 +670,7 @@ def make_loader(dataset, batch_size, num_workers, device, shuffle=False, drop_la
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last, sampler=sampler,
         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
-        worker_init_fn=seed_worker if num_workers > 0 else None, persistent_workers=num_workers > 0)
+        worker_init_fn=seed_worker if num_workers > 0 else None, persistent_workers=num_workers > 0,
+        # its own generator: starting workers must not draw from the global RNG (dropout's), or a
+        # resumed run, whose workers start one epoch later, would drift from an uninterrupted one
+        generator=torch.Generator().manual_seed(seed))

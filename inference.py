@@ -39,6 +39,7 @@ def get_args_parser():
     parser.add_argument("--runs", default="runs", help="where to look for the newest run")
     parser.add_argument("--checkpoint", default="best.pth", help="which checkpoint of each run folder")
     parser.add_argument("--output", default=os.path.join("output", "submission.csv"))
+    cli.bool_flag(parser, "--overwrite", help="replace an existing output file (default: refuse)")
     parser.add_argument("--answers", default=None, metavar="CSV",
                         help="true labels (ImageID,ans): print accuracy and macro F1")
     parser.add_argument("--tta", default="none", metavar="VIEWS",
@@ -151,6 +152,10 @@ def main(args):
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device, args.channels_last)
     views = parse_tta(args.tta)
+    outputs = [args.output] + ([probs_path_for(args.output)] if args.save_probs else [])
+    taken = [p for p in outputs if os.path.exists(p)]
+    if taken and not args.overwrite:
+        raise cli.UserError(f"{taken[0]} already exists; pass --overwrite to replace it")
     run_dirs = expand_runs(args.model_dir or [newest_run(args.runs, args.checkpoint)])
     configs = [read_config(r) for r in run_dirs]  # fail on a bad run folder before any work
     for run_dir, config in zip(run_dirs[1:], configs[1:]):

@@ -12,11 +12,11 @@ Example:
 import csv
 import dataclasses
 import inspect
-import json
 import math
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -25,14 +25,18 @@ from tqdm import tqdm
 
 import cli
 import distributed
+import plots
+import timm.utils
 from augmentation import AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, tta_logits
 from cutmix import MODES as CUTMIX_MODES, BatchMixer, mixed_loss
-from dataset import (DATASETS, TASKS, EpochSampler, ImageCache, ImageDataset, class_counts, make_loader, read_extra,
-                     read_pseudo_labels, task_f1, training_label, write_split_csv)
+from dataset import (DATASETS, TASKS, EpochSampler, ImageCache, ImageDataset, class_counts, load_image, make_loader,
+                     read_extra, read_pseudo_labels, task_f1, training_label, write_split_csv)
 from facecrop import face_regions
 from loss import CRITERIONS, MultiTaskLoss, build_criterion
-from model import (MODELS, check_model_name, create_model, input_size_of, load_weights, resolve_device,
-                   resolve_precision, save_checkpoint)
+from model import (MODELS, check_model_name, create_model, input_size_of, load_weights, read_checkpoint,
+                   resolve_device, resolve_precision, save_checkpoint)
+from runfolder import (PREVIEW_IMAGES, RunLog, best_epoch_figures, final_figures, make_run_dir, restore_rng_states,
+                       rng_states, spread, write_json)
 from registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
@@ -43,13 +47,20 @@ for _name, _cls in vars(torch.optim).items():
         OPTIMIZERS.register(_name)(_cls)
 
 SCHEDULERS = ("none", "step", "cosine")
-METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "lr", "seconds")
-TASK_COLUMNS = tuple(f"val_f1_{task}" for task in TASKS)  # the per-task report (competition layout)
+FIGURE_REFRESH_SECONDS = 60  # best-epoch figures take ~2 s: redrawn on a new best at most once a minute
+# what config.json records beside the flags: skipped when it is read back with --config / --resume
+DERIVED_KEYS = ("input_size", "num_classes", "classes", "mean", "std", "label_scheme", "tasks", "train_images",
+                "val_images", "world_size", "folds")
 
 
 def get_args_parser():
     parser = cli.ArgumentParser(description="Train an image classifier into a run folder.",
-                                epilog="Every flag also has a kebab-case spelling (--batch-size).")
+                                epilog="Every flag also has a kebab-case spelling (--batch-size).",
+                                derived_keys=DERIVED_KEYS)
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML/JSON of options (a run's config.json repeats that run); flags override it")
+    parser.add_argument("--resume", default=None, metavar="RUN",
+                        help="continue RUN from its last.pth, in the same folder, with its options")
     data = parser.add_argument_group("Data")
     data.add_argument("--data_dir", default=os.path.join("data", "train"),
                       help="training data: the competition layout (train.csv + images/) or a folder per class")
@@ -65,6 +76,7 @@ def get_args_parser():
     data.add_argument("--seed", type=int, default=42, help="seeds the split, init, shuffling, augmentation")
     data.add_argument("--kfold", type=int, default=0, metavar="K",
                       help="train K models on person-grouped, class-stratified folds (0: one split)")
+    cli.bool_flag(data, "--skip_bad_images", help="check every image first; leave out (and count) unreadable ones")
     cli.bool_flag(data, "--facecrop", help="crop to the MTCNN face box (cached on disk) in training and inference")
     data.add_argument("--face_margin", type=float, default=0.3, help="face box grown by this share of its size")
     data.add_argument("--sampler", choices=("none", "weighted"), default="none",
@@ -91,6 +103,9 @@ def get_args_parser():
                        help="multitask: loss weight per head (default 1,1,1)")
     model.add_argument("--msd", type=int, default=0, metavar="N", help="multi-sample dropout: N samples (0: off)")
     model.add_argument("--msd_p", type=float, default=0.25, help="multi-sample dropout rate")
+    model.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                       help="keep an exponential moving average of the weights (e.g. 0.999); saved as best "
+                            "when it scores higher (0: off)")
 
     loss = parser.add_argument_group("Loss and augmentation")
     loss.add_argument("--criterion", default="cross_entropy", help=CRITERIONS.help())
@@ -130,6 +145,8 @@ def get_args_parser():
     out = parser.add_argument_group("Output")
     out.add_argument("--model_dir", default="runs", help="parent folder of run folders")
     out.add_argument("--name", default="exp", help="run folder name; exp2, exp3, ... when taken")
+    out.add_argument("--wandb", default=None, metavar="PROJECT",
+                     help="also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works)")
     return parser
 
 
@@ -138,26 +155,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def make_run_dir(model_dir, name):
-    """runs/<name>, or <name>2, <name>3, ...: mkdir is atomic, so two runs never share one."""
-    os.makedirs(model_dir, exist_ok=True)
-    for n in range(1, 10_000):
-        path = os.path.join(model_dir, name if n == 1 else f"{name}{n}")
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
-    raise cli.UserError(f"no free run folder name for {name!r} in {model_dir}")
-
-
-def write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def build_optimizer(name, params, lr, weight_decay):
@@ -178,17 +175,9 @@ def build_scheduler(kind, optimizer, epochs, step, gamma):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
-def rng_states():
-    """Every RNG a run draws from, as plain data (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
 # ---------------------------------------------------------------- the loop
 def train_one_epoch(model, loader, criterion, optimizer, mixer, device, precision, scaler, desc,
-                    context=distributed.Context()):
+                    context=distributed.Context(), ema=None):
     """One pass over the training side; returns mean loss and accuracy on unmixed batches
     (over every rank under torchrun)."""
     model.train()
@@ -206,19 +195,25 @@ def train_one_epoch(model, loader, criterion, optimizer, mixer, device, precisio
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(model.module if hasattr(model, "module") else model)
 
         loss_sum += loss.detach() * len(labels)
         seen += len(labels)
         if lam == 1.0:  # accuracy of a mixed batch means nothing: count unmixed batches only
             correct += (logits.argmax(1) == labels).sum()
             unmixed += len(labels)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
-                            acc=f"{correct.item() / max(unmixed, 1):.3f}")
+        if step % 10 == 0:  # a sync every 10 steps, not every step
+            running = loss_sum.item() / seen
+            if not math.isfinite(running):
+                raise cli.UserError("training loss is not finite (NaN or inf): lower --lr, or check the data; "
+                                    "best.pth is left as it was")
+            bar.set_postfix(loss=f"{running:.4f}", acc=f"{correct.item() / max(unmixed, 1):.3f}")
     loss_total, seen, correct_total, unmixed = distributed.sum_all(context, loss_sum.item(), seen, correct.item(),
                                                                    unmixed)
     if not math.isfinite(loss_total):
-        raise cli.UserError("training loss is not finite (NaN or inf): lower --lr, or check the data")
+        raise cli.UserError("training loss is not finite (NaN or inf): lower --lr, or check the data; "
+                            "best.pth is left as it was")
     return loss_total / max(seen, 1), correct_total / unmixed if unmixed else float("nan")
 
 
@@ -266,26 +261,6 @@ def is_better(val, best):
     return val["val_f1"] > best["val_f1"] or (val["val_f1"] == best["val_f1"] and val["val_loss"] < best["val_loss"])
 
 
-def log_epoch(run_dir, writer, row, is_best, epochs):
-    """One epoch's row: metrics.csv, TensorBoard scalars and one printed line."""
-    path = os.path.join(run_dir, "metrics.csv")
-    columns = METRIC_COLUMNS + tuple(c for c in TASK_COLUMNS if c in row)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        out = csv.writer(f)
-        if new:
-            out.writerow(columns)
-        out.writerow([row[k] if isinstance(row[k], int) else f"{row[k]:.6g}" for k in columns])
-    for key in columns:
-        if key not in ("epoch", "seconds"):
-            writer.add_scalar(key, row[key], row["epoch"])
-    writer.flush()
-    tasks = "".join(f"  {c[len('val_f1_'):]} {row[c]:.3f}" for c in TASK_COLUMNS if c in row)
-    print(f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.3f}  "
-          f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}  val_f1 {row['val_f1']:.4f}{tasks}  "
-          f"lr {row['lr']:.2e}  {row['seconds']:.1f}s{'  *best*' if is_best else ''}", flush=True)
-
-
 # ---------------------------------------------------------------- data
 @dataclasses.dataclass
 class TrainingData:
@@ -302,6 +277,24 @@ class TrainingData:
         slots = [self.slots[p] for p in paths] if self.cache is not None else None
         return ImageDataset(paths, labels, transform, min_size=resize, regions=regions, cache=self.cache,
                             cache_slots=slots)
+
+
+def drop_unreadable(source, extra):
+    """--skip_bad_images: decode every image once (small) and leave out, and count, those that fail."""
+    def readable(path):
+        try:
+            load_image(path, min_size=(32, 32))
+            return True
+        except cli.UserError:
+            return False
+    paths = source.paths(range(len(source.samples))) + [s.path for s in extra]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
+        ok = dict(zip(paths, pool.map(readable, paths)))
+    bad = [p for p in paths if not ok[p]]
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s), first: {bad[0]}")
+    source.samples = [s for s, p in zip(source.samples, paths) if ok[p]]
+    return [s for s in extra if ok[s.path]]
 
 
 def load_training_data(args, context=distributed.Context()):
@@ -326,6 +319,10 @@ def load_training_data(args, context=distributed.Context()):
         print(f"pseudo labels: {len(pseudo)} eval images at top probability >= {args.pseudo_threshold}")
         extra += pseudo
         groups.append((args.pseudo_data_dir, [s.path for s in pseudo]))
+    if args.skip_bad_images:
+        extra = drop_unreadable(source, extra)
+        kept = set(source.paths(range(len(source.samples)))) | {s.path for s in extra}
+        groups = [(folder, [p for p in paths if p in kept]) for folder, paths in groups]
     regions = {}
     if args.facecrop:  # one face box cache per data folder, filled by rank 0 alone
         if not context.is_main:
@@ -367,31 +364,34 @@ def write_oof(run_dir, source, folds, results):
 
 # ---------------------------------------------------------------- main
 def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resize, context=distributed.Context()):
-    """Train one model on one split into `run_dir`; returns the best epoch's validation output."""
+    """Train one model on one split into `run_dir` (or continue it: --resume); returns the best
+    epoch's validation output."""
     source, num_classes = data.source, data.source.num_classes
     tasks = tuple(TASKS.values()) if source.label_scheme == "mask" else None
     seed_everything(args.seed)
 
-    model = create_model(args.model, num_classes, pretrained=args.pretrained, head=args.head, tasks=tasks,
-                         msd=args.msd, msd_p=args.msd_p)
-    if args.weights:
+    model = create_model(args.model, num_classes, pretrained=args.pretrained and not args.resume, head=args.head,
+                         tasks=tasks, msd=args.msd, msd_p=args.msd_p)
+    if args.weights and not args.resume:
         load_weights(model, args.weights, args.model, allow_new_head=True)
-    model = precision.model(model.to(device))
-    net = model  # what is saved; `model` becomes the DDP wrapper under torchrun
+    net = precision.model(model.to(device))  # what is saved; `model` becomes the DDP wrapper under torchrun
     if context.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
+    ema = timm.utils.ModelEmaV3(net, decay=args.ema) if args.ema else None
 
     # the two sides: the training side gets --extra_data / --pseudo_labels and --age_bins labels
     train_samples = [source.samples[i] for i in train_idx] + data.extra
     train_paths = source.paths(train_idx) + [s.path for s in data.extra]
     train_labels = [training_label(s, args.age_bins) for s in train_samples]
     val_paths, val_labels = source.paths(val_idx), source.labels(val_idx)
+    val_regions = [data.regions[p] for p in val_paths] if data.regions else None
 
     # transforms (one per side) and loaders
     train_tf = AUGMENTATIONS.build(args.augmentation, resize=resize, mean=source.mean, std=source.std)
+    val_tf = eval_transform(resize, source.mean, source.std)
     train_set = data.dataset(train_paths, train_labels, train_tf, resize)
-    val_set = data.dataset(val_paths, val_labels, eval_transform(resize, source.mean, source.std), resize)
+    val_set = data.dataset(val_paths, val_labels, val_tf, resize)
     counts = class_counts(train_labels, num_classes)
     # --sampler weighted: each image drawn with weight 1/count of its class, so classes come up about equally
     weights = [1.0 / counts[label] for label in train_labels] if args.sampler == "weighted" else None
@@ -415,59 +415,112 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
     scaler = precision.scaler()
     views = parse_tta(args.val_tta)
 
+    # where we start: epoch 0, or the state of last.pth
+    state = {"epoch": 0, "best": {"val_f1": -1.0, "val_loss": math.inf, "epoch": 0}, "bad_epochs": 0}
+    last_path, best_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")
+    if args.resume:
+        saved = read_checkpoint(last_path)
+        load_weights(net, last_path, args.model)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        if ema is not None and "ema" in saved:
+            ema.module.load_state_dict(saved["ema"])
+        mixer.rng.bit_generator.state = saved["mixer_rng"]
+        restore_rng_states(saved["rng"])
+        state = {k: saved[k] for k in state}
+        print(f"resuming {run_dir} after epoch {state['epoch']} (best {state['best']['val_f1']:.4f} at epoch "
+              f"{state['best']['epoch']})")
+
+    def save_last(epoch):
+        save_checkpoint({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         "ema": ema.module.state_dict() if ema is not None else None, "epoch": epoch,
+                         "best": state["best"], "bad_epochs": state["bad_epochs"], "rng": rng_states(),
+                         "mixer_rng": mixer.rng.bit_generator.state}, last_path)
+
     # the run folder: rank 0 writes it
-    config = {**vars(args), "resize": list(resize), "input_size": list(resize), "num_classes": num_classes,
-              "classes": source.classes, "mean": list(source.mean), "std": list(source.std),
-              "label_scheme": source.label_scheme, "tasks": list(tasks) if tasks else None,
+    config = {**vars(args), "resume": None, "resize": list(resize), "input_size": list(resize),
+              "num_classes": num_classes, "classes": source.classes, "mean": list(source.mean),
+              "std": list(source.std), "label_scheme": source.label_scheme, "tasks": list(tasks) if tasks else None,
               "data_dir": source.root, "train_images": len(train_set), "val_images": len(val_set),
               "precision": precision.name, "channels_last": precision.channels_last,
               "world_size": context.world_size}
-    writer = None
+    log = None
     if context.is_main:
-        write_json(os.path.join(run_dir, "config.json"), config)
-        write_split_csv(os.path.join(run_dir, "split.csv"), source, train_idx, val_idx, data.extra)
-        from torch.utils.tensorboard import SummaryWriter  # slow import: only once a run starts
-        writer = SummaryWriter(run_dir)
+        if not args.resume:
+            write_json(os.path.join(run_dir, "config.json"), config)
+            write_split_csv(os.path.join(run_dir, "split.csv"), source, train_idx, val_idx, data.extra)
+            save_last(0)  # so that even an interrupted first epoch can be resumed
+        log = RunLog(run_dir, args.epochs, state["epoch"], args.wandb, config)
+        if not args.resume:
+            pick = spread(len(train_paths), PREVIEW_IMAGES)
+            log.figure("aug_preview", plots.aug_preview_png(
+                run_dir, [train_paths[i] for i in pick], train_tf, source.mean, source.std,
+                mixer if mixer.enabled else None, n=len(pick), seed=args.seed,
+                regions=[train_set.regions[i] for i in pick] if train_set.regions else None), 0)
     print(f"run {run_dir}: {args.model} at {resize[0]}x{resize[1]}, {len(train_set)} train / "
           f"{len(val_set)} val images, {num_classes} classes, {device} {precision.name}"
           f"{' channels_last' if precision.channels_last else ''}", flush=True)
 
-    best = {"val_f1": -1.0, "val_loss": math.inf, "epoch": 0}
-    best_output, bad_epochs, started = None, 0, time.time()
-    for epoch in range(1, args.epochs + 1):
-        tic = time.time()
-        lr = optimizer.param_groups[0]["lr"]
-        sampler.set_epoch(epoch)  # the order and augmentation of an epoch depend on (seed, epoch) alone
-        train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, mixer, device,
-                                                precision, scaler, f"epoch {epoch}/{args.epochs}", context)
-        scheduler.step()
-        val = evaluate(model, val_loader, criterion, device, precision, num_classes, views,
-                       per_task=tasks is not None, context=context)
-        is_best = is_better(val, best)  # every rank holds the same gathered metrics: same decisions
-        if is_best:
-            best = {"val_f1": val["val_f1"], "val_loss": val["val_loss"], "val_acc": val["val_acc"], "epoch": epoch}
-            best_output = val
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        if context.is_main:
-            if is_best:
-                save_checkpoint({"model": net.state_dict(), "epoch": epoch, **best}, os.path.join(run_dir, "best.pth"))
-            save_checkpoint({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                             "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "rng": rng_states(),
-                             "mixer_rng": mixer.rng.bit_generator.state}, os.path.join(run_dir, "last.pth"))
+    best_output, started, epoch = None, time.time(), state["epoch"]
+    figures_at, figures_epoch = 0.0, 0  # when, and for which epoch, the best-epoch figures were last drawn
+    try:
+        for epoch in range(state["epoch"] + 1, args.epochs + 1):
+            tic = time.time()
+            lr = optimizer.param_groups[0]["lr"]
+            sampler.set_epoch(epoch)  # the order and augmentation of an epoch depend on (seed, epoch) alone
+            train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, mixer, device,
+                                                    precision, scaler, f"epoch {epoch}/{args.epochs}", context, ema)
+            scheduler.step()
+            val = evaluate(model, val_loader, criterion, device, precision, num_classes, views,
+                           per_task=tasks is not None, context=context)
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "lr": lr,
-                   "seconds": time.time() - tic, **{k: v for k, v in val.items() if k.startswith("val_")}}
-            log_epoch(run_dir, writer, row, is_best, args.epochs)
-        if args.patience and bad_epochs >= args.patience:
-            print(f"early stop: no better val F1 for {bad_epochs} epochs")
-            break
-    if writer is not None:
-        writer.close()
+                   **{k: v for k, v in val.items() if k.startswith("val_")}}
+            weights = net
+            if ema is not None:  # the average competes with the raw weights for best.pth
+                ema_val = evaluate(ema.module, val_loader, criterion, device, precision, num_classes, views,
+                                   per_task=tasks is not None, context=context)
+                row.update(ema_val_loss=ema_val["val_loss"], ema_val_f1=ema_val["val_f1"])
+                if is_better(ema_val, val):
+                    val, weights = ema_val, ema.module
+            is_best = is_better(val, state["best"])  # every rank holds the same gathered metrics
+            if is_best:
+                state["best"] = {"val_f1": val["val_f1"], "val_loss": val["val_loss"], "val_acc": val["val_acc"],
+                                 "epoch": epoch, "ema": weights is not net}
+                best_output = val
+            state["bad_epochs"] = 0 if is_best else state["bad_epochs"] + 1
+            state["epoch"] = epoch
+            if context.is_main:  # metrics row first: a crash after it is redone on --resume
+                log.epoch({**row, "seconds": time.time() - tic}, is_best)
+                if is_best:
+                    save_checkpoint({"model": weights.state_dict(), **state["best"]}, best_path)
+                    if time.time() - figures_at > FIGURE_REFRESH_SECONDS:
+                        best_epoch_figures(log, val, val_paths, source.classes, epoch, val_regions, tasks is not None)
+                        figures_at, figures_epoch = time.time(), epoch
+                save_last(epoch)
+            if args.patience and state["bad_epochs"] >= args.patience:
+                print(f"early stop: no better val F1 for {state['bad_epochs']} epochs")
+                break
+    except KeyboardInterrupt:
+        if context.is_main:
+            print(f"\ninterrupted in epoch {epoch}: {last_path} holds epoch {state['epoch']}; "
+                  f"continue with: python train.py --resume {run_dir}", flush=True)
+            log.close()
+        raise SystemExit(130) from None
+
+    if context.is_main:
+        if best_output is not None and figures_epoch != state["best"]["epoch"]:
+            best_epoch_figures(log, best_output, val_paths, source.classes, state["best"]["epoch"], val_regions,
+                               tasks is not None)
+        if os.path.exists(best_path):
+            load_weights(net, best_path, args.model)
+        final_figures(log, net, val_paths, val_labels, val_tf, source.classes, device, val_regions)
+        log.close()
+    best = state["best"]
     print(f"done in {(time.time() - started) / 60:.1f} min: best epoch {best['epoch']} "
-          f"val_f1 {best['val_f1']:.4f} val_acc {best.get('val_acc', 0):.3f} -> {os.path.join(run_dir, 'best.pth')}")
-    return {**best, "probs": best_output["probs"]}
+          f"val_f1 {best['val_f1']:.4f} val_acc {best.get('val_acc', 0):.3f} -> {best_path}")
+    return {**best, "probs": best_output["probs"] if best_output is not None else None}
 
 
 def main(args):
@@ -492,7 +545,15 @@ def run_training(args, context, device):
 
     data = load_training_data(args, context)
     folds = data.source.folds(args.kfold) if args.kfold else [data.source.split()]
-    run_dir = distributed.broadcast(context, make_run_dir(args.model_dir, args.name) if context.is_main else None)
+    if args.resume:
+        if args.kfold:
+            raise cli.UserError("--resume continues a single run; for k-fold, resume each fold folder's run "
+                                "is not supported: start the k-fold run again")
+        if not os.path.isfile(os.path.join(args.resume, "last.pth")):
+            raise cli.UserError(f"--resume {args.resume}: no last.pth to continue from")
+        run_dir = args.resume
+    else:
+        run_dir = distributed.broadcast(context, make_run_dir(args.model_dir, args.name) if context.is_main else None)
     if args.cache != "none":
         attach_cache(data, args.cache, resize, run_dir)
     try:

@@ -164,9 +164,11 @@ def test_early_stopping_counts_epochs_without_a_better_f1(work, monkeypatch, tmp
     import train
     scores = iter([(0.5, 1.0), (0.6, 0.9), (0.6, 0.95), (0.55, 0.8), (0.9, 0.1), (0.95, 0.1)])
 
-    def fake_evaluate(*args, **kwargs):
+    def fake_evaluate(model, loader, *args, **kwargs):
         f1, loss = next(scores)
-        return {"val_f1": f1, "val_loss": loss, "val_acc": f1, "probs": None}
+        n = len(loader.dataset)
+        return {"val_f1": f1, "val_loss": loss, "val_acc": f1, "labels": torch.zeros(n, dtype=torch.long),
+                "preds": torch.zeros(n, dtype=torch.long), "probs": torch.full((n, 18), 1 / 18).numpy()}
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
     args = train.get_args_parser().parse_args([*FAST, "--epochs", "6", "--patience", "2", "--cutmix", "False",
                                                "--mixup", "no", "--data_dir", str(work / "data" / "train"),

@@ -1,0 +1,152 @@
+"""The run folder's bookkeeping: its name, metrics.csv, TensorBoard (and W&B), figures, and the
+state a resumed run needs.
+
+A run folder (runs/<name>) holds config.json, split.csv, best.pth, last.pth, metrics.csv,
+TensorBoard events and the figures of plots.py; README "Reading a run" says what each means.
+`RunLog` is the one place an epoch is recorded: a row in metrics.csv, scalars in TensorBoard
+(and W&B with `--wandb`), one printed line.
+"""
+import csv
+import json
+import os
+import random
+
+import numpy as np
+import pandas as pd
+import torch
+
+import plots
+from cli import UserError
+
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "lr", "seconds")
+GRADCAM_IMAGES = 8
+PREVIEW_IMAGES = 8
+OPTIONAL_COLUMNS = ("val_f1_mask", "val_f1_gender", "val_f1_age", "ema_val_loss", "ema_val_f1")
+
+
+def make_run_dir(model_dir, name):
+    """runs/<name>, or <name>2, <name>3, ...: mkdir is atomic, so two runs never share one."""
+    os.makedirs(model_dir, exist_ok=True)
+    for n in range(1, 10_000):
+        path = os.path.join(model_dir, name if n == 1 else f"{name}{n}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"no free run folder name for {name!r} in {model_dir}")
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- RNG state for --resume
+def rng_states():
+    """Every global RNG a run draws from, as plain data (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(states):
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---------------------------------------------------------------- the epoch log
+class RunLog:
+    """metrics.csv + TensorBoard (+ W&B) + the printed line, for one run folder (rank 0 only).
+
+    `resume_epoch=E` continues a run: rows after epoch E (written before a crash, redone now)
+    are dropped from metrics.csv, and TensorBoard purges its events after E.
+    """
+
+    def __init__(self, run_dir, epochs, resume_epoch=0, wandb_project=None, config=None):
+        self.run_dir, self.epochs = run_dir, epochs
+        self.path = os.path.join(run_dir, "metrics.csv")
+        if resume_epoch and os.path.exists(self.path):
+            rows = pd.read_csv(self.path)
+            rows[rows["epoch"] <= resume_epoch].to_csv(self.path, index=False)
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only once a run starts
+        self.writer = SummaryWriter(run_dir, purge_step=resume_epoch + 1 if resume_epoch else None)
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb needs the wandb package: pip install wandb "
+                                "(WANDB_MODE=offline works without network)") from None
+            self.wandb = wandb.init(project=wandb_project, name=os.path.basename(os.path.normpath(run_dir)),
+                                    dir=run_dir, config=config, resume="allow")
+
+    def epoch(self, row, is_best):
+        columns = METRIC_COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if c in row)
+        new = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as f:
+            out = csv.writer(f)
+            if new:
+                out.writerow(columns)
+            out.writerow([row[k] if isinstance(row[k], int) else f"{row[k]:.6g}" for k in columns])
+        scalars = {k: row[k] for k in columns if k not in ("epoch", "seconds")}
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, row["epoch"])
+        self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["epoch"])
+        tasks = "".join(f"  {c[len('val_f1_'):]} {row[c]:.3f}" for c in OPTIONAL_COLUMNS[:3] if c in row)
+        ema = f"  ema_f1 {row['ema_val_f1']:.4f}" if "ema_val_f1" in row else ""
+        print(f"epoch {row['epoch']}/{self.epochs}  train_loss {row['train_loss']:.4f}  "
+              f"train_acc {row['train_acc']:.3f}  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}  "
+              f"val_f1 {row['val_f1']:.4f}{tasks}{ema}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
+              f"{'  *best*' if is_best else ''}", flush=True)
+
+    def figure(self, name, figure, step):
+        """A figure already written as <name>.png: also to TensorBoard and W&B."""
+        if figure is None:
+            return
+        self.writer.add_figure(name, figure, step, close=False)
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({name: wandb.Image(os.path.join(self.run_dir, f"{name}.png"))}, step=step)
+
+    def close(self):
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ---------------------------------------------------------------- figures
+def best_epoch_figures(log, output, paths, classes, epoch, regions=None, per_task=False):
+    """confusion_matrix.png, confusion_tasks.png, mistakes.png of the best epoch so far."""
+    run_dir, labels, preds = log.run_dir, output["labels"].numpy(), output["preds"].numpy()
+    log.figure("confusion_matrix", plots.confusion_matrix_png(run_dir, labels, preds, classes,
+                                                              title=f"best epoch {epoch}"), epoch)
+    if per_task:
+        log.figure("confusion_tasks", plots.task_confusion_png(run_dir, labels, preds), epoch)
+    log.figure("mistakes", plots.mistakes_png(run_dir, paths, labels, preds, output["probs"], classes,
+                                              regions=regions), epoch)
+
+
+def final_figures(log, model, paths, labels, transform, classes, device, regions=None):
+    """curves.png and gradcam.png (of the best weights, loaded into `model`)."""
+    step = max(int(pd.read_csv(log.path)["epoch"].max()), 1) if os.path.exists(log.path) else 0
+    log.figure("curves", plots.curves_png(log.run_dir, log.path), step)
+    pick = spread(len(paths), GRADCAM_IMAGES)  # across the validation set, not 8 photos of one person
+    log.figure("gradcam", plots.gradcam_png(log.run_dir, model, [paths[i] for i in pick], transform, classes,
+                                            labels=[labels[i] for i in pick], n=len(pick), device=device,
+                                            regions=[regions[i] for i in pick] if regions else None), step)
+
+
+def spread(count, n):
+    """n indices spread evenly over range(count)."""
+    return sorted({int(i) for i in np.linspace(0, count - 1, num=min(n, count))}) if count else []
