@@ -13,7 +13,10 @@ Add your own:
 
 Example: python train.py --augmentation AlbuAugmentation --resize 256,192
 """
+import random
+
 import albumentations as A
+import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
@@ -58,10 +61,24 @@ def AlbuAugmentation(resize, mean, std, **kwargs):
 
 
 def seed_transform(transform, seed):
-    """albumentations 2.x draws from the Compose's own generator, not the global RNGs: seed it
-    explicitly (once per DataLoader worker) so that a run is reproducible."""
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(int(seed) % 2**32)
+    """Seed an albumentations pipeline so that what it does depends on `seed` only.
+
+    albumentations 2.x draws from each transform's own generators, not the global RNGs, and its
+    `set_random_seed` gives every transform of a Compose the same seed: their streams are then
+    identical, so the "apply?" draws of all transforms coincide (two HorizontalFlip(p=0.5) in a
+    row always cancel; every p=0.5 step fires together). Here one fresh pair of generators is
+    shared by the whole pipeline, so each transform takes the next draws of one stream: the
+    decisions are independent, and reseeding per sample costs one generator pair, not one per
+    transform.
+    """
+    seed = int(seed) % 2**32
+    rng, py_random = np.random.default_rng(seed), random.Random(seed)
+    stack = [transform]
+    while stack:
+        node = stack.pop()
+        if hasattr(node, "random_generator"):
+            node.random_generator, node.py_random = rng, py_random
+        stack.extend(getattr(node, "transforms", ()))
 
 
 # ---------------------------------------------------------------- test-time augmentation

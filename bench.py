@@ -19,8 +19,10 @@ range of those ratios, `others CPU` the share of the machine other processes use
   decodes every image, as the first epoch of a run does. Timed from the moment every worker has
   delivered its first batch (see `steady`): the steady rate of a long epoch.
 - loader_cached_vs_naive: the training loader over ImageCache(kind="ram"), filled by the warm-up.
-- train_vs_ceiling, train_vs_fp32: train.train_one_epoch over the training loader (precision
-  "auto" with its channels_last default, Adam, cross_entropy, no mixing) against the same step
+- train_vs_ceiling, train_vs_fp32: train.train_one_epoch over the training loader as train.py's
+  defaults build it (precision "auto" with its channels_last default, --cache auto, which holds
+  these images in RAM: the warm-up pass is the first epoch, the timed ones are later epochs;
+  Adam, cross_entropy, no mixing) against the same step
   on a batch already in memory (the ceiling) and against a plain fp32 NCHW step in memory. The
   real step is timed over whole epochs, the wait for the first batch included.
 - infer_vs_ceiling, infer_vs_fp32: inference.predict over the eval loader against the forward
@@ -242,7 +244,10 @@ def section_train(args, plan, device):
     precision = resolve_precision("auto", device)
     paths, labels = training_images(args.data, plan["train"], args.batch_size)
     augment = AUGMENTATIONS.build("AlbuAugmentation", resize=args.resize, mean=MASK_MEAN, std=MASK_STD)
-    dataset = ImageDataset(paths, labels, augment, min_size=args.resize)
+    # train.py's default --cache auto keeps decoded images in RAM where they fit, as they do here:
+    # the warm-up pass is the first epoch, the timed ones are later epochs
+    dataset = ImageDataset(paths, labels, augment, min_size=args.resize,
+                           cache=ImageCache(len(paths), args.resize, "ram"))
     loader, steps = training_loader(dataset, args, device), len(paths) // args.batch_size
     images = torch.stack([dataset[i][0] for i in range(args.batch_size)]).to(device)  # one real batch, in memory
     target = torch.tensor(labels[:args.batch_size], device=device)

@@ -15,6 +15,7 @@ Add your own entry with `@DATASETS.register()` on a subclass of `MaskSplitByProf
 Example: python train.py --dataset MaskSplitByProfileDataset --val_ratio 0.2
 """
 import bisect
+import contextlib
 import csv
 import os
 import random
@@ -31,6 +32,11 @@ from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 from augmentation import seed_transform
 from cli import UserError
 from registry import Registry
+
+# Image work is per image and runs in parallel DataLoader worker processes: OpenCV's own thread
+# pool there only oversubscribes the cores. Set here, in the parent, because changing the count
+# inside a forked worker after the parent has used the pool deadlocks.
+cv2.setNumThreads(1)
 
 DATASETS = Registry("dataset")
 
@@ -123,6 +129,24 @@ def load_image(path, min_size=None, region=None):
 CACHE_HEADROOM = 1.125  # cached images are this much larger than the model input: room for crops/zoom
 
 
+def cache_shape(count, size):
+    """(count, H, W, 3): the cache holds images a little larger than the model input `size`."""
+    return (count, *(int(np.ceil(s * CACHE_HEADROOM)) for s in size), 3)
+
+
+def shared_memory_free():
+    """(bytes, where) free for shared-memory tensors: the smaller of the available RAM and the
+    free space of /dev/shm, where they live (a docker container's is 64 MiB unless --shm-size)."""
+    free, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "memory"
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
+        free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    with contextlib.suppress(OSError):
+        stat = os.statvfs("/dev/shm")
+        if stat.f_bavail * stat.f_frsize < free:
+            free, where = stat.f_bavail * stat.f_frsize, "/dev/shm"
+    return free, where
+
+
 class ImageCache:
     """Decoded (and face-cropped) images, resized once to a fixed size, shared by every
     DataLoader worker: the first epoch fills it, later epochs skip decoding.
@@ -132,18 +156,16 @@ class ImageCache:
     """
 
     def __init__(self, count, size, kind="ram", path=None):
-        height, width = (int(np.ceil(s * CACHE_HEADROOM)) for s in size)
-        self.shape, self.kind, self.path = (count, height, width, 3), kind, path
+        self.shape, self.kind, self.path = cache_shape(count, size), kind, path
         if kind == "ram":
-            need = int(np.prod(self.shape))
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            need, free, where = int(np.prod(self.shape)), *shared_memory_free()
             if need > 0.8 * free:
-                raise UserError(f"--cache ram needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free; "
+                raise UserError(f"--cache ram needs {need / 2**30:.2f} GiB, {where} has {free / 2**30:.2f} GiB free; "
                                 f"use --cache disk or a smaller --resize")
             self.images = torch.zeros(self.shape, dtype=torch.uint8).share_memory_()
             self.filled = torch.zeros(count, dtype=torch.bool).share_memory_()
         elif kind == "disk":
-            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count * height * width * 3 + count,))
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(int(np.prod(self.shape)) + count,))
             self._opened = None  # opened per process: a memmap must not be pickled into workers
         else:
             raise UserError(f"unknown cache kind {kind!r}; expected ram or disk")
@@ -655,7 +677,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def seed_worker(worker_id):
     """Per DataLoader worker: one intra-op thread (workers would otherwise oversubscribe the
-    cores) and the global RNGs seeded from the loader's seed."""
+    cores; OpenCV's count is set once at import, see above) and the global RNGs seeded from the
+    loader's seed."""
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32  # the loader's base seed + worker id
     np.random.seed(seed)

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
+from augmentation import seed_transform
 from cli import UserError
 from dataset import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, decode_label, load_image, task_f1
 
@@ -214,8 +215,7 @@ def aug_preview_png(path, image_paths, transform, mean, std, mixer=None, n=8, se
     Works on copies of `transform` and `mixer`: the training run's random streams are untouched.
     """
     transform = copy.deepcopy(transform)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
+    seed_transform(transform, seed)
     n = min(n, len(image_paths))
     originals = [load_image(p, region=None if regions is None else regions[i]) for i, p in enumerate(image_paths[:n])]
     batches = [torch.stack([transform(image=image)["image"] for image in originals]) for _ in range(draws)]

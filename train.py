@@ -29,8 +29,9 @@ import plots
 import timm.utils
 from augmentation import AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, tta_logits
 from cutmix import MODES as CUTMIX_MODES, BatchMixer, mixed_loss
-from dataset import (DATASETS, TASKS, EpochSampler, ImageCache, ImageDataset, class_counts, load_image, make_loader,
-                     read_extra, read_pseudo_labels, task_f1, training_label, write_split_csv)
+from dataset import (DATASETS, TASKS, EpochSampler, ImageCache, ImageDataset, cache_shape, class_counts, load_image,
+                     make_loader, read_extra, read_pseudo_labels, shared_memory_free, task_f1, training_label,
+                     write_split_csv)
 from facecrop import face_regions
 from loss import CRITERIONS, MultiTaskLoss, build_criterion
 from model import (MODELS, check_model_name, create_model, input_size_of, load_weights, read_checkpoint,
@@ -70,9 +71,10 @@ def get_args_parser():
                       help="input size; default: the model's own")
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="DataLoader worker processes (0: load in the main process)")
-    data.add_argument("--cache", choices=("none", "ram", "disk"), default="none",
-                      help="keep decoded (face-cropped) images from the first epoch: in shared memory, "
-                           "or in a memory-mapped file in the run folder for data larger than RAM")
+    data.add_argument("--cache", choices=("auto", "none", "ram", "disk"), default="auto",
+                      help="keep decoded (face-cropped) images from the first epoch: in shared memory (ram), "
+                           "or in a memory-mapped file in the run folder for data larger than RAM (disk); "
+                           "auto: ram when it takes under half of the free shared memory, else none")
     data.add_argument("--seed", type=int, default=42, help="seeds the split, init, shuffling, augmentation")
     data.add_argument("--kfold", type=int, default=0, metavar="K",
                       help="train K models on person-grouped, class-stratified folds (0: one split)")
@@ -335,8 +337,17 @@ def load_training_data(args, context=distributed.Context()):
 
 
 def attach_cache(data, kind, resize, run_dir):
-    """--cache: one ImageCache over every image the folds use."""
+    """--cache: one ImageCache over every image the folds use (kind "auto": "ram" when it fits)."""
     paths = data.source.paths(range(len(data.source.samples))) + [s.path for s in data.extra]
+    if kind == "auto":
+        # under torchrun every process on this machine holds its own cache
+        need = int(np.prod(cache_shape(len(paths), resize))) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        free, where = shared_memory_free()
+        if need > free / 2:
+            print(f"cache: off (decoded images would take {need / 2**30:.1f} GiB, {where} has "
+                  f"{free / 2**30:.1f} GiB free; --cache disk keeps them in a file)")
+            return
+        kind = "ram"
     data.slots = {p: i for i, p in enumerate(paths)}
     data.cache = ImageCache(len(paths), resize, kind, path=os.path.join(run_dir, f".image_cache{os.getpid()}.npy"))
     print(f"cache: {len(paths)} decoded images at {data.cache.shape[1]}x{data.cache.shape[2]} in {kind}")

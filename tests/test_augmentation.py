@@ -1,4 +1,5 @@
 """Every augmentation entry: shapes, dtype, normalisation, reproducibility."""
+import albumentations as A
 import numpy as np
 import pytest
 import torch
@@ -23,6 +24,18 @@ def test_eval_transform_is_resize_and_normalize_only():
     assert torch.equal(a, b)
     flat = eval_transform((8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(image=np.full((16, 16, 3), 255, np.uint8))
     assert torch.allclose(flat["image"], torch.full((3, 8, 8), 2.0))
+
+
+def test_seeded_transforms_decide_independently():
+    # albumentations' own set_random_seed gives every transform the same stream: two
+    # HorizontalFlip(p=0.5) in a row would then always cancel out
+    image = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 4, 3)
+    transform = A.Compose([A.HorizontalFlip(p=0.5), A.HorizontalFlip(p=0.5)])
+    flipped = 0
+    for seed in range(200):
+        seed_transform(transform, seed)
+        flipped += not np.array_equal(transform(image=image)["image"], image)
+    assert 70 <= flipped <= 130  # exactly one flip with probability 1/2
 
 
 def test_train_augmentation_is_random_and_seedable():

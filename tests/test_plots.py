@@ -9,7 +9,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix
 
 import plots
-from augmentation import AUGMENTATIONS, eval_transform
+from augmentation import AUGMENTATIONS, eval_transform, seed_transform
 from cli import UserError
 from cutmix import BatchMixer
 from dataset import MASK_CLASSES, NUM_CLASSES, encode_label
@@ -114,14 +114,14 @@ def test_curves_png_bad_input(tmp_path):
 def test_aug_preview_png_leaves_the_training_streams_alone(tmp_path, images):
     transform = AUGMENTATIONS.build("AlbuAugmentation", resize=(64, 48), mean=MEAN, std=STD)
     mixer = BatchMixer(cutmix=True, prob=0.5, seed=1)
-    transform.set_random_seed(7)
+    seed_transform(transform, 7)
     state = mixer.rng.bit_generator.state
     fig = plots.aug_preview_png(str(tmp_path), images, transform, MEAN, STD, mixer=mixer, n=6)
     assert isinstance(fig, Figure)
     width, height = png_size(tmp_path / "aug_preview.png")
     assert width >= 6 * 100 and height >= 5 * 100  # 6 columns; original, 3 draws, mixed
     after = transform(image=np.zeros((40, 30, 3), np.uint8))["image"]
-    transform.set_random_seed(7)
+    seed_transform(transform, 7)
     np.testing.assert_array_equal(after, transform(image=np.zeros((40, 30, 3), np.uint8))["image"])
     assert mixer.rng.bit_generator.state == state and mixer.prob == 0.5
     assert isinstance(plots.aug_preview_png(str(tmp_path / "plain.png"), images, transform, MEAN, STD, n=3), Figure)

@@ -58,6 +58,27 @@ def test_image_cache_serves_later_epochs_from_memory(sample_data, tmp_path, kind
     assert not (tmp_path / "cache.npy").exists()
 
 
+WORKERS_AFTER_PARENT_OPENCV = """
+import sys, cv2, numpy as np, torch
+from augmentation import AUGMENTATIONS
+from dataset import ImageDataset, make_loader
+paths = sys.argv[1:]
+cv2.GaussianBlur(cv2.resize(np.zeros((1500, 1500, 3), np.uint8), (700, 700)), (5, 5), 0)  # the parent's pool
+augment = AUGMENTATIONS.build("AlbuAugmentation", resize=(64, 48), mean=(0.5,) * 3, std=(0.25,) * 3)
+loader = make_loader(ImageDataset(paths, [0] * len(paths), augment, (64, 48)), 4, 2, "cpu", shuffle=True)
+print(sum(len(x) for x, _ in loader))
+"""
+
+
+def test_loader_workers_use_opencv_after_the_parent_did(sample_data):
+    # changing OpenCV's thread count inside a forked worker after the parent used its pool hangs
+    paths = [str(p) for p in sorted((sample_data / "train" / "images").glob("*/*"))[:12]]
+    result = subprocess.run([sys.executable, "-c", WORKERS_AFTER_PARENT_OPENCV, *paths], cwd=ROOT,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["12"]
+
+
 def test_cache_region_and_draft_decode_agree(sample_data):
     """A face region cut from a reduced JPEG decode is the same crop as from a full decode."""
     path = next((sample_data / "train" / "images").glob("*/mask1.jpg"))
@@ -121,3 +142,20 @@ def test_distributed_evaluate_gathers_the_whole_set_once(tmp_path):
         assert result["labels"].tolist() == labels.tolist()  # 5, not 6, in dataset order
         assert result["preds"].tolist() == model(images).argmax(1).tolist()
         assert result["val_loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_cache_auto_takes_ram_only_where_it_fits(sample_data, tmp_path, monkeypatch, capsys):
+    import train
+    source = DATASETS.build("datasetSplitByClasses", str(sample_data / "train"))
+    data = train.TrainingData(source, [], {})
+    train.attach_cache(data, "auto", (64, 48), str(tmp_path))
+    assert data.cache.kind == "ram" and data.cache.shape == (len(source.samples), 72, 54, 3)
+    assert len(data.slots) == len(source.samples)
+    monkeypatch.setattr(train, "shared_memory_free", lambda: (2**20, "/dev/shm"))  # a docker default
+    small = train.TrainingData(source, [], {})
+    train.attach_cache(small, "auto", (64, 48), str(tmp_path))
+    assert small.cache is None and "cache: off" in capsys.readouterr().out
+    import dataset as dataset_module
+    monkeypatch.setattr(dataset_module, "shared_memory_free", lambda: (2**20, "/dev/shm"))
+    with pytest.raises(UserError, match="/dev/shm has 0.00 GiB free"):
+        ImageCache(len(source.samples), (64, 48), "ram")
