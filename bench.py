@@ -76,7 +76,8 @@ ROWS = [("loader_vs_naive", "loader, every image decoded", "loader", "naive", 3.
         ("infer_vs_ceiling", "predict vs model-only", "infer", "infer_ceiling", 0.9, False),
         ("infer_vs_fp32", "predict vs plain fp32", "infer", "infer_fp32", 2.0, True),
         ("detect_batched_vs_single", f"face detection, {DETECT_BATCH} vs 1", "detect_batched", "detect_single",
-         2.0, False)]
+         2.0, False),
+        ("compile_train_vs_eager", "model step, compiled vs not", "train_compiled", "train_eager", 1.0, False)]
 
 
 def get_args_parser():
@@ -92,7 +93,8 @@ def get_args_parser():
     parser.add_argument("--model", default="resnet18", help="the model of the train and infer sections")
     parser.add_argument("--resize", type=cli.parse_size, default=(224, 224), metavar="H,W", help="model input size")
     parser.add_argument("--batch_size", type=cli.positive_int, default=32)
-    parser.add_argument("--sections", default="loader,train,infer,detect", help="which sections to run")
+    parser.add_argument("--sections", default=None,
+                        help="which sections to run (default: loader,train,infer,detect, and compile without --quick)")
     # internal: run one section in this (child) process and write its raw rates to --result
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -341,7 +343,42 @@ def section_detect(args, plan, device):
                       plan["rounds"], device), "faces_found": f"{found}/{len(images)}"}
 
 
-SECTIONS = {"loader": section_loader, "train": section_train, "infer": section_infer, "detect": section_detect}
+def section_compile(args, plan, device):
+    """What --compile buys: the training step on in-memory batches, torch.compile'd against eager, at
+    the auto precision. The compile time (the first step) is reported as compile_seconds."""
+    from model import compile_model
+    precision = resolve_precision("auto", device)
+    images = precision.batch(torch.randn(args.batch_size, 3, *args.resize, device=device))
+    target = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
+    steps = max(1, plan["train"] // args.batch_size)
+
+    def stepper(model):
+        optimizer, scaler = torch.optim.Adam(model.parameters(), lr=1e-3), precision.scaler()
+
+        def run(count=steps):
+            for _ in range(count):
+                with precision.autocast():
+                    loss = torch.nn.functional.cross_entropy(model(images), target)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            return count * args.batch_size
+        return run
+
+    torch.manual_seed(0)
+    eager = precision.model(create_model(args.model, NUM_CLASSES).to(device).train())
+    compiled = compile_model(precision.model(create_model(args.model, NUM_CLASSES).to(device).train()), device)
+    start, compiled_step = time.perf_counter(), stepper(compiled)
+    compiled_step(1)  # the first step compiles
+    compile_seconds = time.perf_counter() - start
+    result = compare({"train_compiled": compiled_step, "train_eager": stepper(eager)}, plan["rounds"], device)
+    result["compile_seconds"] = round(compile_seconds, 1)
+    return result
+
+
+SECTIONS = {"loader": section_loader, "train": section_train, "infer": section_infer, "detect": section_detect,
+            "compile": section_compile}
 
 
 # ---------------------------------------------------------------- the report
@@ -417,7 +454,8 @@ def main(args):
         with open(args.result, "w") as f:
             json.dump(SECTIONS[args.section](args, plan, device), f)
         return None
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    default = "loader,train,infer,detect" + ("" if args.quick else ",compile")
+    sections = [s.strip() for s in (args.sections or default).split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise cli.UserError(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
@@ -431,13 +469,14 @@ def main(args):
             section_raw, others[name] = run_section(name, args, data)
             raw.update(section_raw)
     faces = raw.pop("faces_found", None)
+    compile_seconds = raw.pop("compile_seconds", None)
     figures, table = summarize(raw, others, precision.name)
     info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "device": str(device),
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
             "precision_auto": precision.name, "channels_last": precision.channels_last,
             "cpu_native_bf16": cpu_has_native_bf16(), "num_workers": args.num_workers, "model": args.model,
             "resize": list(args.resize), "batch_size": args.batch_size, "mode": "quick" if args.quick else "full",
-            "plan": plan, "others_cpu_share": others, "faces_found": faces, "seconds": round(time.time() - started)}
+            "plan": plan, "others_cpu_share": others, "faces_found": faces, "compile_seconds": compile_seconds, "seconds": round(time.time() - started)}
     bf16 = "yes" if info["cpu_native_bf16"] else "no (auto means fp32 here: the fp32 rows do not apply)"
     print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, device {device}"
           f"{' (' + info['gpu'] + ')' if info['gpu'] else ''}; precision auto -> {precision.name}"
@@ -447,6 +486,8 @@ def main(args):
           f"{plan['infer']} infer, {plan['detect']} detect ({faces or '-'} with a face found); "
           f"{plan['rounds']} rounds; {info['seconds']} s")
     print(table)
+    if compile_seconds is not None:
+        print(f"compiling the training step took {compile_seconds:.0f} s (paid once per run)")
     if any(share is not None and share > 0.1 for share in others.values()):
         print("note: other processes used the CPU meanwhile (last column): these figures are noisy; rerun")
     with open(args.json, "w") as f:

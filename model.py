@@ -19,8 +19,10 @@ Example: python train.py --model efficientNet_b3 --pretrained True
 """
 import dataclasses
 import functools
+import logging
 import os
 import pickle
+import shutil
 
 import numpy as np
 import timm
@@ -225,6 +227,25 @@ def resolve_precision(choice, device, channels_last=None):
     if channels_last is None:
         channels_last = choice != "fp32"
     return Precision(choice, device.type, bool(channels_last))
+
+
+def compile_model(model, device):
+    """torch.compile for the training step (TorchInductor). On the CPU it writes C++ and needs a
+    compiler: say so in one line rather than fail at the first step with a long traceback."""
+    if torch.device(device).type == "cpu" and not any(shutil.which(c) for c in
+                                                      (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
+        raise UserError("--compile on the CPU needs a C++ compiler (g++ or clang++) on PATH")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on a CPU
+    return torch.compile(model)
+
+
+def unwrap(model):
+    """The module itself, inside torch.compile and DistributedDataParallel wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def resolve_device(choice):

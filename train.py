@@ -34,8 +34,8 @@ from dataset import (DATASETS, TASKS, EpochSampler, ImageCache, ImageDataset, ca
                      write_split_csv)
 from facecrop import face_regions
 from loss import CRITERIONS, MultiTaskLoss, build_criterion
-from model import (MODELS, check_model_name, create_model, input_size_of, load_weights, read_checkpoint,
-                   resolve_device, resolve_precision, save_checkpoint)
+from model import (MODELS, check_model_name, compile_model, create_model, input_size_of, load_weights,
+                   read_checkpoint, resolve_device, resolve_precision, save_checkpoint, unwrap)
 from runfolder import (PREVIEW_IMAGES, RunLog, best_epoch_figures, final_figures, make_run_dir, restore_rng_states,
                        rng_states, spread, write_json)
 from registry import Registry
@@ -142,6 +142,8 @@ def get_args_parser():
     cli.bool_flag(optim, "--channels_last", default=None,
                   help="NHWC memory format (default: on with bf16/fp16)")
     cli.bool_flag(optim, "--amp", default=None, help="the seed's flag: True = --precision auto, False = fp32")
+    cli.bool_flag(optim, "--compile", help="torch.compile the training step: the first steps take a minute or "
+                                           "more to compile, later ones run faster (see README, Performance)")
     optim.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
     out = parser.add_argument_group("Output")
@@ -198,7 +200,7 @@ def train_one_epoch(model, loader, criterion, optimizer, mixer, device, precisio
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:
-            ema.update(model.module if hasattr(model, "module") else model)
+            ema.update(unwrap(model))
 
         loss_sum += loss.detach() * len(labels)
         seen += len(labels)
@@ -390,6 +392,9 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
     ema = timm.utils.ModelEmaV3(net, decay=args.ema) if args.ema else None
+    # --compile: the training step only; validation runs the same weights eagerly, so switching to
+    # eval mode and the last partial batch cost no recompilation
+    train_model = compile_model(model, device) if args.compile else model
 
     # the two sides: the training side gets --extra_data / --pseudo_labels and --age_bins labels
     train_samples = [source.samples[i] for i in train_idx] + data.extra
@@ -481,7 +486,7 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
             tic = time.time()
             lr = optimizer.param_groups[0]["lr"]
             sampler.set_epoch(epoch)  # the order and augmentation of an epoch depend on (seed, epoch) alone
-            train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, mixer, device,
+            train_loss, train_acc = train_one_epoch(train_model, train_loader, criterion, optimizer, mixer, device,
                                                     precision, scaler, f"epoch {epoch}/{args.epochs}", context, ema)
             scheduler.step()
             val = evaluate(model, val_loader, criterion, device, precision, num_classes, views,

@@ -159,3 +159,28 @@ def test_cache_auto_takes_ram_only_where_it_fits(sample_data, tmp_path, monkeypa
     monkeypatch.setattr(dataset_module, "shared_memory_free", lambda: (2**20, "/dev/shm"))
     with pytest.raises(UserError, match="/dev/shm has 0.00 GiB free"):
         ImageCache(len(source.samples), (64, 48), "ram")
+
+
+def test_compile_trains_and_saves_plain_weights(work, tmp_path):
+    """--compile (TorchInductor, C++ on the CPU): the run completes and best.pth/last.pth hold the
+    module's own keys, loadable without torch.compile."""
+    import train
+    args = train.get_args_parser().parse_args([*FAST, "--epochs", "2", "--compile", "True", "--ema", "0.9",
+                                               "--data_dir", str(work / "data" / "train"),
+                                               "--model_dir", str(tmp_path), "--name", "compiled"])
+    run_dir = train.main(args)
+    metrics = pd.read_csv(os.path.join(run_dir, "metrics.csv"))
+    assert len(metrics) == 2 and metrics[["train_loss", "val_f1", "ema_val_f1"]].notna().all().all()
+    for name in ("best.pth", "last.pth"):
+        weights = torch.load(os.path.join(run_dir, name), weights_only=True)["model"]
+        assert not any(k.startswith("_orig_mod.") for k in weights)
+        create_model("BaseModel", 18).load_state_dict(weights)
+
+
+def test_unwrap_and_compile_without_a_compiler(monkeypatch):
+    import model
+    net = create_model("BaseModel", 18)
+    assert model.unwrap(torch.compile(net)) is net
+    monkeypatch.setattr(model.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="needs a C.. compiler"):
+        model.compile_model(net, "cpu")
