@@ -4,8 +4,8 @@
   `run(main)` prints it as one line on stderr and exits with status 2, no traceback.
 - `ArgumentParser`: argparse with one-line errors and kebab-case aliases for every
   snake_case flag (`--batch-size` works wherever `--batch_size` does).
-- `str2bool`, `parse_size`, `parse_floats`: flag types (never `type=bool`: it makes
-  `--cutmix False` true).
+- `str2bool`, `parse_size`, `parse_floats`: flag types (never argparse's plain bool type:
+  it makes `--cutmix False` true).
 
 Example: `python train.py --cutmix False --resize 299,299`
 """
