@@ -223,6 +223,24 @@ def steady(loader, workers):
     return images, time.perf_counter() - start
 
 
+def in_memory_steps(model, optimizer, precision, images, target, steps, criterion=torch.nn.functional.cross_entropy):
+    """fn(count=steps) -> images trained: train_one_epoch's step on one batch already in memory
+    (no loader), at `precision`."""
+    images, scaler = precision.batch(images), precision.scaler()
+
+    def run(count=steps):
+        model.train()
+        for _ in range(count):
+            with precision.autocast():
+                loss = criterion(model(images), target)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return count * len(target)
+    return run
+
+
 def section_loader(args, plan, device):
     # enough batches to time after each worker's first one
     paths, labels = training_images(args.data, max(plan["loader"], (args.num_workers + 4) * args.batch_size),
@@ -257,33 +275,15 @@ def section_train(args, plan, device):
     model = precision.model(create_model(args.model, NUM_CLASSES).to(device))
     criterion = build_criterion("cross_entropy", NUM_CLASSES).to(device)
     optimizer, scaler = torch.optim.Adam(model.parameters(), lr=1e-3), precision.scaler()
-    fast_images = precision.batch(images)
-    plain = create_model(args.model, NUM_CLASSES).to(device).train()
-    plain_optimizer = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    plain = create_model(args.model, NUM_CLASSES).to(device)
 
     def real():
         train_one_epoch(model, loader, criterion, optimizer, BatchMixer(), device, precision, scaler, "bench")
         return steps * args.batch_size
 
-    def ceiling():  # train_one_epoch's step without the loader
-        model.train()
-        for _ in range(steps):
-            with precision.autocast():
-                loss = criterion(model(fast_images), target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        return steps * args.batch_size
-
-    def fp32():
-        for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy(plain(images), target)
-            plain_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            plain_optimizer.step()
-        return steps * args.batch_size
-
+    ceiling = in_memory_steps(model, optimizer, precision, images, target, steps, criterion)
+    fp32 = in_memory_steps(plain, torch.optim.Adam(plain.parameters(), lr=1e-3), resolve_precision("fp32", device),
+                           images, target, steps)
     return compare({"train": real, "train_ceiling": ceiling, "train_fp32": fp32}, plan["rounds"], device)
 
 
@@ -348,23 +348,13 @@ def section_compile(args, plan, device):
     the auto precision. The compile time (the first step) is reported as compile_seconds."""
     from model import compile_model
     precision = resolve_precision("auto", device)
-    images = precision.batch(torch.randn(args.batch_size, 3, *args.resize, device=device))
+    images = torch.randn(args.batch_size, 3, *args.resize, device=device)
     target = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
     steps = max(1, plan["train"] // args.batch_size)
 
     def stepper(model):
-        optimizer, scaler = torch.optim.Adam(model.parameters(), lr=1e-3), precision.scaler()
-
-        def run(count=steps):
-            for _ in range(count):
-                with precision.autocast():
-                    loss = torch.nn.functional.cross_entropy(model(images), target)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            return count * args.batch_size
-        return run
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return in_memory_steps(model, optimizer, precision, images, target, steps)
 
     torch.manual_seed(0)
     eager = precision.model(create_model(args.model, NUM_CLASSES).to(device).train())
@@ -476,7 +466,8 @@ def main(args):
             "precision_auto": precision.name, "channels_last": precision.channels_last,
             "cpu_native_bf16": cpu_has_native_bf16(), "num_workers": args.num_workers, "model": args.model,
             "resize": list(args.resize), "batch_size": args.batch_size, "mode": "quick" if args.quick else "full",
-            "plan": plan, "others_cpu_share": others, "faces_found": faces, "compile_seconds": compile_seconds, "seconds": round(time.time() - started)}
+            "plan": plan, "others_cpu_share": others, "faces_found": faces, "compile_seconds": compile_seconds,
+            "seconds": round(time.time() - started)}
     bf16 = "yes" if info["cpu_native_bf16"] else "no (auto means fp32 here: the fp32 rows do not apply)"
     print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, device {device}"
           f"{' (' + info['gpu'] + ')' if info['gpu'] else ''}; precision auto -> {precision.name}"
