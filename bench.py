@@ -13,9 +13,9 @@ range of those ratios, `others CPU` the share of the machine other processes use
 (both large: the figures are noisy, rerun). Defaults: batch 32 at 224x224, the training size.
 
 - loader_vs_naive: the training loader (dataset.ImageDataset: load_image with a draft decode to
-  the training size, AlbuAugmentation, make_loader) against a naive loader written below as the
-  public baseline does it (PIL open + convert, torchvision Resize/ToTensor/Normalize, one image
-  per __getitem__, a plain DataLoader); same images, size, batch and worker count. Every epoch
+  the training size, --augmentation (AlbuAugmentation), make_loader) against a naive loader
+  written below as the public baseline does it (PIL open + convert, torchvision
+  Resize/ToTensor/Normalize, one image per __getitem__, a plain DataLoader); same images, size, batch and worker count. Every epoch
   decodes every image, as the first epoch of a run does. Timed from the moment every worker has
   delivered its first batch (see `steady`): the steady rate of a long epoch.
 - loader_cached_vs_naive: the training loader over ImageCache(kind="ram"), filled by the warm-up.
@@ -93,6 +93,9 @@ def get_args_parser():
     parser.add_argument("--model", default="resnet18", help="the model of the train and infer sections")
     parser.add_argument("--resize", type=cli.parse_size, default=(224, 224), metavar="H,W", help="model input size")
     parser.add_argument("--batch_size", type=cli.positive_int, default=32)
+    parser.add_argument("--augmentation", default="AlbuAugmentation",
+                        help="the training pipeline of the loader and train sections; BaseAugmentation (resize + "
+                             "normalize) does the naive loader's work")
     parser.add_argument("--sections", default=None,
                         help="which sections to run (default: loader,train,infer,detect, and compile without --quick)")
     # internal: run one section in this (child) process and write its raw rates to --result
@@ -245,7 +248,7 @@ def section_loader(args, plan, device):
     # enough batches to time after each worker's first one
     paths, labels = training_images(args.data, max(plan["loader"], (args.num_workers + 4) * args.batch_size),
                                     args.batch_size)
-    augment = AUGMENTATIONS.build("AlbuAugmentation", resize=args.resize, mean=MASK_MEAN, std=MASK_STD)
+    augment = AUGMENTATIONS.build(args.augmentation, resize=args.resize, mean=MASK_MEAN, std=MASK_STD)
     naive = torch.utils.data.DataLoader(NaiveDataset(paths, labels, args.resize, MASK_MEAN, MASK_STD),
                                         batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
                                         pin_memory=device.type == "cuda")
@@ -263,7 +266,7 @@ def section_train(args, plan, device):
     from train import train_one_epoch
     precision = resolve_precision("auto", device)
     paths, labels = training_images(args.data, plan["train"], args.batch_size)
-    augment = AUGMENTATIONS.build("AlbuAugmentation", resize=args.resize, mean=MASK_MEAN, std=MASK_STD)
+    augment = AUGMENTATIONS.build(args.augmentation, resize=args.resize, mean=MASK_MEAN, std=MASK_STD)
     # train.py's default --cache auto keeps decoded images in RAM where they fit, as they do here:
     # the warm-up pass is the first epoch, the timed ones are later epochs
     dataset = ImageDataset(paths, labels, augment, min_size=args.resize,
@@ -444,6 +447,7 @@ def main(args):
         with open(args.result, "w") as f:
             json.dump(SECTIONS[args.section](args, plan, device), f)
         return None
+    AUGMENTATIONS.get(args.augmentation)  # an unknown name: one line, before any work
     default = "loader,train,infer,detect" + ("" if args.quick else ",compile")
     sections = [s.strip() for s in (args.sections or default).split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -465,6 +469,7 @@ def main(args):
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
             "precision_auto": precision.name, "channels_last": precision.channels_last,
             "cpu_native_bf16": cpu_has_native_bf16(), "num_workers": args.num_workers, "model": args.model,
+            "augmentation": args.augmentation,
             "resize": list(args.resize), "batch_size": args.batch_size, "mode": "quick" if args.quick else "full",
             "plan": plan, "others_cpu_share": others, "faces_found": faces, "compile_seconds": compile_seconds,
             "seconds": round(time.time() - started)}
@@ -473,7 +478,7 @@ def main(args):
           f"{' (' + info['gpu'] + ')' if info['gpu'] else ''}; precision auto -> {precision.name}"
           f"{' channels_last' if precision.channels_last else ''}; CPU native bf16: {bf16}")
     print(f"{info['mode']}: {args.num_workers} loader workers, batch {args.batch_size}, {args.resize[0]}x"
-          f"{args.resize[1]}, {args.model}; images per pass: {plan['loader']} loader, {plan['train']} train, "
+          f"{args.resize[1]}, {args.model}, {args.augmentation}; images per pass: {plan['loader']} loader, {plan['train']} train, "
           f"{plan['infer']} infer, {plan['detect']} detect ({faces or '-'} with a face found); "
           f"{plan['rounds']} rounds; {info['seconds']} s")
     print(table)
