@@ -15,8 +15,8 @@ range of those ratios, `others CPU` the share of the machine other processes use
 - loader_vs_naive: the training loader (dataset.ImageDataset: load_image with a draft decode to
   the training size, --augmentation (AlbuAugmentation), make_loader) against a naive loader
   written below as the public baseline does it (PIL open + convert, torchvision
-  Resize/ToTensor/Normalize, one image per __getitem__, a plain DataLoader); same images, size, batch and worker count. Every epoch
-  decodes every image, as the first epoch of a run does. Timed from the moment every worker has
+  Resize/ToTensor/Normalize, one image per __getitem__, a plain DataLoader); same images, size,
+  batch and worker count. Every epoch decodes every image, as the first epoch of a run does. Timed from the moment every worker has
   delivered its first batch (see `steady`): the steady rate of a long epoch.
 - loader_cached_vs_naive: the training loader over ImageCache(kind="ram"), filled by the warm-up.
 - train_vs_ceiling, train_vs_fp32: train.train_one_epoch over the training loader as train.py's
@@ -478,8 +478,8 @@ def main(args):
           f"{' (' + info['gpu'] + ')' if info['gpu'] else ''}; precision auto -> {precision.name}"
           f"{' channels_last' if precision.channels_last else ''}; CPU native bf16: {bf16}")
     print(f"{info['mode']}: {args.num_workers} loader workers, batch {args.batch_size}, {args.resize[0]}x"
-          f"{args.resize[1]}, {args.model}, {args.augmentation}; images per pass: {plan['loader']} loader, {plan['train']} train, "
-          f"{plan['infer']} infer, {plan['detect']} detect ({faces or '-'} with a face found); "
+          f"{args.resize[1]}, {args.model}, {args.augmentation}; images per pass: {plan['loader']} loader, "
+          f"{plan['train']} train, {plan['infer']} infer, {plan['detect']} detect ({faces or '-'} with a face found); "
           f"{plan['rounds']} rounds; {info['seconds']} s")
     print(table)
     if compile_seconds is not None:
