@@ -16,19 +16,23 @@ range of those ratios, `others CPU` the share of the machine other processes use
   the training size, --augmentation (AlbuAugmentation), make_loader) against a naive loader
   written below as the public baseline does it (PIL open + convert, torchvision
   Resize/ToTensor/Normalize, one image per __getitem__, a plain DataLoader); same images, size,
-  batch and worker count. Every epoch decodes every image, as the first epoch of a run does. Timed from the moment every worker has
-  delivered its first batch (see `steady`): the steady rate of a long epoch.
+  batch and worker count. Every epoch decodes every image, as the first epoch of a run does.
+  Timed from the moment every worker has delivered its first batch (see `steady`): the steady
+  rate of a long epoch.
 - loader_cached_vs_naive: the training loader over ImageCache(kind="ram"), filled by the warm-up.
 - train_vs_ceiling, train_vs_fp32: train.train_one_epoch over the training loader as train.py's
   defaults build it (precision "auto" with its channels_last default, --cache auto, which holds
   these images in RAM: the warm-up pass is the first epoch, the timed ones are later epochs;
-  Adam, cross_entropy, no mixing) against the same step
-  on a batch already in memory (the ceiling) and against a plain fp32 NCHW step in memory. The
-  real step is timed over whole epochs, the wait for the first batch included.
+  Adam, cross_entropy, no mixing) against the same step on a batch already in memory (the
+  ceiling) and against a plain fp32 NCHW step in memory. The real step is timed over whole
+  epochs, the wait for the first batch included.
 - infer_vs_ceiling, infer_vs_fp32: inference.predict over the eval loader against the forward
   pass on in-memory batches (inference_mode), at the same precision and in plain fp32.
 - detect_batched_vs_single: facecrop.detect_boxes on batches of 16 same-size images against one
   image per call, on 384x512 canvases holding matplotlib's grace_hopper.jpg (MTCNN runs on CPU).
+- compile_train_vs_eager (full runs, or --sections compile): the in-memory training step of
+  torch.compile'd model against the same model eager; the first (compiling) step is timed apart
+  and reported as compile_seconds.
 - *_peak_rss_mb: peak resident memory of the benchmark process plus the loader workers started
   for that variant, sampled every 50 ms during its warm-up pass, as PSS (pages shared between
   processes split between them, so forked workers are not counted twice). On CUDA also
@@ -164,8 +168,8 @@ class PeakMemory:
 
 
 def compare(variants, rounds, device):
-    """variants: {name: fn() -> images, or (images, seconds) timed by fn}. A warm-up pass each (its peak memory kept),
-    then `rounds` timed rounds in rotated order. Returns {name: {"rates": [...], "peak_rss_mb": ...}}."""
+    """variants: {name: fn() -> images, or (images, seconds) timed by fn}. A warm-up pass each
+    (its peak memory kept), then `rounds` timed rounds in rotated order. Returns {name: {"rates": [...], "peak_rss_mb": ...}}."""
     names, out = list(variants), {}
     for name in names:
         with PeakMemory(device) as peak:
