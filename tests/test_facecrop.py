@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from matplotlib import cbook
 from PIL import Image
 
@@ -92,6 +93,25 @@ def test_same_size_images_go_in_one_call(photo):
     assert facecrop.DETECTOR.calls - calls == 2
     assert np.allclose(mixed[0], batched[0], atol=0.5) and np.allclose(mixed[2], batched[1], atol=0.5)
     assert np.allclose(mixed[1], facecrop.face_box(photo), atol=0.5)
+
+
+def test_channels_last_nets_find_the_same_boxes(photo):
+    """The detector's R-Net and O-Net run channels_last (faster pooling); a stock MTCNN, all NCHW,
+    finds the same boxes."""
+    from facenet_pytorch import MTCNN
+    images = [portrait(photo, shift) for shift in (0, -30, 30)]
+    ours = facecrop.detect_boxes(images)
+    mtcnn = facecrop.DETECTOR.mtcnn
+    assert all(net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+               for net in (mtcnn.rnet, mtcnn.onet))
+    stock = MTCNN(min_face_size=facecrop.MIN_FACE, select_largest=True, device="cpu")
+    assert stock.rnet.conv1.weight.is_contiguous()
+    small = [image.resize((192, 256), Image.BILINEAR) for image in images]
+    reference, _ = stock.detect(small)
+    for box, found in zip(ours, reference):
+        assert found is not None
+        expected = np.asarray(found[0], dtype=float) * 2  # the detection copy is half size
+        assert np.allclose(box, expected, atol=0.05), (box, expected)
 
 
 def test_cache_detects_only_new_or_changed_images(tmp_path, photo):
