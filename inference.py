@@ -28,6 +28,10 @@ from ensemble import probs_path_for
 from facecrop import face_regions
 from model import create_model, load_weights, resolve_device, resolve_precision
 
+# Runs with the same preprocessing predict in one pass over the images while their weights
+# together stay under this; past it the next pass starts (bounds device memory for big ensembles).
+SHARED_WEIGHTS_BYTES = 2 * 2**30
+
 
 def get_args_parser():
     parser = cli.ArgumentParser(description="Predict with trained run folders and write a submission.",
@@ -108,25 +112,66 @@ def load_run(run_dir, config, checkpoint, device):
 @torch.inference_mode()
 def predict(model, loader, device, precision, views=(), desc="predict"):
     """Softmax probabilities (averaged over the TTA views) for every image, in loader order."""
-    probs = []
+    return predict_many([model], loader, device, precision, views, desc)[0]
+
+
+@torch.inference_mode()
+def predict_many(models, loader, device, precision, views=(), desc="predict"):
+    """predict() for several models in one pass over the loader: each batch is decoded once and
+    goes through every model. One array per model."""
+    probs = [[] for _ in models]
     for images, _ in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+        images = precision.batch(images.to(device, non_blocking=True))
         with precision.autocast():
-            probs.append(tta_logits(model, precision.batch(images.to(device, non_blocking=True)), views)[1])
-    return torch.cat(probs).exp().cpu().numpy()
+            for model, out in zip(models, probs):
+                out.append(tta_logits(model, images, views)[1])
+    return [torch.cat(out).exp().cpu().numpy() for out in probs]
 
 
-def run_probs(run_dir, config, checkpoint, paths, views, batch_size, num_workers, device, precision):
-    """One run's probabilities on `paths`, with its own input size, normalization and face crop."""
-    model = precision.model(load_run(run_dir, config, checkpoint, device))
-    size = tuple(config["input_size"])
-    regions = None
-    if config.get("facecrop"):
-        regions = face_regions(paths, os.path.commonpath([os.path.dirname(p) for p in paths]),
-                               config.get("face_margin", 0.3))
-    dataset = ImageDataset(paths, [-1] * len(paths), eval_transform(size, config["mean"], config["std"]),
-                           min_size=size, regions=regions)
-    loader = make_loader(dataset, batch_size, num_workers, device)
-    return predict(model, loader, device, precision, views, desc=os.path.basename(os.path.normpath(run_dir)))
+def preprocessing(config):
+    """What a run does to an image before its model sees it: runs that agree can share one
+    decoding pass (the folds of a k-fold run always do)."""
+    facecrop = bool(config.get("facecrop"))
+    return (tuple(config["input_size"]), tuple(config["mean"]), tuple(config["std"]), facecrop,
+            config.get("face_margin", 0.3) if facecrop else None)
+
+
+def weight_bytes(model):
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def ensemble_probs(run_dirs, configs, checkpoint, paths, views, batch_size, num_workers, device, precision):
+    """The mean of the runs' softmax probabilities on `paths` (float64).
+
+    Each run gets its own input size, normalization and face crop from its config. Runs whose
+    preprocessing agrees share one pass over the images: each batch is decoded once and goes
+    through all their models (held together while their weights stay under SHARED_WEIGHTS_BYTES;
+    past that, another pass).
+    """
+    groups = {}
+    for run_dir, config in zip(run_dirs, configs):
+        groups.setdefault(preprocessing(config), []).append((run_dir, config))
+    total = np.zeros((len(paths), len(configs[0]["classes"])), dtype=np.float64)
+    for members in groups.values():
+        config = members[0][1]
+        size = tuple(config["input_size"])
+        regions = None
+        if config.get("facecrop"):
+            regions = face_regions(paths, os.path.commonpath([os.path.dirname(p) for p in paths]),
+                                   config.get("face_margin", 0.3))
+        dataset = ImageDataset(paths, [-1] * len(paths), eval_transform(size, config["mean"], config["std"]),
+                               min_size=size, regions=regions)
+        loader = make_loader(dataset, batch_size, num_workers, device)
+        models, names, held = [], [], 0
+        for i, (run_dir, run_config) in enumerate(members):
+            models.append(precision.model(load_run(run_dir, run_config, checkpoint, device)))
+            names.append(os.path.basename(os.path.normpath(run_dir)))
+            held += weight_bytes(models[-1])
+            if i + 1 == len(members) or held >= SHARED_WEIGHTS_BYTES:
+                for probs in predict_many(models, loader, device, precision, views, desc="+".join(names)):
+                    total += probs
+                models, names, held = [], [], 0
+    return total / len(run_dirs)
 
 
 def score(answers_path, image_ids, preds, num_classes):
@@ -164,10 +209,8 @@ def main(args):
     eval_set = read_eval_dir(args.data_dir)  # checks every image exists
     classes = configs[0]["classes"]
 
-    probs = np.zeros((len(eval_set.paths), len(classes)), dtype=np.float64)
-    for run_dir, config in zip(run_dirs, configs):
-        probs += run_probs(run_dir, config, args.checkpoint, eval_set.paths, views, args.batch_size,
-                           args.num_workers, device, precision) / len(run_dirs)
+    probs = ensemble_probs(run_dirs, configs, args.checkpoint, eval_set.paths, views, args.batch_size,
+                           args.num_workers, device, precision)
     preds = probs.argmax(1)
     assert preds.min() >= 0 and preds.max() < len(classes), "prediction outside the class range"
 

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -74,6 +75,36 @@ def test_inference_answers_and_ensemble(work, base_run, tmp_path):
                      "--answers", work / "data" / "eval" / "answers.csv", "--num_workers", "0", cwd=work)
     assert "macro F1" in result.stdout
     assert len(pd.read_csv(out)) == len(pd.read_csv(work / "data" / "eval" / "info.csv"))
+
+
+def test_ensemble_decodes_each_image_once_per_preprocessing(work, base_run, monkeypatch):
+    """Runs that preprocess alike share one pass over the images; another input size, or a weight
+    budget that holds one model at a time, means another pass. The probabilities do not change."""
+    import dataset
+    import inference
+    from model import resolve_precision
+    reads = []
+    load_image = dataset.load_image
+    monkeypatch.setattr(dataset, "load_image", lambda path, *a, **k: reads.append(path) or load_image(path, *a, **k))
+    paths = dataset.read_eval_dir(str(work / "data" / "eval")).paths
+    config = inference.read_config(base_run)
+    bigger = dict(config, input_size=[h + 16 for h in config["input_size"]])
+
+    def probs(configs):
+        reads.clear()
+        return inference.ensemble_probs([base_run] * len(configs), configs, "best.pth", paths, (), 64, 0,
+                                        torch.device("cpu"), resolve_precision("fp32", "cpu"))
+
+    alone = probs([config])
+    assert len(reads) == len(paths) and alone.shape == (len(paths), NUM_CLASSES)
+    assert np.allclose(alone.sum(1), 1, atol=1e-5)
+    three = probs([config] * 3)
+    assert len(reads) == len(paths)  # one decoding pass for three models
+    assert np.allclose(three, alone, atol=1e-6)
+    mixed = probs([config, bigger])
+    assert len(reads) == 2 * len(paths) and not np.allclose(mixed, alone, atol=1e-4)
+    monkeypatch.setattr(inference, "SHARED_WEIGHTS_BYTES", 1)  # one model per pass
+    assert np.allclose(probs([config] * 2), alone, atol=1e-6) and len(reads) == 2 * len(paths)
 
 
 def test_inference_on_a_plain_folder(work, base_run, tmp_path):
