@@ -256,9 +256,9 @@ def section_loader(args, plan, device):
     naive = torch.utils.data.DataLoader(NaiveDataset(paths, labels, args.resize, MASK_MEAN, MASK_STD),
                                         batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
                                         pin_memory=device.type == "cuda")
-    ours = training_loader(ImageDataset(paths, labels, augment, min_size=args.resize), args, device)
+    ours = training_loader(ImageDataset(paths, labels, augment, input_size=args.resize), args, device)
     cache = ImageCache(len(paths), args.resize, "ram")
-    cached = training_loader(ImageDataset(paths, labels, augment, min_size=args.resize, cache=cache), args, device)
+    cached = training_loader(ImageDataset(paths, labels, augment, input_size=args.resize, cache=cache), args, device)
     workers = args.num_workers
     return compare({"naive": lambda: steady(naive, workers), "loader": lambda: steady(ours, workers),
                     "loader_cached": lambda: steady(cached, workers)}, plan["rounds"], device)
@@ -273,7 +273,7 @@ def section_train(args, plan, device):
     augment = AUGMENTATIONS.build(args.augmentation, resize=args.resize, mean=MASK_MEAN, std=MASK_STD)
     # train.py's default --cache auto keeps decoded images in RAM where they fit, as they do here:
     # the warm-up pass is the first epoch, the timed ones are later epochs
-    dataset = ImageDataset(paths, labels, augment, min_size=args.resize,
+    dataset = ImageDataset(paths, labels, augment, input_size=args.resize,
                            cache=ImageCache(len(paths), args.resize, "ram"))
     loader, steps = training_loader(dataset, args, device), len(paths) // args.batch_size
     images = torch.stack([dataset[i][0] for i in range(args.batch_size)]).to(device)  # one real batch, in memory
@@ -298,7 +298,7 @@ def section_infer(args, plan, device):
     from inference import predict
     precision = resolve_precision("auto", device)
     paths, labels = training_images(args.data, plan["infer"], args.batch_size)
-    dataset = ImageDataset(paths, labels, eval_transform(args.resize, MASK_MEAN, MASK_STD), min_size=args.resize)
+    dataset = ImageDataset(paths, labels, eval_transform(args.resize, MASK_MEAN, MASK_STD), input_size=args.resize)
     loader, batches = make_loader(dataset, args.batch_size, args.num_workers, device), len(paths) // args.batch_size
     images = torch.stack([dataset[i][0] for i in range(args.batch_size)]).to(device)
     torch.manual_seed(0)

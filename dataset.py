@@ -126,12 +126,30 @@ def load_image(path, min_size=None, region=None):
     return image
 
 
-CACHE_HEADROOM = 1.125  # cached images are this much larger than the model input: room for crops/zoom
+# Every image reaches the transform at this much more than the model input (room for crops and
+# zoom), resized with area interpolation: cached or not, in training, validation and inference.
+CACHE_HEADROOM = 1.125
+
+
+def prepared_size(size):
+    """(H, W) at which images reach the transform for a model input `size` (H, W)."""
+    return tuple(int(np.ceil(s * CACHE_HEADROOM)) for s in size)
+
+
+def prepare_image(image, size):
+    """A decoded (cropped) image as the transform receives it for model input `size`: resized to
+    prepared_size(size) with area interpolation (antialiased). The cache holds exactly this, and
+    the uncached path does the same, so `--cache` never changes what the model sees, and
+    inference sees what validation saw (a direct bilinear resize of the photo would alias)."""
+    height, width = prepared_size(size)
+    if image.shape[:2] == (height, width):
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def cache_shape(count, size):
-    """(count, H, W, 3): the cache holds images a little larger than the model input `size`."""
-    return (count, *(int(np.ceil(s * CACHE_HEADROOM)) for s in size), 3)
+    """(count, H, W, 3): the cache holds prepared images (prepared_size) for model input `size`."""
+    return (count, *prepared_size(size), 3)
 
 
 def shared_memory_free():
@@ -192,9 +210,8 @@ class ImageCache:
         return image.numpy() if self.kind == "ram" else np.asarray(image)
 
     def put(self, index, image):
-        """Store an image (any size: resized to the cache's) and return the stored array."""
-        height, width = self.shape[1:3]
-        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        """Store a prepared image (prepare_image, at the cache's size) and return it."""
+        assert image.shape == self.shape[1:], f"cache holds {self.shape[1:]} images, got {image.shape}"
         images, filled = (self.images, self.filled) if self.kind == "ram" else self._disk()
         images[index] = torch.from_numpy(image) if self.kind == "ram" else image
         filled[index] = True
@@ -206,14 +223,21 @@ class ImageCache:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """One side of a split: paths and labels, and the transform of that side only."""
+    """One side of a split: paths and labels, and the transform of that side only.
 
-    def __init__(self, paths, labels, transform, min_size=None, regions=None, cache=None, cache_slots=None):
+    `input_size` (H, W), the model's: each image is decoded (at a reduced JPEG scale where that
+    still leaves it large enough), cropped to its region and prepared (prepare_image) before the
+    transform; the cache, when given, keeps prepared images. None: the transform gets the decoded
+    image as it is.
+    """
+
+    def __init__(self, paths, labels, transform, input_size=None, regions=None, cache=None, cache_slots=None):
         assert len(paths) == len(labels), "one label per image"
         assert regions is None or len(regions) == len(paths), "one crop region per image"
+        assert cache is None or input_size is not None, "a cache holds prepared images: give input_size"
         self.paths, self.labels = list(paths), list(labels)
         self.transform = transform
-        self.min_size = min_size
+        self.input_size = input_size
         self.regions = regions  # face crops, or None for the whole photo
         self.cache = cache      # an ImageCache, or None
         self.cache_slots = list(range(len(self.paths))) if cache_slots is None else list(cache_slots)
@@ -222,12 +246,15 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def read(self, index):
-        """The decoded (cropped) image, from the cache when it holds it."""
+        """The decoded, cropped and prepared image, from the cache when it holds it."""
         slot = self.cache_slots[index]
         image = self.cache.get(slot) if self.cache is not None else None
         if image is None:
             region = None if self.regions is None else self.regions[index]
-            image = load_image(self.paths[index], self.min_size, region)
+            if self.input_size is None:
+                return load_image(self.paths[index], None, region)
+            image = prepare_image(load_image(self.paths[index], prepared_size(self.input_size), region),
+                                  self.input_size)
             if self.cache is not None:
                 image = self.cache.put(slot, image)
         return image

@@ -160,7 +160,7 @@ def ensemble_probs(run_dirs, configs, checkpoint, paths, views, batch_size, num_
             regions = face_regions(paths, os.path.commonpath([os.path.dirname(p) for p in paths]),
                                    config.get("face_margin", 0.3))
         dataset = ImageDataset(paths, [-1] * len(paths), eval_transform(size, config["mean"], config["std"]),
-                               min_size=size, regions=regions)
+                               input_size=size, regions=regions)
         loader = make_loader(dataset, batch_size, num_workers, device)
         models, names, held = [], [], 0
         for i, (run_dir, run_config) in enumerate(members):

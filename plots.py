@@ -31,7 +31,7 @@ from sklearn.metrics import confusion_matrix
 
 from augmentation import seed_transform
 from cli import UserError
-from dataset import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, decode_label, load_image, task_f1
+from dataset import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, decode_label, load_image, prepare_image, task_f1
 
 DPI = 100                 # pixels per inch of every PNG
 FONT, SMALL_FONT, TITLE_FONT = 9, 7, 11  # points: axis labels, cell numbers / thumbnails, titles
@@ -207,17 +207,24 @@ def _short(path, length=22):
     return name if len(name) <= length else "..." + name[-length + 3:]
 
 
+def _prepared(image_paths, regions=None, input_size=None):
+    """The images as the loaders hand them to the transform (dataset.ImageDataset.read)."""
+    images = [load_image(p, region=None if regions is None else regions[i]) for i, p in enumerate(image_paths)]
+    return images if input_size is None else [prepare_image(image, input_size) for image in images]
+
+
 def aug_preview_png(path, image_paths, transform, mean, std, mixer=None, n=8, seed=0, draws=AUG_DRAWS,
-                    regions=None):
+                    regions=None, input_size=None):
     """aug_preview.png: per column one image, resized; below it `draws` passes through the training
     `transform`; with a `mixer`, one more row: the first draws mixed as a batch (lam in the label).
+    `input_size`: the model's (H, W); images are then prepared as the training loader does.
 
     Works on copies of `transform` and `mixer`: the training run's random streams are untouched.
     """
     transform = copy.deepcopy(transform)
     seed_transform(transform, seed)
     n = min(n, len(image_paths))
-    originals = [load_image(p, region=None if regions is None else regions[i]) for i, p in enumerate(image_paths[:n])]
+    originals = _prepared(image_paths[:n], regions, input_size)
     batches = [torch.stack([transform(image=image)["image"] for image in originals]) for _ in range(draws)]
     height, width = batches[0].shape[-2:]
     rows = [("original", [np.asarray(Image.fromarray(o).resize((width, height))) for o in originals])]
@@ -351,14 +358,16 @@ def gradcam(model, images, layer_name, targets=None):
     return cams.cpu().numpy(), logits.detach()
 
 
-def gradcam_png(path, model, image_paths, transform, class_names, labels=None, n=8, device="cpu", regions=None):
+def gradcam_png(path, model, image_paths, transform, class_names, labels=None, n=8, device="cpu", regions=None,
+                input_size=None):
     """gradcam.png: per image, the input and the Grad-CAM of the predicted class over it.
 
-    `transform`: the eval pipeline (its output is what the model sees). Returns None, with one
-    printed line, for a model without a convolutional feature map (e.g. a ViT).
+    `transform`: the eval pipeline; with the model's `input_size` the images are prepared as the
+    loaders do, so the input shown is what the model sees. Returns None, with one printed line,
+    for a model without a convolutional feature map (e.g. a ViT).
     """
     n = min(n, len(image_paths))
-    originals = [load_image(p, region=None if regions is None else regions[i]) for i, p in enumerate(image_paths[:n])]
+    originals = _prepared(image_paths[:n], regions, input_size)
     images = torch.stack([transform(image=image)["image"] for image in originals]).to(device)
     height, width = images.shape[-2:]
     found = find_cam_layer(model, (height, width))

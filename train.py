@@ -279,7 +279,7 @@ class TrainingData:
         """An ImageDataset over `paths` with this data's face crops and cache."""
         regions = [self.regions[p] for p in paths] if self.regions else None
         slots = [self.slots[p] for p in paths] if self.cache is not None else None
-        return ImageDataset(paths, labels, transform, min_size=resize, regions=regions, cache=self.cache,
+        return ImageDataset(paths, labels, transform, input_size=resize, regions=regions, cache=self.cache,
                             cache_slots=slots)
 
 
@@ -474,7 +474,7 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
             log.figure("aug_preview", plots.aug_preview_png(
                 run_dir, [train_paths[i] for i in pick], train_tf, source.mean, source.std,
                 mixer if mixer.enabled else None, n=len(pick), seed=args.seed,
-                regions=[train_set.regions[i] for i in pick] if train_set.regions else None), 0)
+                regions=[train_set.regions[i] for i in pick] if train_set.regions else None, input_size=resize), 0)
     print(f"run {run_dir}: {args.model} at {resize[0]}x{resize[1]}, {len(train_set)} train / "
           f"{len(val_set)} val images, {num_classes} classes, {device} {precision.name}"
           f"{' channels_last' if precision.channels_last else ''}", flush=True)
@@ -531,7 +531,7 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
                                tasks is not None)
         if os.path.exists(best_path):
             load_weights(net, best_path, args.model)
-        final_figures(log, net, val_paths, val_labels, val_tf, source.classes, device, val_regions)
+        final_figures(log, net, val_paths, val_labels, val_tf, source.classes, device, val_regions, resize)
         log.close()
     best = state["best"]
     print(f"done in {(time.time() - started) / 60:.1f} min: best epoch {best['epoch']} "

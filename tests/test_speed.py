@@ -54,6 +54,11 @@ def test_image_cache_serves_later_epochs_from_memory(sample_data, tmp_path, kind
     monkeypatch.setattr(dataset_module, "load_image", lambda *a, **k: pytest.fail("decoded again"))
     second = torch.cat([x for x, _ in make_loader(dataset, 8, 0, "cpu")])
     assert torch.equal(first, second)
+    monkeypatch.undo()
+    # without a cache the images are prepared the same way: --cache never changes what the model
+    # sees, and inference (no cache) sees what validation saw
+    plain = ImageDataset(paths, labels, eval_transform((64, 48), source.mean, source.std), (64, 48))
+    assert torch.equal(torch.cat([x for x, _ in make_loader(plain, 8, 0, "cpu")]), first)
     cache.close()
     assert not (tmp_path / "cache.npy").exists()
 
