@@ -63,6 +63,17 @@ def test_same_seed_same_split_and_metrics(work, base_run):
     pd.testing.assert_frame_equal(first.drop(columns="seconds"), second.drop(columns="seconds"))
 
 
+def test_cache_setting_does_not_change_training(work):
+    """--cache auto picks ram or nothing by free memory: either way the run must be the same."""
+    runs = {}
+    for kind in ("ram", "none"):
+        result = run_cli("train.py", *FAST, "--epochs", "2", "--name", f"cache_{kind}", "--seed", "5",
+                         "--cache", kind, cwd=work)
+        assert ("cache: " in result.stdout) == (kind == "ram")
+        runs[kind] = _metrics(work / "runs" / f"cache_{kind}").drop(columns="seconds")
+    pd.testing.assert_frame_equal(runs["ram"], runs["none"])
+
+
 def test_split_csv_is_a_person_split(work, base_run):
     split = pd.read_csv(base_run / "split.csv", dtype=str)
     assert (split.groupby("person")["side"].nunique() == 1).all()
