@@ -60,6 +60,19 @@ def AlbuAugmentation(resize, mean, std, **kwargs):
     ])
 
 
+# First steps that bring the whole image to a size of their own: a pipeline that starts with one
+# works the same on a photo and on the same photo prepared smaller (dataset.prepare_image), so
+# its images can be prepared and cached. One that starts otherwise (A.CenterCrop(320, 256): pixel
+# units of the photo) gets the full-size photo, decoded every epoch.
+RESIZING_FIRST = (A.Resize, A.RandomResizedCrop, A.RandomSizedCrop, A.LongestMaxSize, A.SmallestMaxSize)
+
+
+def resizes_first(transform):
+    """True when an albumentations pipeline's first step resizes the whole image (RESIZING_FIRST)."""
+    steps = getattr(transform, "transforms", None)
+    return bool(steps) and isinstance(steps[0], RESIZING_FIRST)
+
+
 def seed_transform(transform, seed):
     """Seed an albumentations pipeline so that what it does depends on `seed` only.
 

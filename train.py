@@ -27,7 +27,7 @@ import cli
 import distributed
 import plots
 import timm.utils
-from augmentation import AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, tta_logits
+from augmentation import AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, resizes_first, tta_logits
 from cutmix import MODES as CUTMIX_MODES, BatchMixer, mixed_loss
 from dataset import (DATASETS, TASKS, EpochSampler, ImageCache, ImageDataset, cache_shape, class_counts, load_image,
                      make_loader, read_extra, read_pseudo_labels, shared_memory_free, task_f1, training_label,
@@ -276,10 +276,12 @@ class TrainingData:
     slots: dict = dataclasses.field(default_factory=dict)  # full image path -> its cache slot
 
     def dataset(self, paths, labels, transform, resize):
-        """An ImageDataset over `paths` with this data's face crops and cache."""
+        """An ImageDataset over `paths` with this data's face crops and cache. resize None: the
+        transform gets full-size photos (a pipeline that does not resize first), never cached."""
         regions = [self.regions[p] for p in paths] if self.regions else None
-        slots = [self.slots[p] for p in paths] if self.cache is not None else None
-        return ImageDataset(paths, labels, transform, input_size=resize, regions=regions, cache=self.cache,
+        cache = self.cache if resize is not None else None
+        slots = [self.slots[p] for p in paths] if cache is not None else None
+        return ImageDataset(paths, labels, transform, input_size=resize, regions=regions, cache=cache,
                             cache_slots=slots)
 
 
@@ -406,7 +408,11 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
     # transforms (one per side) and loaders
     train_tf = AUGMENTATIONS.build(args.augmentation, resize=resize, mean=source.mean, std=source.std)
     val_tf = eval_transform(resize, source.mean, source.std)
-    train_set = data.dataset(train_paths, train_labels, train_tf, resize)
+    prepared = resizes_first(train_tf)
+    if not prepared and context.is_main:
+        print(f"note: --augmentation {args.augmentation} does not start with a resize: training gets full-size "
+              f"photos, decoded every epoch (only validation images are prepared and cached)")
+    train_set = data.dataset(train_paths, train_labels, train_tf, resize if prepared else None)
     val_set = data.dataset(val_paths, val_labels, val_tf, resize)
     counts = class_counts(train_labels, num_classes)
     # --sampler weighted: each image drawn with weight 1/count of its class, so classes come up about equally
@@ -474,7 +480,8 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
             log.figure("aug_preview", plots.aug_preview_png(
                 run_dir, [train_paths[i] for i in pick], train_tf, source.mean, source.std,
                 mixer if mixer.enabled else None, n=len(pick), seed=args.seed,
-                regions=[train_set.regions[i] for i in pick] if train_set.regions else None, input_size=resize), 0)
+                regions=[train_set.regions[i] for i in pick] if train_set.regions else None,
+                input_size=train_set.input_size), 0)
     print(f"run {run_dir}: {args.model} at {resize[0]}x{resize[1]}, {len(train_set)} train / "
           f"{len(val_set)} val images, {num_classes} classes, {device} {precision.name}"
           f"{' channels_last' if precision.channels_last else ''}", flush=True)

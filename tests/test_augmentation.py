@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from augmentation import AUGMENTATIONS, eval_transform, seed_transform
+from augmentation import AUGMENTATIONS, eval_transform, resizes_first, seed_transform, to_tensor
 from dataset import MASK_MEAN, MASK_STD
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (512, 384, 3), dtype=np.uint8)
@@ -46,3 +46,13 @@ def test_train_augmentation_is_random_and_seedable():
     seed_transform(transform, 7)
     again = [transform(image=IMAGE)["image"] for _ in range(4)]
     assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+def test_resizes_first_tells_which_pipelines_may_get_prepared_images():
+    assert resizes_first(eval_transform((64, 48), MASK_MEAN, MASK_STD))
+    for name in AUGMENTATIONS.names():  # the built-in pipelines all start with a resize
+        assert resizes_first(AUGMENTATIONS.build(name, resize=(64, 48), mean=MASK_MEAN, std=MASK_STD)), name
+    assert resizes_first(A.Compose([A.RandomResizedCrop(size=(64, 48), scale=(0.8, 1.0))]))
+    # pixel units of the photo: needs the full-size photo
+    assert not resizes_first(A.Compose([A.CenterCrop(320, 256), A.Resize(64, 48), *to_tensor(MASK_MEAN, MASK_STD)]))
+    assert not resizes_first(A.Compose([]))

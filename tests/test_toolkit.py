@@ -259,6 +259,38 @@ def test_toolkit_flags_end_to_end(work, tmp_path):
 
 
 # ---------------------------------------------------------------- face crop
+def test_pipeline_cropping_in_photo_pixels_gets_full_size_photos(work, tmp_path, capsys, monkeypatch):
+    """A registered pipeline that starts with CenterCrop(300, 240) (the photos are 384x512) cannot
+    work on prepared (64x48 -> 72x54) images: training hands it the full-size photos instead,
+    says so, and still caches and prepares the validation side."""
+    import albumentations as A
+
+    import augmentation
+    import train
+    from registry import Registry
+    registry = Registry("augmentation")
+    registry._entries = dict(augmentation.AUGMENTATIONS._entries)  # the real entries, plus one
+    monkeypatch.setattr(train, "AUGMENTATIONS", registry)
+    sizes = []
+
+    @registry.register()
+    def CenterCropFirst(resize, mean, std, **kwargs):
+        def note(image, **params):
+            sizes.append(image.shape[:2])
+            return image
+        return A.Compose([A.Lambda(image=note), A.CenterCrop(300, 240), A.Resize(*resize),
+                          *augmentation.to_tensor(mean, std)])
+
+    args = train.get_args_parser().parse_args([*FAST, "--epochs", "1", "--augmentation", "CenterCropFirst", "--cache",
+                                               "ram", "--data_dir", str(work / "data" / "train"),
+                                               "--model_dir", str(tmp_path), "--name", "crop"])
+    run_dir = train.main(args)
+    out = capsys.readouterr().out
+    assert "does not start with a resize: training gets full-size photos" in out and "cache: " in out
+    assert sizes and all(size == (512, 384) for size in sizes)
+    assert len(pd.read_csv(os.path.join(run_dir, "metrics.csv"))) == 1
+
+
 def test_facecrop_training_reuses_the_cache_and_inference_crops_too(work, tmp_path):
     import facecrop
     import train
