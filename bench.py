@@ -12,8 +12,9 @@ table gives the median over rounds of each rate and of the per-round ratio; `spr
 range of those ratios, `others CPU` the share of the machine other processes used meanwhile
 (both large: the figures are noisy, rerun). Defaults: batch 32 at 224x224, the training size.
 
-- loader_vs_naive: the training loader (dataset.ImageDataset: load_image with a draft decode to
-  the training size, --augmentation (AlbuAugmentation), make_loader) against a naive loader
+- loader_vs_naive: the training loader (dataset.ImageDataset: load_image with a draft decode
+  where the size allows, prepare_image (area resize to 1.125x the input, as the cache keeps
+  images), --augmentation (AlbuAugmentation), make_loader) against a naive loader
   written below as the public baseline does it (PIL open + convert, torchvision
   Resize/ToTensor/Normalize, one image per __getitem__, a plain DataLoader); same images, size,
   batch and worker count. Every epoch decodes every image, as the first epoch of a run does.
