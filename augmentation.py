@@ -13,6 +13,7 @@ Add your own:
 
 Example: python train.py --augmentation AlbuAugmentation --resize 256,192
 """
+import math
 import random
 
 import albumentations as A
@@ -65,12 +66,30 @@ def AlbuAugmentation(resize, mean, std, **kwargs):
 # its images can be prepared and cached. One that starts otherwise (A.CenterCrop(320, 256): pixel
 # units of the photo) gets the full-size photo, decoded every epoch.
 RESIZING_FIRST = (A.Resize, A.RandomResizedCrop, A.RandomSizedCrop, A.LongestMaxSize, A.SmallestMaxSize)
+# Prepared images are this much larger than the input where the first step crops or zooms
+# (RandomResizedCrop, ...), so its crops keep their detail; a plain Resize to the input size
+# gets images at exactly that size (one resampling, not two).
+HEADROOM = 1.125
 
 
 def resizes_first(transform):
     """True when an albumentations pipeline's first step resizes the whole image (RESIZING_FIRST)."""
     steps = getattr(transform, "transforms", None)
     return bool(steps) and isinstance(steps[0], RESIZING_FIRST)
+
+
+def with_headroom(size):
+    return tuple(int(math.ceil(s * HEADROOM)) for s in size)
+
+
+def prepared_size(transform, input_size):
+    """(H, W) to which images are prepared (and cached) before `transform`, for model input
+    `input_size`: the input size itself when the pipeline starts with A.Resize to it, HEADROOM
+    times it for other resizing first steps, None when it does not resize first (full photos)."""
+    if not resizes_first(transform):
+        return None
+    first, size = transform.transforms[0], tuple(input_size)
+    return size if isinstance(first, A.Resize) and (first.height, first.width) == size else with_headroom(size)
 
 
 def seed_transform(transform, seed):

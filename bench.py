@@ -13,8 +13,8 @@ range of those ratios, `others CPU` the share of the machine other processes use
 (both large: the figures are noisy, rerun). Defaults: batch 32 at 224x224, the training size.
 
 - loader_vs_naive: the training loader (dataset.ImageDataset: load_image with a draft decode
-  where the size allows, prepare_image (area resize to 1.125x the input, as the cache keeps
-  images), --augmentation (AlbuAugmentation), make_loader) against a naive loader
+  where the size allows, prepare_image (area resize to augmentation.prepared_size, as the
+  cache keeps images: the input size for AlbuAugmentation), --augmentation (AlbuAugmentation), make_loader) against a naive loader
   written below as the public baseline does it (PIL open + convert, torchvision
   Resize/ToTensor/Normalize, one image per __getitem__, a plain DataLoader); same images, size,
   batch and worker count. Every epoch decodes every image, as the first epoch of a run does.
@@ -63,7 +63,7 @@ from PIL import Image, ImageEnhance
 from torchvision import transforms
 
 import cli
-from augmentation import AUGMENTATIONS, eval_transform
+from augmentation import AUGMENTATIONS, eval_transform, prepared_size
 from dataset import (MASK_MEAN, MASK_STD, NUM_CLASSES, EpochSampler, ImageCache, ImageDataset, make_loader,
                      read_mask_train)
 from model import cpu_has_native_bf16, create_model, resolve_device, resolve_precision
@@ -257,9 +257,11 @@ def section_loader(args, plan, device):
     naive = torch.utils.data.DataLoader(NaiveDataset(paths, labels, args.resize, MASK_MEAN, MASK_STD),
                                         batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
                                         pin_memory=device.type == "cuda")
-    ours = training_loader(ImageDataset(paths, labels, augment, input_size=args.resize), args, device)
-    cache = ImageCache(len(paths), args.resize, "ram")
-    cached = training_loader(ImageDataset(paths, labels, augment, input_size=args.resize, cache=cache), args, device)
+    prepared = prepared_size(augment, args.resize)  # None: the pipeline gets full photos, as train.py does
+    ours = training_loader(ImageDataset(paths, labels, augment, prepare_to=prepared), args, device)
+    cache = ImageCache(len(paths), prepared or args.resize, "ram")
+    cached = training_loader(ImageDataset(paths, labels, augment, prepare_to=prepared or args.resize, cache=cache),
+                             args, device)
     workers = args.num_workers
     return compare({"naive": lambda: steady(naive, workers), "loader": lambda: steady(ours, workers),
                     "loader_cached": lambda: steady(cached, workers)}, plan["rounds"], device)
@@ -274,8 +276,8 @@ def section_train(args, plan, device):
     augment = AUGMENTATIONS.build(args.augmentation, resize=args.resize, mean=MASK_MEAN, std=MASK_STD)
     # train.py's default --cache auto keeps decoded images in RAM where they fit, as they do here:
     # the warm-up pass is the first epoch, the timed ones are later epochs
-    dataset = ImageDataset(paths, labels, augment, input_size=args.resize,
-                           cache=ImageCache(len(paths), args.resize, "ram"))
+    prepared = prepared_size(augment, args.resize) or args.resize
+    dataset = ImageDataset(paths, labels, augment, prepare_to=prepared, cache=ImageCache(len(paths), prepared, "ram"))
     loader, steps = training_loader(dataset, args, device), len(paths) // args.batch_size
     images = torch.stack([dataset[i][0] for i in range(args.batch_size)]).to(device)  # one real batch, in memory
     target = torch.tensor(labels[:args.batch_size], device=device)
@@ -299,7 +301,8 @@ def section_infer(args, plan, device):
     from inference import predict
     precision = resolve_precision("auto", device)
     paths, labels = training_images(args.data, plan["infer"], args.batch_size)
-    dataset = ImageDataset(paths, labels, eval_transform(args.resize, MASK_MEAN, MASK_STD), input_size=args.resize)
+    # prepared to the input size, as for a run trained with a pipeline that starts with A.Resize
+    dataset = ImageDataset(paths, labels, eval_transform(args.resize, MASK_MEAN, MASK_STD), prepare_to=args.resize)
     loader, batches = make_loader(dataset, args.batch_size, args.num_workers, device), len(paths) // args.batch_size
     images = torch.stack([dataset[i][0] for i in range(args.batch_size)]).to(device)
     torch.manual_seed(0)

@@ -126,30 +126,20 @@ def load_image(path, min_size=None, region=None):
     return image
 
 
-# Every image reaches the transform at this much more than the model input (room for crops and
-# zoom), resized with area interpolation: cached or not, in training, validation and inference.
-CACHE_HEADROOM = 1.125
-
-
-def prepared_size(size):
-    """(H, W) at which images reach the transform for a model input `size` (H, W)."""
-    return tuple(int(np.ceil(s * CACHE_HEADROOM)) for s in size)
-
-
 def prepare_image(image, size):
-    """A decoded (cropped) image as the transform receives it for model input `size`: resized to
-    prepared_size(size) with area interpolation (antialiased). The cache holds exactly this, and
-    the uncached path does the same, so `--cache` never changes what the model sees, and
-    inference sees what validation saw (a direct bilinear resize of the photo would alias)."""
-    height, width = prepared_size(size)
+    """A decoded (cropped) image as the transform receives it: resized to `size` (H, W; see
+    augmentation.prepared_size) with area interpolation (antialiased). The cache holds exactly
+    this, and the uncached path does the same, so `--cache` never changes what the model sees,
+    and inference sees what validation saw (a direct bilinear resize of the photo would alias)."""
+    height, width = size
     if image.shape[:2] == (height, width):
         return image
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def cache_shape(count, size):
-    """(count, H, W, 3): the cache holds prepared images (prepared_size) for model input `size`."""
-    return (count, *prepared_size(size), 3)
+    """(count, H, W, 3): the cache holds prepared images of `size` (H, W)."""
+    return (count, *size, 3)
 
 
 def shared_memory_free():
@@ -213,7 +203,7 @@ class ImageCache:
         """Store a prepared image (prepare_image, at the cache's size) and return it."""
         assert image.shape == self.shape[1:], f"cache holds {self.shape[1:]} images, got {image.shape}"
         images, filled = (self.images, self.filled) if self.kind == "ram" else self._disk()
-        images[index] = torch.from_numpy(image) if self.kind == "ram" else image
+        (images[index].numpy() if self.kind == "ram" else images[index])[...] = image  # a copy; image may be read-only
         filled[index] = True
         return image
 
@@ -225,19 +215,19 @@ class ImageCache:
 class ImageDataset(torch.utils.data.Dataset):
     """One side of a split: paths and labels, and the transform of that side only.
 
-    `input_size` (H, W), the model's: each image is decoded (at a reduced JPEG scale where that
-    still leaves it large enough), cropped to its region and prepared (prepare_image) before the
-    transform; the cache, when given, keeps prepared images. None: the transform gets the decoded
-    image as it is.
+    `prepare_to` (H, W) (augmentation.prepared_size): each image is decoded (at a reduced JPEG
+    scale where that still leaves it large enough), cropped to its region and resized to it
+    (prepare_image) before the transform; the cache, when given, keeps these prepared images.
+    None: the transform gets the decoded photo as it is.
     """
 
-    def __init__(self, paths, labels, transform, input_size=None, regions=None, cache=None, cache_slots=None):
+    def __init__(self, paths, labels, transform, prepare_to=None, regions=None, cache=None, cache_slots=None):
         assert len(paths) == len(labels), "one label per image"
         assert regions is None or len(regions) == len(paths), "one crop region per image"
-        assert cache is None or input_size is not None, "a cache holds prepared images: give input_size"
+        assert cache is None or prepare_to is not None, "a cache holds prepared images: give prepare_to"
         self.paths, self.labels = list(paths), list(labels)
         self.transform = transform
-        self.input_size = input_size
+        self.prepare_to = None if prepare_to is None else tuple(prepare_to)
         self.regions = regions  # face crops, or None for the whole photo
         self.cache = cache      # an ImageCache, or None
         self.cache_slots = list(range(len(self.paths))) if cache_slots is None else list(cache_slots)
@@ -251,10 +241,9 @@ class ImageDataset(torch.utils.data.Dataset):
         image = self.cache.get(slot) if self.cache is not None else None
         if image is None:
             region = None if self.regions is None else self.regions[index]
-            if self.input_size is None:
+            if self.prepare_to is None:
                 return load_image(self.paths[index], None, region)
-            image = prepare_image(load_image(self.paths[index], prepared_size(self.input_size), region),
-                                  self.input_size)
+            image = prepare_image(load_image(self.paths[index], self.prepare_to, region), self.prepare_to)
             if self.cache is not None:
                 image = self.cache.put(slot, image)
         return image

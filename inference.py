@@ -22,7 +22,7 @@ from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 import cli
-from augmentation import TTA_VIEWS, eval_transform, parse_tta, tta_logits
+from augmentation import TTA_VIEWS, eval_transform, parse_tta, tta_logits, with_headroom
 from dataset import ImageDataset, make_loader, read_csv_columns, read_eval_dir
 from ensemble import probs_path_for
 from facecrop import face_regions
@@ -132,8 +132,14 @@ def preprocessing(config):
     """What a run does to an image before its model sees it: runs that agree can share one
     decoding pass (the folds of a k-fold run always do)."""
     facecrop = bool(config.get("facecrop"))
-    return (tuple(config["input_size"]), tuple(config["mean"]), tuple(config["std"]), facecrop,
-            config.get("face_margin", 0.3) if facecrop else None)
+    return (tuple(config["input_size"]), run_prepared_size(config), tuple(config["mean"]), tuple(config["std"]),
+            facecrop, config.get("face_margin", 0.3) if facecrop else None)
+
+
+def run_prepared_size(config):
+    """(H, W) the run's validation images were prepared to; runs from before config.json recorded
+    it were prepared with the headroom (their cache's size)."""
+    return tuple(config.get("prepared_size") or with_headroom(config["input_size"]))
 
 
 def weight_bytes(model):
@@ -160,7 +166,7 @@ def ensemble_probs(run_dirs, configs, checkpoint, paths, views, batch_size, num_
             regions = face_regions(paths, os.path.commonpath([os.path.dirname(p) for p in paths]),
                                    config.get("face_margin", 0.3))
         dataset = ImageDataset(paths, [-1] * len(paths), eval_transform(size, config["mean"], config["std"]),
-                               input_size=size, regions=regions)
+                               prepare_to=run_prepared_size(config), regions=regions)
         loader = make_loader(dataset, batch_size, num_workers, device)
         models, names, held = [], [], 0
         for i, (run_dir, run_config) in enumerate(members):

@@ -207,24 +207,24 @@ def _short(path, length=22):
     return name if len(name) <= length else "..." + name[-length + 3:]
 
 
-def _prepared(image_paths, regions=None, input_size=None):
+def _prepared(image_paths, regions=None, prepare_to=None):
     """The images as the loaders hand them to the transform (dataset.ImageDataset.read)."""
     images = [load_image(p, region=None if regions is None else regions[i]) for i, p in enumerate(image_paths)]
-    return images if input_size is None else [prepare_image(image, input_size) for image in images]
+    return images if prepare_to is None else [prepare_image(image, prepare_to) for image in images]
 
 
 def aug_preview_png(path, image_paths, transform, mean, std, mixer=None, n=8, seed=0, draws=AUG_DRAWS,
-                    regions=None, input_size=None):
+                    regions=None, prepare_to=None):
     """aug_preview.png: per column one image, resized; below it `draws` passes through the training
     `transform`; with a `mixer`, one more row: the first draws mixed as a batch (lam in the label).
-    `input_size`: the model's (H, W); images are then prepared as the training loader does.
+    `prepare_to` (H, W): images are prepared as the training loader does (dataset.prepare_image).
 
     Works on copies of `transform` and `mixer`: the training run's random streams are untouched.
     """
     transform = copy.deepcopy(transform)
     seed_transform(transform, seed)
     n = min(n, len(image_paths))
-    originals = _prepared(image_paths[:n], regions, input_size)
+    originals = _prepared(image_paths[:n], regions, prepare_to)
     batches = [torch.stack([transform(image=image)["image"] for image in originals]) for _ in range(draws)]
     height, width = batches[0].shape[-2:]
     rows = [("original", [np.asarray(Image.fromarray(o).resize((width, height))) for o in originals])]
@@ -359,15 +359,15 @@ def gradcam(model, images, layer_name, targets=None):
 
 
 def gradcam_png(path, model, image_paths, transform, class_names, labels=None, n=8, device="cpu", regions=None,
-                input_size=None):
+                prepare_to=None):
     """gradcam.png: per image, the input and the Grad-CAM of the predicted class over it.
 
-    `transform`: the eval pipeline; with the model's `input_size` the images are prepared as the
+    `transform`: the eval pipeline; with `prepare_to` (H, W) the images are prepared as the
     loaders do, so the input shown is what the model sees. Returns None, with one printed line,
     for a model without a convolutional feature map (e.g. a ViT).
     """
     n = min(n, len(image_paths))
-    originals = _prepared(image_paths[:n], regions, input_size)
+    originals = _prepared(image_paths[:n], regions, prepare_to)
     images = torch.stack([transform(image=image)["image"] for image in originals]).to(device)
     height, width = images.shape[-2:]
     found = find_cam_layer(model, (height, width))

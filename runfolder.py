@@ -137,7 +137,7 @@ def best_epoch_figures(log, output, paths, classes, epoch, regions=None, per_tas
                                               regions=regions), epoch)
 
 
-def final_figures(log, model, paths, labels, transform, classes, device, regions=None, input_size=None):
+def final_figures(log, model, paths, labels, transform, classes, device, regions=None, prepare_to=None):
     """curves.png and gradcam.png (of the best weights, loaded into `model`)."""
     step = max(int(pd.read_csv(log.path)["epoch"].max()), 1) if os.path.exists(log.path) else 0
     log.figure("curves", plots.curves_png(log.run_dir, log.path), step)
@@ -145,7 +145,7 @@ def final_figures(log, model, paths, labels, transform, classes, device, regions
     log.figure("gradcam", plots.gradcam_png(log.run_dir, model, [paths[i] for i in pick], transform, classes,
                                             labels=[labels[i] for i in pick], n=len(pick), device=device,
                                             regions=[regions[i] for i in pick] if regions else None,
-                                            input_size=input_size), step)
+                                            prepare_to=prepare_to), step)
 
 
 def spread(count, n):

@@ -27,7 +27,8 @@ import cli
 import distributed
 import plots
 import timm.utils
-from augmentation import AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, resizes_first, tta_logits
+from augmentation import (AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, prepared_size, resizes_first,
+                          tta_logits)
 from cutmix import MODES as CUTMIX_MODES, BatchMixer, mixed_loss
 from dataset import (DATASETS, TASKS, EpochSampler, ImageCache, ImageDataset, cache_shape, class_counts, load_image,
                      make_loader, read_extra, read_pseudo_labels, shared_memory_free, task_f1, training_label,
@@ -50,7 +51,7 @@ for _name, _cls in vars(torch.optim).items():
 SCHEDULERS = ("none", "step", "cosine")
 FIGURE_REFRESH_SECONDS = 60  # best-epoch figures take ~2 s: redrawn on a new best at most once a minute
 # what config.json records beside the flags: skipped when it is read back with --config / --resume
-DERIVED_KEYS = ("input_size", "num_classes", "classes", "mean", "std", "label_scheme", "tasks", "train_images",
+DERIVED_KEYS = ("input_size", "prepared_size", "num_classes", "classes", "mean", "std", "label_scheme", "tasks", "train_images",
                 "val_images", "world_size", "folds")
 
 
@@ -273,15 +274,16 @@ class TrainingData:
     extra: list      # Samples with full paths for the training side only (--extra_data, --pseudo_labels)
     regions: dict    # full image path -> face crop region (--facecrop), else empty
     cache: object = None  # an ImageCache over every image (--cache), shared by all folds
+    prepared: tuple = None  # (H, W) images are prepared to (augmentation.prepared_size) and cached at
     slots: dict = dataclasses.field(default_factory=dict)  # full image path -> its cache slot
 
-    def dataset(self, paths, labels, transform, resize):
-        """An ImageDataset over `paths` with this data's face crops and cache. resize None: the
+    def dataset(self, paths, labels, transform, prepare_to):
+        """An ImageDataset over `paths` with this data's face crops and cache. prepare_to None: the
         transform gets full-size photos (a pipeline that does not resize first), never cached."""
         regions = [self.regions[p] for p in paths] if self.regions else None
-        cache = self.cache if resize is not None else None
+        cache = self.cache if prepare_to is not None else None
         slots = [self.slots[p] for p in paths] if cache is not None else None
-        return ImageDataset(paths, labels, transform, input_size=resize, regions=regions, cache=cache,
+        return ImageDataset(paths, labels, transform, prepare_to=prepare_to, regions=regions, cache=cache,
                             cache_slots=slots)
 
 
@@ -340,12 +342,13 @@ def load_training_data(args, context=distributed.Context()):
     return TrainingData(source, extra, regions)
 
 
-def attach_cache(data, kind, resize, run_dir):
-    """--cache: one ImageCache over every image the folds use (kind "auto": "ram" when it fits)."""
+def attach_cache(data, kind, size, run_dir):
+    """--cache: one ImageCache of prepared images (`size`, H x W) over every image the folds use
+    (kind "auto": "ram" when it fits)."""
     paths = data.source.paths(range(len(data.source.samples))) + [s.path for s in data.extra]
     if kind == "auto":
         # under torchrun every process on this machine holds its own cache
-        need = int(np.prod(cache_shape(len(paths), resize))) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        need = int(np.prod(cache_shape(len(paths), size))) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         free, where = shared_memory_free()
         if need > free / 2:
             print(f"cache: off (decoded images would take {need / 2**30:.1f} GiB, {where} has "
@@ -353,7 +356,7 @@ def attach_cache(data, kind, resize, run_dir):
             return
         kind = "ram"
     data.slots = {p: i for i, p in enumerate(paths)}
-    data.cache = ImageCache(len(paths), resize, kind, path=os.path.join(run_dir, f".image_cache{os.getpid()}.npy"))
+    data.cache = ImageCache(len(paths), size, kind, path=os.path.join(run_dir, f".image_cache{os.getpid()}.npy"))
     print(f"cache: {len(paths)} decoded images at {data.cache.shape[1]}x{data.cache.shape[2]} in {kind}")
 
 
@@ -412,8 +415,8 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
     if not prepared and context.is_main:
         print(f"note: --augmentation {args.augmentation} does not start with a resize: training gets full-size "
               f"photos, decoded every epoch (only validation images are prepared and cached)")
-    train_set = data.dataset(train_paths, train_labels, train_tf, resize if prepared else None)
-    val_set = data.dataset(val_paths, val_labels, val_tf, resize)
+    train_set = data.dataset(train_paths, train_labels, train_tf, data.prepared if prepared else None)
+    val_set = data.dataset(val_paths, val_labels, val_tf, data.prepared)
     counts = class_counts(train_labels, num_classes)
     # --sampler weighted: each image drawn with weight 1/count of its class, so classes come up about equally
     weights = [1.0 / counts[label] for label in train_labels] if args.sampler == "weighted" else None
@@ -463,6 +466,7 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
 
     # the run folder: rank 0 writes it
     config = {**vars(args), "resume": None, "resize": list(resize), "input_size": list(resize),
+              "prepared_size": list(data.prepared),
               "num_classes": num_classes, "classes": source.classes, "mean": list(source.mean),
               "std": list(source.std), "label_scheme": source.label_scheme, "tasks": list(tasks) if tasks else None,
               "data_dir": source.root, "train_images": len(train_set), "val_images": len(val_set),
@@ -481,7 +485,7 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
                 run_dir, [train_paths[i] for i in pick], train_tf, source.mean, source.std,
                 mixer if mixer.enabled else None, n=len(pick), seed=args.seed,
                 regions=[train_set.regions[i] for i in pick] if train_set.regions else None,
-                input_size=train_set.input_size), 0)
+                prepare_to=train_set.prepare_to), 0)
     print(f"run {run_dir}: {args.model} at {resize[0]}x{resize[1]}, {len(train_set)} train / "
           f"{len(val_set)} val images, {num_classes} classes, {device} {precision.name}"
           f"{' channels_last' if precision.channels_last else ''}", flush=True)
@@ -538,7 +542,7 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
                                tasks is not None)
         if os.path.exists(best_path):
             load_weights(net, best_path, args.model)
-        final_figures(log, net, val_paths, val_labels, val_tf, source.classes, device, val_regions, resize)
+        final_figures(log, net, val_paths, val_labels, val_tf, source.classes, device, val_regions, data.prepared)
         log.close()
     best = state["best"]
     print(f"done in {(time.time() - started) / 60:.1f} min: best epoch {best['epoch']} "
@@ -577,8 +581,11 @@ def run_training(args, context, device):
         run_dir = args.resume
     else:
         run_dir = distributed.broadcast(context, make_run_dir(args.model_dir, args.name) if context.is_main else None)
+    # what images are prepared to, for training (when its pipeline resizes first) and validation
+    probe = AUGMENTATIONS.build(args.augmentation, resize=resize, mean=data.source.mean, std=data.source.std)
+    data.prepared = prepared_size(probe, resize) or resize
     if args.cache != "none":
-        attach_cache(data, args.cache, resize, run_dir)
+        attach_cache(data, args.cache, data.prepared, run_dir)
     try:
         if not args.kfold:
             train_fold(args, data, *folds[0], run_dir, device, precision, resize, context)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from augmentation import AUGMENTATIONS, eval_transform, resizes_first, seed_transform, to_tensor
+from augmentation import AUGMENTATIONS, eval_transform, prepared_size, resizes_first, seed_transform, to_tensor
 from dataset import MASK_MEAN, MASK_STD
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (512, 384, 3), dtype=np.uint8)
@@ -56,3 +56,15 @@ def test_resizes_first_tells_which_pipelines_may_get_prepared_images():
     # pixel units of the photo: needs the full-size photo
     assert not resizes_first(A.Compose([A.CenterCrop(320, 256), A.Resize(64, 48), *to_tensor(MASK_MEAN, MASK_STD)]))
     assert not resizes_first(A.Compose([]))
+
+
+def test_prepared_size_is_the_input_size_unless_the_first_step_crops_or_zooms():
+    # a plain resize to the input: prepared at exactly that size (one resampling, not two)
+    assert prepared_size(eval_transform((64, 48), MASK_MEAN, MASK_STD), (64, 48)) == (64, 48)
+    for name in AUGMENTATIONS.names():
+        assert prepared_size(AUGMENTATIONS.build(name, resize=(64, 48), mean=MASK_MEAN, std=MASK_STD), (64, 48)) \
+            == (64, 48), name
+    # a first step that crops or zooms gets 1.125x, so its crops keep their detail
+    assert prepared_size(A.Compose([A.RandomResizedCrop(size=(64, 48))]), (64, 48)) == (72, 54)
+    assert prepared_size(A.Compose([A.Resize(80, 60), A.CenterCrop(64, 48)]), (64, 48)) == (72, 54)
+    assert prepared_size(A.Compose([A.CenterCrop(320, 256), A.Resize(64, 48)]), (64, 48)) is None

@@ -99,7 +99,9 @@ def test_ensemble_decodes_each_image_once_per_preprocessing(work, base_run, monk
     monkeypatch.setattr(dataset, "load_image", lambda path, *a, **k: reads.append(path) or load_image(path, *a, **k))
     paths = dataset.read_eval_dir(str(work / "data" / "eval")).paths
     config = inference.read_config(base_run)
-    bigger = dict(config, input_size=[h + 16 for h in config["input_size"]])
+    assert config["prepared_size"] == config["input_size"]  # the default pipeline starts with A.Resize
+    bigger = dict(config, input_size=[h + 16 for h in config["input_size"]],
+                  prepared_size=[h + 16 for h in config["input_size"]])
 
     def probs(configs):
         reads.clear()
@@ -234,3 +236,9 @@ def test_corrupt_training_image_is_one_line_from_a_worker(sample_data, tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot read image" in lines[0] and "/mask2." in lines[0], result.stderr
+
+
+def test_runs_from_before_prepared_size_was_recorded_keep_their_cache_size():
+    import inference
+    assert inference.run_prepared_size({"input_size": [64, 48]}) == (72, 54)  # the cache's 1.125x
+    assert inference.run_prepared_size({"input_size": [64, 48], "prepared_size": [64, 48]}) == (64, 48)

@@ -46,8 +46,8 @@ def test_bf16_channels_last_step_matches_fp32_closely():
 def test_image_cache_serves_later_epochs_from_memory(sample_data, tmp_path, kind, monkeypatch):
     source = DATASETS.build("datasetSplitByClasses", str(sample_data / "train"))
     paths, labels = source.paths(range(40)), source.labels(range(40))
-    cache = ImageCache(len(paths), (64, 48), kind, path=str(tmp_path / "cache.npy"))
-    dataset = ImageDataset(paths, labels, eval_transform((64, 48), source.mean, source.std), (64, 48), cache=cache)
+    cache = ImageCache(len(paths), (72, 54), kind, path=str(tmp_path / "cache.npy"))  # a pipeline's headroom
+    dataset = ImageDataset(paths, labels, eval_transform((64, 48), source.mean, source.std), (72, 54), cache=cache)
     first = torch.cat([x for x, _ in make_loader(dataset, 8, 2, "cpu")])  # workers fill the shared cache
     assert cache.get(39) is not None and cache.get(0).shape == (72, 54, 3)
     import dataset as dataset_module
@@ -57,7 +57,7 @@ def test_image_cache_serves_later_epochs_from_memory(sample_data, tmp_path, kind
     monkeypatch.undo()
     # without a cache the images are prepared the same way: --cache never changes what the model
     # sees, and inference (no cache) sees what validation saw
-    plain = ImageDataset(paths, labels, eval_transform((64, 48), source.mean, source.std), (64, 48))
+    plain = ImageDataset(paths, labels, eval_transform((64, 48), source.mean, source.std), (72, 54))
     assert torch.equal(torch.cat([x for x, _ in make_loader(plain, 8, 0, "cpu")]), first)
     cache.close()
     assert not (tmp_path / "cache.npy").exists()
@@ -154,7 +154,7 @@ def test_cache_auto_takes_ram_only_where_it_fits(sample_data, tmp_path, monkeypa
     source = DATASETS.build("datasetSplitByClasses", str(sample_data / "train"))
     data = train.TrainingData(source, [], {})
     train.attach_cache(data, "auto", (64, 48), str(tmp_path))
-    assert data.cache.kind == "ram" and data.cache.shape == (len(source.samples), 72, 54, 3)
+    assert data.cache.kind == "ram" and data.cache.shape == (len(source.samples), 64, 48, 3)
     assert len(data.slots) == len(source.samples)
     monkeypatch.setattr(train, "shared_memory_free", lambda: (2**20, "/dev/shm"))  # a docker default
     small = train.TrainingData(source, [], {})
