@@ -14,12 +14,12 @@ range of those ratios, `others CPU` the share of the machine other processes use
 
 - loader_vs_naive: the training loader (dataset.ImageDataset: load_image with a draft decode
   where the size allows, prepare_image (area resize to augmentation.prepared_size, as the
-  cache keeps images: the input size for AlbuAugmentation), --augmentation (AlbuAugmentation), make_loader) against a naive loader
-  written below as the public baseline does it (PIL open + convert, torchvision
-  Resize/ToTensor/Normalize, one image per __getitem__, a plain DataLoader); same images, size,
-  batch and worker count. Every epoch decodes every image, as the first epoch of a run does.
-  Timed from the moment every worker has delivered its first batch (see `steady`): the steady
-  rate of a long epoch.
+  cache keeps images: the input size for AlbuAugmentation), --augmentation (AlbuAugmentation),
+  make_loader) against a naive loader written below as the public baseline does it (PIL open +
+  convert, torchvision Resize/ToTensor/Normalize, one image per __getitem__, a plain
+  DataLoader); same images, size, batch and worker count. Every epoch decodes every image, as
+  the first epoch of a run does. Timed from the moment every worker has delivered its first
+  batch (see `steady`): the steady rate of a long epoch.
 - loader_cached_vs_naive: the training loader over ImageCache(kind="ram"), filled by the warm-up.
 - train_vs_ceiling, train_vs_fp32: train.train_one_epoch over the training loader as train.py's
   defaults build it (precision "auto" with its channels_last default, --cache auto, which holds

@@ -27,8 +27,7 @@ import cli
 import distributed
 import plots
 import timm.utils
-from augmentation import (AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, prepared_size, resizes_first,
-                          tta_logits)
+from augmentation import AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, prepared_size, tta_logits
 from cutmix import MODES as CUTMIX_MODES, BatchMixer, mixed_loss
 from dataset import (DATASETS, TASKS, EpochSampler, ImageCache, ImageDataset, cache_shape, class_counts, load_image,
                      make_loader, read_extra, read_pseudo_labels, shared_memory_free, task_f1, training_label,
@@ -51,8 +50,8 @@ for _name, _cls in vars(torch.optim).items():
 SCHEDULERS = ("none", "step", "cosine")
 FIGURE_REFRESH_SECONDS = 60  # best-epoch figures take ~2 s: redrawn on a new best at most once a minute
 # what config.json records beside the flags: skipped when it is read back with --config / --resume
-DERIVED_KEYS = ("input_size", "prepared_size", "num_classes", "classes", "mean", "std", "label_scheme", "tasks", "train_images",
-                "val_images", "world_size", "folds")
+DERIVED_KEYS = ("input_size", "prepared_size", "num_classes", "classes", "mean", "std", "label_scheme", "tasks",
+                "train_images", "val_images", "world_size", "folds")
 
 
 def get_args_parser():
@@ -275,6 +274,7 @@ class TrainingData:
     regions: dict    # full image path -> face crop region (--facecrop), else empty
     cache: object = None  # an ImageCache over every image (--cache), shared by all folds
     prepared: tuple = None  # (H, W) images are prepared to (augmentation.prepared_size) and cached at
+    train_prepared: tuple = None  # the same for the training side; None: its pipeline gets full photos
     slots: dict = dataclasses.field(default_factory=dict)  # full image path -> its cache slot
 
     def dataset(self, paths, labels, transform, prepare_to):
@@ -411,11 +411,7 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
     # transforms (one per side) and loaders
     train_tf = AUGMENTATIONS.build(args.augmentation, resize=resize, mean=source.mean, std=source.std)
     val_tf = eval_transform(resize, source.mean, source.std)
-    prepared = resizes_first(train_tf)
-    if not prepared and context.is_main:
-        print(f"note: --augmentation {args.augmentation} does not start with a resize: training gets full-size "
-              f"photos, decoded every epoch (only validation images are prepared and cached)")
-    train_set = data.dataset(train_paths, train_labels, train_tf, data.prepared if prepared else None)
+    train_set = data.dataset(train_paths, train_labels, train_tf, data.train_prepared)
     val_set = data.dataset(val_paths, val_labels, val_tf, data.prepared)
     counts = class_counts(train_labels, num_classes)
     # --sampler weighted: each image drawn with weight 1/count of its class, so classes come up about equally
@@ -583,7 +579,11 @@ def run_training(args, context, device):
         run_dir = distributed.broadcast(context, make_run_dir(args.model_dir, args.name) if context.is_main else None)
     # what images are prepared to, for training (when its pipeline resizes first) and validation
     probe = AUGMENTATIONS.build(args.augmentation, resize=resize, mean=data.source.mean, std=data.source.std)
-    data.prepared = prepared_size(probe, resize) or resize
+    data.train_prepared = prepared_size(probe, resize)
+    data.prepared = data.train_prepared or resize
+    if data.train_prepared is None and context.is_main:
+        print(f"note: --augmentation {args.augmentation} does not start with a resize: training gets full-size "
+              f"photos, decoded every epoch (only validation images are prepared and cached)")
     if args.cache != "none":
         attach_cache(data, args.cache, data.prepared, run_dir)
     try:
