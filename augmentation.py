@@ -5,11 +5,14 @@ side; every pipeline ends with Normalize + ToTensorV2 so it returns a CHW float 
 Validation and inference always use `eval_transform` (resize + normalize), so a training
 augmentation can never leak into validation.
 
-Add your own:
+Add your own in this file; an option it declares becomes a flag of train.py (default and type
+from the factory's signature) and is recorded in config.json:
 
-    @AUGMENTATIONS.register()
-    def MyAugmentation(resize, mean, std, **kwargs):
-        return A.Compose([A.Resize(*resize), A.CLAHE(), *to_tensor(mean, std)])
+    @AUGMENTATIONS.register(options={"clahe_clip": "CLAHE's contrast limit"})
+    def MyAugmentation(resize, mean, std, clahe_clip=4.0, **kwargs):
+        return A.Compose([A.Resize(*resize), A.CLAHE(clip_limit=clahe_clip, p=1), *to_tensor(mean, std)])
+
+    python train.py --augmentation MyAugmentation --clahe_clip 2
 
 Example: python train.py --augmentation AlbuAugmentation --resize 256,192
 """
@@ -34,6 +37,12 @@ def to_tensor(mean, std):
 def eval_transform(resize, mean, std):
     """Validation and inference: resize + normalize, nothing random."""
     return A.Compose([A.Resize(*resize), *to_tensor(mean, std)])
+
+
+def train_transform(name, resize, mean, std, values=None):
+    """The training pipeline `name` (registered, or a factory passed in) at input size `resize`, with
+    its own options taken from `values` (the parsed flags or a run's config)."""
+    return AUGMENTATIONS.build(name, resize=resize, mean=mean, std=std, **AUGMENTATIONS.values_for(name, values or {}))
 
 
 @AUGMENTATIONS.register()
@@ -62,7 +71,7 @@ def AlbuAugmentation(resize, mean, std, **kwargs):
 
 
 # First steps that bring the whole image to a size of their own: a pipeline that starts with one
-# works the same on a photo and on the same photo prepared smaller (dataset.prepare_image), so
+# works the same on a photo and on the same photo prepared smaller (images.prepare_image), so
 # its images can be prepared and cached. One that starts otherwise (A.CenterCrop(320, 256): pixel
 # units of the photo) gets the full-size photo, decoded every epoch.
 RESIZING_FIRST = (A.Resize, A.RandomResizedCrop, A.RandomSizedCrop, A.LongestMaxSize, A.SmallestMaxSize)

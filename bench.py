@@ -12,7 +12,7 @@ table gives the median over rounds of each rate and of the per-round ratio; `spr
 range of those ratios, `others CPU` the share of the machine other processes used meanwhile
 (both large: the figures are noisy, rerun). Defaults: batch 32 at 224x224, the training size.
 
-- loader_vs_naive: the training loader (dataset.ImageDataset: load_image with a draft decode
+- loader_vs_naive: the training loader (images.ImageDataset: load_image with a draft decode
   where the size allows, prepare_image (area resize to augmentation.prepared_size, as the
   cache keeps images: the input size for AlbuAugmentation), --augmentation (AlbuAugmentation),
   make_loader) against a naive loader written below as the public baseline does it (PIL open +
@@ -20,7 +20,7 @@ range of those ratios, `others CPU` the share of the machine other processes use
   DataLoader); same images, size, batch and worker count. Every epoch decodes every image, as
   the first epoch of a run does. Timed from the moment every worker has delivered its first
   batch (see `steady`): the steady rate of a long epoch.
-- loader_cached_vs_naive: the training loader over ImageCache(kind="ram"), filled by the warm-up.
+- loader_cached_vs_naive: the training loader over images.RamCache, filled by the warm-up.
 - train_vs_ceiling, train_vs_fp32: train.train_one_epoch over the training loader as train.py's
   defaults build it (precision "auto" with its channels_last default, --cache auto, which holds
   these images in RAM: the warm-up pass is the first epoch, the timed ones are later epochs;
@@ -64,8 +64,9 @@ from torchvision import transforms
 
 import cli
 from augmentation import AUGMENTATIONS, eval_transform, prepared_size
-from dataset import (MASK_MEAN, MASK_STD, NUM_CLASSES, EpochSampler, ImageCache, ImageDataset, make_loader,
-                     read_mask_train)
+from dataset import MASK_MEAN, MASK_STD, read_mask_train
+from images import EpochSampler, ImageDataset, make_loader, open_cache
+from labels import NUM_CLASSES
 from model import cpu_has_native_bf16, create_model, resolve_device, resolve_precision
 
 # images per timed pass of each section, and the number of timed rounds
@@ -232,19 +233,15 @@ def steady(loader, workers):
 
 
 def in_memory_steps(model, optimizer, precision, images, target, steps, criterion=torch.nn.functional.cross_entropy):
-    """fn(count=steps) -> images trained: train_one_epoch's step on one batch already in memory
-    (no loader), at `precision`."""
-    images, scaler = precision.batch(images), precision.scaler()
+    """fn(count=steps) -> images trained: train.py's own step (train.train_step) on one batch already
+    in memory (no loader), at `precision`."""
+    from train import Step, train_step
+    images, step = precision.batch(images), Step(criterion, optimizer, precision.scaler(), precision)
 
     def run(count=steps):
         model.train()
         for _ in range(count):
-            with precision.autocast():
-                loss = criterion(model(images), target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            train_step(model, images, target, step)
         return count * len(target)
     return run
 
@@ -259,7 +256,7 @@ def section_loader(args, plan, device):
                                         pin_memory=device.type == "cuda")
     prepared = prepared_size(augment, args.resize)  # None: the pipeline gets full photos, as train.py does
     ours = training_loader(ImageDataset(paths, labels, augment, prepare_to=prepared), args, device)
-    cache = ImageCache(len(paths), prepared or args.resize, "ram")
+    cache = open_cache(len(paths), prepared or args.resize, "ram")
     cached = training_loader(ImageDataset(paths, labels, augment, prepare_to=prepared or args.resize, cache=cache),
                              args, device)
     workers = args.num_workers
@@ -268,27 +265,27 @@ def section_loader(args, plan, device):
 
 
 def section_train(args, plan, device):
-    from cutmix import BatchMixer
     from loss import build_criterion
-    from train import train_one_epoch
+    from train import Step, train_one_epoch
     precision = resolve_precision("auto", device)
     paths, labels = training_images(args.data, plan["train"], args.batch_size)
     augment = AUGMENTATIONS.build(args.augmentation, resize=args.resize, mean=MASK_MEAN, std=MASK_STD)
     # train.py's default --cache auto keeps decoded images in RAM where they fit, as they do here:
     # the warm-up pass is the first epoch, the timed ones are later epochs
     prepared = prepared_size(augment, args.resize) or args.resize
-    dataset = ImageDataset(paths, labels, augment, prepare_to=prepared, cache=ImageCache(len(paths), prepared, "ram"))
+    dataset = ImageDataset(paths, labels, augment, prepare_to=prepared, cache=open_cache(len(paths), prepared, "ram"))
     loader, steps = training_loader(dataset, args, device), len(paths) // args.batch_size
     images = torch.stack([dataset[i][0] for i in range(args.batch_size)]).to(device)  # one real batch, in memory
     target = torch.tensor(labels[:args.batch_size], device=device)
     torch.manual_seed(0)
     model = precision.model(create_model(args.model, NUM_CLASSES).to(device))
     criterion = build_criterion("cross_entropy", NUM_CLASSES).to(device)
-    optimizer, scaler = torch.optim.Adam(model.parameters(), lr=1e-3), precision.scaler()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     plain = create_model(args.model, NUM_CLASSES).to(device)
+    step = Step(criterion, optimizer, precision.scaler(), precision)
 
     def real():
-        train_one_epoch(model, loader, criterion, optimizer, BatchMixer(), device, precision, scaler, "bench")
+        train_one_epoch(model, loader, step, device, "bench")
         return steps * args.batch_size
 
     ceiling = in_memory_steps(model, optimizer, precision, images, target, steps, criterion)

@@ -73,6 +73,13 @@ class BatchMixer:
     def enabled(self):
         return self.cutmix or self.mixup
 
+    def state_dict(self):
+        """The RNG's position, so that a resumed run mixes as an uninterrupted one (last.pth)."""
+        return self.rng.bit_generator.state
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state
+
     def __call__(self, x, y):
         """Return (x_mixed, y_a, y_b, lam); the caller's `x` is never modified."""
         if not self.enabled or self.rng.random() >= self.prob:

@@ -1,4 +1,4 @@
-"""Data: reading both layouts, the label scheme, person-level splits and the dataset registry.
+"""Data: reading both layouts, person-level splits and the dataset registry.
 
 Layouts (see DESIGN.md):
 - competition: `TRAIN_DIR/train.csv` (id,gender,race,age,path) and `TRAIN_DIR/images/<path>/`
@@ -8,252 +8,42 @@ Layouts (see DESIGN.md):
   the sorted folder names.
 
 A dataset entry reads a folder into `samples` (path, label, person) and decides the
-train/validation split; `ImageDataset` turns one side into tensors with its own transform.
-Add your own entry with `@DATASETS.register()` on a subclass of `MaskSplitByProfileDataset`
-(or any class with the same constructor, `samples`, `classes`, `mean`, `std` and `split()`).
+train/validation split (`split()`, `folds(k)`); `images.ImageDataset` turns one side into
+tensors with its own transform. The label scheme lives in labels.py.
+
+Add your own entry with `@DATASETS.register()` on a subclass of `SplitDataset` (or of
+`MaskSplitByProfileDataset` for the competition layout): read `samples`, set `classes`, and
+override `split()` where the split differs. Its constructor takes
+`(data_dir, val_ratio=0.2, seed=42, relabel=None, **kwargs)`.
 
 Example: python train.py --dataset MaskSplitByProfileDataset --val_ratio 0.2
 """
-import bisect
-import contextlib
 import csv
 import os
-import random
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import pandas as pd
-import torch
-from PIL import Image, ImageOps
-from sklearn.metrics import f1_score
 from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold, train_test_split
 
-from augmentation import seed_transform
 from cli import UserError
+from images import IMAGE_EXTENSIONS
+from labels import (AGE_NAMES, GENDER_NAMES, GENDERS, MASK_CLASSES, MASK_VALUES, MAX_AGE, NUM_CLASSES, PHOTO_MASK,
+                    age_band, decode_label, encode_label)
 from registry import Registry
-
-# Image work is per image and runs in parallel DataLoader worker processes: OpenCV's own thread
-# pool there only oversubscribes the cores. Set here, in the parent, because changing the count
-# inside a forked worker after the parent has used the pool deadlocks.
-cv2.setNumThreads(1)
 
 DATASETS = Registry("dataset")
 
 # Mean/std of the competition's photos (measured on its training set), ImageNet's otherwise.
 MASK_MEAN, MASK_STD = (0.548, 0.504, 0.479), (0.237, 0.247, 0.246)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-# ---------------------------------------------------------------- the label scheme
-PHOTO_MASK = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0,
-              "incorrect_mask": 1, "normal": 2}  # file stem -> mask state
-MASK_NAMES = ("wear", "incorrect", "not_wear")
-GENDERS = {"male": 0, "female": 1}
-GENDER_NAMES = ("M", "F")
-AGE_BINS = (30, 60)  # band edges: <30, 30..59, >=60
-AGE_NAMES = ("<30", "30-59", "60+")
-NUM_CLASSES = len(MASK_NAMES) * len(GENDER_NAMES) * len(AGE_NAMES)
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 TRAIN_COLUMNS = ("id", "gender", "race", "age", "path")
-MAX_AGE = 120
 
 
-def age_band(age, bins=AGE_BINS):
-    """0 for age < bins[0], 1 for bins[0] <= age < bins[1], 2 above."""
-    return bisect.bisect_right(bins, age)
-
-
-def encode_label(mask, gender, age_class):
-    return (mask * len(GENDER_NAMES) + gender) * len(AGE_NAMES) + age_class
-
-
-def decode_label(label):
-    """18-class label -> (mask, gender, age band)."""
-    label = int(label)
-    return (label // (len(GENDER_NAMES) * len(AGE_NAMES)),
-            label // len(AGE_NAMES) % len(GENDER_NAMES),
-            label % len(AGE_NAMES))
-
-
-MASK_CLASSES = [f"{MASK_NAMES[m]}/{GENDER_NAMES[g]}/{AGE_NAMES[a]}"
-                for m, g, a in map(decode_label, range(NUM_CLASSES))]
-TASKS = {"mask": len(MASK_NAMES), "gender": len(GENDER_NAMES), "age": len(AGE_NAMES)}  # label's factors
-
-
-def task_f1(labels, preds):
-    """Macro F1 of each sub-task (mask, gender, age), decomposed from 18-class labels."""
-    true, pred = np.array([decode_label(x) for x in labels]), np.array([decode_label(x) for x in preds])
-    return {name: f1_score(true[:, i], pred[:, i], average="macro", labels=list(range(size)), zero_division=0)
-            for i, (name, size) in enumerate(TASKS.items())}
-
-
-# ---------------------------------------------------------------- reading images
 def _is_hidden(name):
     # Archives made on macOS carry `._mask1.jpg` and `.DS_Store`: never data.
     return name.startswith(".")
-
-
-def load_image(path, min_size=None, region=None):
-    """Read an image as an RGB uint8 array, upright (EXIF orientation applied).
-
-    `region=(x1, y1, x2, y2)` crops it (pixel coordinates of the full-size upright image).
-    `min_size=(H, W)` lets a JPEG decode at a reduced scale (PIL draft mode) that still leaves
-    the image (or the region) at least that large: much faster when the model input is smaller
-    than the photo.
-    """
-    try:
-        with Image.open(path) as img:
-            rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # stored turned by 90 degrees
-            full_w, full_h = img.size[::-1] if rotated else img.size  # upright size
-            if min_size is not None and img.format == "JPEG":
-                height, width = min_size
-                if region is not None:  # the region, not the whole photo, must stay that large
-                    height = height * full_h / max(region[3] - region[1], 1)
-                    width = width * full_w / max(region[2] - region[0], 1)
-                want = (int(np.ceil(height)), int(np.ceil(width))) if rotated else \
-                    (int(np.ceil(width)), int(np.ceil(height)))
-                img.draft("RGB", want)
-            img = ImageOps.exif_transpose(img)
-            image = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as err:
-        raise UserError(f"cannot read image {path}: {err}") from None
-    if region is not None:
-        sy, sx = image.shape[0] / full_h, image.shape[1] / full_w  # < 1 after a reduced decode
-        x1, y1, x2, y2 = region
-        image = image[int(y1 * sy):max(int(np.ceil(y2 * sy)), int(y1 * sy) + 1),
-                      int(x1 * sx):max(int(np.ceil(x2 * sx)), int(x1 * sx) + 1)]
-    return image
-
-
-def prepare_image(image, size):
-    """A decoded (cropped) image as the transform receives it: resized to `size` (H, W; see
-    augmentation.prepared_size) with area interpolation (antialiased). The cache holds exactly
-    this, and the uncached path does the same, so `--cache` never changes what the model sees,
-    and inference sees what validation saw (a direct bilinear resize of the photo would alias)."""
-    height, width = size
-    if image.shape[:2] == (height, width):
-        return image
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-
-
-def cache_shape(count, size):
-    """(count, H, W, 3): the cache holds prepared images of `size` (H, W)."""
-    return (count, *size, 3)
-
-
-def shared_memory_free():
-    """(bytes, where) free for shared-memory tensors: the smaller of the available RAM and the
-    free space of /dev/shm, where they live (a docker container's is 64 MiB unless --shm-size)."""
-    free, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "memory"
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
-        free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    with contextlib.suppress(OSError):
-        stat = os.statvfs("/dev/shm")
-        if stat.f_bavail * stat.f_frsize < free:
-            free, where = stat.f_bavail * stat.f_frsize, "/dev/shm"
-    return free, where
-
-
-class ImageCache:
-    """Decoded (and face-cropped) images, resized once to a fixed size, shared by every
-    DataLoader worker: the first epoch fills it, later epochs skip decoding.
-
-    kind "ram": shared-memory tensors; kind "disk": a memory-mapped file at `path` (for
-    datasets larger than RAM; the OS keeps what fits in its page cache).
-    """
-
-    def __init__(self, count, size, kind="ram", path=None):
-        self.shape, self.kind, self.path = cache_shape(count, size), kind, path
-        if kind == "ram":
-            need, free, where = int(np.prod(self.shape)), *shared_memory_free()
-            if need > 0.8 * free:
-                raise UserError(f"--cache ram needs {need / 2**30:.2f} GiB, {where} has {free / 2**30:.2f} GiB free; "
-                                f"use --cache disk or a smaller --resize")
-            self.images = torch.zeros(self.shape, dtype=torch.uint8).share_memory_()
-            self.filled = torch.zeros(count, dtype=torch.bool).share_memory_()
-        elif kind == "disk":
-            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(int(np.prod(self.shape)) + count,))
-            self._opened = None  # opened per process: a memmap must not be pickled into workers
-        else:
-            raise UserError(f"unknown cache kind {kind!r}; expected ram or disk")
-
-    def _disk(self):
-        if self._opened is None or self._opened[0] != os.getpid():
-            flat = np.load(self.path, mmap_mode="r+")
-            count = self.shape[0]
-            self._opened = (os.getpid(), flat[:-count].reshape(self.shape), flat[-count:])
-        return self._opened[1:]
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_opened", None)
-        if self.kind == "disk":
-            state["_opened"] = None
-        return state
-
-    def get(self, index):
-        images, filled = (self.images, self.filled) if self.kind == "ram" else self._disk()
-        if not filled[index]:
-            return None
-        image = images[index]
-        return image.numpy() if self.kind == "ram" else np.asarray(image)
-
-    def put(self, index, image):
-        """Store a prepared image (prepare_image, at the cache's size) and return it."""
-        assert image.shape == self.shape[1:], f"cache holds {self.shape[1:]} images, got {image.shape}"
-        images, filled = (self.images, self.filled) if self.kind == "ram" else self._disk()
-        (images[index].numpy() if self.kind == "ram" else images[index])[...] = image  # a copy; image may be read-only
-        filled[index] = True
-        return image
-
-    def close(self):
-        if self.kind == "disk" and self.path and os.path.exists(self.path):
-            os.remove(self.path)
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """One side of a split: paths and labels, and the transform of that side only.
-
-    `prepare_to` (H, W) (augmentation.prepared_size): each image is decoded (at a reduced JPEG
-    scale where that still leaves it large enough), cropped to its region and resized to it
-    (prepare_image) before the transform; the cache, when given, keeps these prepared images.
-    None: the transform gets the decoded photo as it is.
-    """
-
-    def __init__(self, paths, labels, transform, prepare_to=None, regions=None, cache=None, cache_slots=None):
-        assert len(paths) == len(labels), "one label per image"
-        assert regions is None or len(regions) == len(paths), "one crop region per image"
-        assert cache is None or prepare_to is not None, "a cache holds prepared images: give prepare_to"
-        self.paths, self.labels = list(paths), list(labels)
-        self.transform = transform
-        self.prepare_to = None if prepare_to is None else tuple(prepare_to)
-        self.regions = regions  # face crops, or None for the whole photo
-        self.cache = cache      # an ImageCache, or None
-        self.cache_slots = list(range(len(self.paths))) if cache_slots is None else list(cache_slots)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def read(self, index):
-        """The decoded, cropped and prepared image, from the cache when it holds it."""
-        slot = self.cache_slots[index]
-        image = self.cache.get(slot) if self.cache is not None else None
-        if image is None:
-            region = None if self.regions is None else self.regions[index]
-            if self.prepare_to is None:
-                return load_image(self.paths[index], None, region)
-            image = prepare_image(load_image(self.paths[index], self.prepare_to, region), self.prepare_to)
-            if self.cache is not None:
-                image = self.cache.put(slot, image)
-        return image
-
-    def __getitem__(self, item):
-        """`item` is an index, or (index, augmentation seed) from an EpochSampler."""
-        index, seed = item if isinstance(item, tuple) else (item, None)
-        if seed is not None:
-            seed_transform(self.transform, seed)
-        return self.transform(image=self.read(index))["image"], self.labels[index]
 
 
 # ---------------------------------------------------------------- the competition layout
@@ -263,15 +53,6 @@ class Sample:
     label: int
     person: str   # the person's folder; "" where the layout has no persons
     age: int = -1  # the person's age (competition layout), for --age_bins
-
-
-def training_label(sample, age_bins=None):
-    """The label to train on: with `age_bins` (e.g. 30,58) the age band is re-cut; validation,
-    metrics and submissions always keep the standard bands."""
-    if not age_bins or sample.age < 0:
-        return sample.label
-    mask, gender, _ = decode_label(sample.label)
-    return encode_label(mask, gender, age_band(sample.age, tuple(age_bins)))
 
 
 def resolve_train_dir(data_dir):
@@ -366,9 +147,6 @@ def read_mask_train(data_dir, relabel=None):
     return root, samples
 
 
-MASK_VALUES = {"wear": 0, "incorrect": 1, "not_wear": 2, "normal": 2, "0": 0, "1": 1, "2": 2}
-
-
 def apply_relabel(samples, relabel_csv, meta):
     """Corrected labels from a CSV, applied as the data is read.
 
@@ -450,19 +228,16 @@ def _split_items(n_items, val_ratio, seed, strata=None):
     return sorted(train.tolist()), sorted(val.tolist())
 
 
-class MaskBaseDataset:
-    """Competition layout, random split over IMAGES.
-
-    Warning: this leaks: the 7 photos of one person land on both sides, so validation scores
-    are inflated. Kept because the public baseline uses it; prefer a person split.
-    """
-    mean, std = MASK_MEAN, MASK_STD
-    label_scheme = "mask"
+class SplitDataset:
+    """What every dataset entry is: `samples` read from a folder, `classes`, normalization, and
+    the split into training and validation. This base splits over images (class-stratified);
+    the person-split entries below override `split()`."""
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    label_scheme = "folder"  # "mask": the competition's 18 classes (labels.py)
     splits_by_person = False
 
-    def __init__(self, data_dir, val_ratio=0.2, seed=42, relabel=None, **kwargs):
-        self.root, self.samples = read_mask_train(data_dir, relabel)
-        self.classes = list(MASK_CLASSES)
+    def __init__(self, root, samples, classes, val_ratio=0.2, seed=42):
+        self.root, self.samples, self.classes = root, samples, list(classes)
         self.val_ratio, self.seed = val_ratio, seed
 
     @property
@@ -472,12 +247,15 @@ class MaskBaseDataset:
     def paths(self, indices):
         return [os.path.join(self.root, self.samples[i].path) for i in indices]
 
+    def all_paths(self):
+        return self.paths(range(len(self.samples)))
+
     def labels(self, indices):
         return [self.samples[i].label for i in indices]
 
     def split(self):
         """(train indices, val indices) into `samples`."""
-        return _split_items(len(self.samples), self.val_ratio, self.seed)
+        return _split_items(len(self.samples), self.val_ratio, self.seed, [s.label for s in self.samples])
 
     def folds(self, k):
         """K (train indices, val indices) pairs: every sample is held out exactly once."""
@@ -498,6 +276,23 @@ class MaskBaseDataset:
                 leaked = {self.samples[i].person for i in train} & {self.samples[i].person for i in val}
                 assert not leaked, f"fold leaked {len(leaked)} people into both sides"
         return folds
+
+
+class MaskBaseDataset(SplitDataset):
+    """Competition layout, random split over IMAGES.
+
+    Warning: this leaks: the 7 photos of one person land on both sides, so validation scores
+    are inflated. Kept because the public baseline uses it; prefer a person split.
+    """
+    mean, std = MASK_MEAN, MASK_STD
+    label_scheme = "mask"
+
+    def __init__(self, data_dir, val_ratio=0.2, seed=42, relabel=None, **kwargs):
+        root, samples = read_mask_train(data_dir, relabel)
+        super().__init__(root, samples, MASK_CLASSES, val_ratio, seed)
+
+    def split(self):
+        return _split_items(len(self.samples), self.val_ratio, self.seed)
 
 
 class MaskSplitByProfileDataset(MaskBaseDataset):
@@ -530,29 +325,24 @@ class datasetSplitByClasses(MaskSplitByProfileDataset):  # noqa: N801 (the seed'
         return [label % (len(GENDER_NAMES) * len(AGE_NAMES)) for label in labels]
 
 
-class ImageFolder(MaskBaseDataset):
+class ImageFolder(SplitDataset):
     """Any folder-per-class dataset: TRAIN_DIR/<class>/**/<image>; class-stratified split."""
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    label_scheme = "folder"
 
     def __init__(self, data_dir, val_ratio=0.2, seed=42, **kwargs):
         if not os.path.isdir(data_dir):
             raise UserError(f"data folder {data_dir} does not exist")
-        self.root = os.path.normpath(data_dir)
-        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not _is_hidden(e.name))
-        if not self.classes:
-            raise UserError(f"{self.root} has no class folders: expected TRAIN_DIR/<class_name>/<images>")
-        self.samples = []
-        for label, name in enumerate(self.classes):
-            found = list_images(os.path.join(self.root, name))
+        root = os.path.normpath(data_dir)
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _is_hidden(e.name))
+        if not classes:
+            raise UserError(f"{root} has no class folders: expected TRAIN_DIR/<class_name>/<images>")
+        samples = []
+        for label, name in enumerate(classes):
+            found = list_images(os.path.join(root, name))
             if not found:
-                raise UserError(f"class folder {os.path.join(self.root, name)} holds no images "
+                raise UserError(f"class folder {os.path.join(root, name)} holds no images "
                                 f"({'/'.join(IMAGE_EXTENSIONS)})")
-            self.samples += [Sample(os.path.join(name, rel), label, "") for rel in found]
-        self.val_ratio, self.seed = val_ratio, seed
-
-    def split(self):
-        return _split_items(len(self.samples), self.val_ratio, self.seed, [s.label for s in self.samples])
+            samples += [Sample(os.path.join(name, rel), label, "") for rel in found]
+        super().__init__(root, samples, classes, val_ratio, seed)
 
 
 for _entry in (MaskBaseDataset, MaskSplitByProfileDataset, datasetSplitByClasses, ImageFolder):
@@ -654,62 +444,3 @@ def read_eval_dir(eval_dir):
     if missing:
         raise UserError(f"{len(missing)} image(s) listed in {info_path} are missing, first: {missing[0]}")
     return EvalSet(ids, paths, info)
-
-
-# ---------------------------------------------------------------- loaders
-class EpochSampler(torch.utils.data.Sampler):
-    """The training order, as a pure function of (seed, epoch): a shuffle, or class-balanced
-    draws with replacement (`weights`), sharded over `world_size` ranks under torchrun.
-
-    Each index comes with its own augmentation seed, so what a sample looks like depends on
-    (seed, epoch, index) only: not on the worker count, the worker that loads it, or whether
-    the run was interrupted and resumed (`set_epoch` before each epoch).
-    """
-
-    def __init__(self, count, seed=0, weights=None, rank=0, world_size=1, drop_last=False):
-        self.count, self.seed, self.weights = count, seed, weights
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.count // self.world_size if self.drop_last else -(-self.count // self.world_size)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.weights is None:
-            order = torch.randperm(self.count, generator=generator)
-        else:
-            order = torch.multinomial(torch.as_tensor(self.weights, dtype=torch.double), self.count,
-                                      replacement=True, generator=generator)
-        sample_seeds = torch.randint(0, 2**31 - 1, (self.count,), generator=generator)
-        total = len(self) * self.world_size
-        picks = torch.arange(total) % self.count  # pad by wrapping (like DistributedSampler)
-        for position in picks[self.rank::self.world_size].tolist():
-            yield int(order[position]), int(sample_seeds[position])
-
-
-def seed_worker(worker_id):
-    """Per DataLoader worker: one intra-op thread (workers would otherwise oversubscribe the
-    cores; OpenCV's count is set once at import, see above) and the global RNGs seeded from the
-    loader's seed."""
-    torch.set_num_threads(1)
-    seed = torch.initial_seed() % 2**32  # the loader's base seed + worker id
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def make_loader(dataset, batch_size, num_workers, device, shuffle=False, drop_last=False, seed=0, sampler=None):
-    """A DataLoader with persistent workers, one thread each; pinned memory on CUDA.
-    `shuffle` without a sampler means an EpochSampler seeded with `seed`."""
-    if shuffle and sampler is None:
-        sampler = EpochSampler(len(dataset), seed)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last, sampler=sampler,
-        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
-        worker_init_fn=seed_worker if num_workers > 0 else None, persistent_workers=num_workers > 0,
-        # its own generator: starting workers must not draw from the global RNG (dropout's), or a
-        # resumed run, whose workers start one epoch later, would drift from an uninterrupted one
-        generator=torch.Generator().manual_seed(seed))

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 import cli
+from atomic import check_outputs, write_csv
 
 ID_COLUMN = "ImageID"
 ROW_SUM_TOLERANCE = 0.01  # probabilities rounded in a CSV still sum to 1 within this; logits do not
@@ -200,30 +201,6 @@ def read_info(path, image_ids):
 
 def probs_path_for(output):
     return os.path.splitext(output)[0] + "_probs.csv"
-
-
-def check_outputs(outputs, inputs, overwrite):
-    """Refuse to write over an input, a folder, or (without --overwrite) an existing file."""
-    inputs = {os.path.realpath(p) for p in inputs}
-    for path in outputs:
-        if os.path.realpath(path) in inputs:
-            raise cli.UserError(f"{path} is one of the input files; choose another --output")
-        if os.path.isdir(path):
-            raise cli.UserError(f"{path} is a folder; --output must be a file path")
-        if os.path.exists(path) and not overwrite:
-            raise cli.UserError(f"{path} already exists; pass --overwrite to replace it")
-
-
-def write_csv(frame, path):
-    """Write via a temporary file and rename: an interrupted run leaves no half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    try:
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(args):

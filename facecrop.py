@@ -32,8 +32,10 @@ from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 import cli
+from atomic import replacing
 from cli import UserError
-from dataset import load_image, read_eval_dir, read_mask_train, resolve_train_dir
+from dataset import read_eval_dir, read_mask_train, resolve_train_dir
+from images import load_image
 
 FACE_MARGIN = 0.3  # grow the face box by this share of its width (left, right) and height (top, bottom)
 # Detection runs on a copy whose shorter side is DETECT_SIDE px (never enlarged). On a 384x512
@@ -145,7 +147,7 @@ def crop_image(image, region):
     x1, y1, x2, y2 = region
     assert 0 <= x1 < x2 <= array.shape[1] and 0 <= y1 < y2 <= array.shape[0], (
         f"crop region {region} is outside a {array.shape[1]}x{array.shape[0]} image "
-        f"(a reduced decode? use dataset.load_image(path, region=...))")
+        f"(a reduced decode? use images.load_image(path, region=...))")
     return array[y1:y2, x1:x2]
 
 
@@ -191,18 +193,14 @@ def load_cache(cache_path):
 
 def save_cache(cache_path, entries):
     """Write the cache to a temporary file, then rename it: a crash never leaves half a file."""
-    temp = f"{cache_path}.{os.getpid()}.tmp"
     try:
-        with open(temp, "w", newline="") as f:
+        with replacing(cache_path) as temp, open(temp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(CACHE_COLUMNS)
             for key in sorted(entries):
                 entry = entries[key]
                 writer.writerow([key, entry.fingerprint, *entry.size, *(entry.box or ("",) * 4), DETECTOR_TAG])
-        os.replace(temp, cache_path)
     except OSError as err:
-        if os.path.exists(temp):
-            os.remove(temp)
         raise UserError(f"cannot write the face box cache {cache_path}: {err.strerror}") from None
 
 

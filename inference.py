@@ -22,11 +22,13 @@ from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 import cli
+from atomic import check_outputs, write_csv
 from augmentation import TTA_VIEWS, eval_transform, parse_tta, tta_logits, with_headroom
-from dataset import ImageDataset, make_loader, read_csv_columns, read_eval_dir
+from dataset import read_csv_columns, read_eval_dir
 from ensemble import probs_path_for
-from facecrop import face_regions
-from model import create_model, load_weights, resolve_device, resolve_precision
+from facecrop import FACE_MARGIN, face_regions
+from images import ImageDataset, make_loader
+from model import build_from_config, load_weights, resolve_device, resolve_precision
 
 # Runs with the same preprocessing predict in one pass over the images while their weights
 # together stay under this; past it the next pass starts (bounds device memory for big ensembles).
@@ -103,8 +105,7 @@ def expand_runs(run_dirs):
 
 def load_run(run_dir, config, checkpoint, device):
     """The model of a run folder, rebuilt from its config.json alone, in eval mode."""
-    model = create_model(config["model"], config["num_classes"], head=config.get("head", "linear"),
-                         tasks=config.get("tasks"), msd=config.get("msd", 0), msd_p=config.get("msd_p", 0.25))
+    model = build_from_config(config)
     load_weights(model, os.path.join(run_dir, checkpoint), config["model"])
     return model.to(device).eval()
 
@@ -133,7 +134,7 @@ def preprocessing(config):
     decoding pass (the folds of a k-fold run always do)."""
     facecrop = bool(config.get("facecrop"))
     return (tuple(config["input_size"]), run_prepared_size(config), tuple(config["mean"]), tuple(config["std"]),
-            facecrop, config.get("face_margin", 0.3) if facecrop else None)
+            facecrop, config.get("face_margin", FACE_MARGIN) if facecrop else None)
 
 
 def run_prepared_size(config):
@@ -164,7 +165,7 @@ def ensemble_probs(run_dirs, configs, checkpoint, paths, views, batch_size, num_
         regions = None
         if config.get("facecrop"):
             regions = face_regions(paths, os.path.commonpath([os.path.dirname(p) for p in paths]),
-                                   config.get("face_margin", 0.3))
+                                   config.get("face_margin", FACE_MARGIN))
         dataset = ImageDataset(paths, [-1] * len(paths), eval_transform(size, config["mean"], config["std"]),
                                prepare_to=run_prepared_size(config), regions=regions)
         loader = make_loader(dataset, batch_size, num_workers, device)
@@ -191,22 +192,12 @@ def score(answers_path, image_ids, preds, num_classes):
                                                           labels=list(range(num_classes)), zero_division=0))
 
 
-def write_csv(frame, path):
-    """Write via a temporary file and rename: an interrupted run leaves no half submission."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def main(args):
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device, args.channels_last)
     views = parse_tta(args.tta)
     outputs = [args.output] + ([probs_path_for(args.output)] if args.save_probs else [])
-    taken = [p for p in outputs if os.path.exists(p)]
-    if taken and not args.overwrite:
-        raise cli.UserError(f"{taken[0]} already exists; pass --overwrite to replace it")
+    check_outputs(outputs, overwrite=args.overwrite)
     run_dirs = expand_runs(args.model_dir or [newest_run(args.runs, args.checkpoint)])
     configs = [read_config(r) for r in run_dirs]  # fail on a bad run folder before any work
     for run_dir, config in zip(run_dirs[1:], configs[1:]):

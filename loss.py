@@ -1,11 +1,8 @@
 """Loss functions (criterions): every valid `--criterion` value lives here.
 
-Each entry is an `nn.Module` class registered in `CRITERIONS`. All share one constructor,
-
-    __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
-             new_focal_threshold=0.5, **kwargs)
-
-and ignore what they do not use, so `train.py` builds any of them the same way through
+Each entry is an `nn.Module` class registered in `CRITERIONS`. Its constructor takes
+`(num_classes, class_counts=None, **kwargs)` plus the options it declares at registration, and
+ignores what it does not use; `train.py` builds any of them the same way, through
 `build_criterion(name, num_classes, class_counts=..., **options)`. `forward(logits, target)`
 takes logits [N, C] and hard integer targets [N] (long) and returns the mean loss (a scalar).
 
@@ -16,15 +13,22 @@ calls the criterion twice and combines the results,
 
 (`cutmix.mixed_loss`), so a criterion of your own needs nothing special to work with mixing.
 
-Add your own loss with one decorated class in this file:
+Add your own loss with one decorated class in this file; an option it declares becomes a flag
+of train.py (its default and type are the constructor's), is recorded in config.json, and is
+passed to the constructor:
 
-    @CRITERIONS.register("my_loss")
-    class MyLoss(nn.Module):
-        def __init__(self, num_classes, class_counts=None, **kwargs):
+    @CRITERIONS.register("poly1", options={"poly_epsilon": "weight of the poly-1 term"})
+    class Poly1Loss(nn.Module):
+        def __init__(self, num_classes, poly_epsilon=1.0, **kwargs):
             super().__init__()
+            self.epsilon = poly_epsilon
 
         def forward(self, logits, target):
-            return F.cross_entropy(logits, target)
+            ce = F.cross_entropy(logits, target, reduction="none")
+            pt = torch.exp(-ce)
+            return (ce + self.epsilon * (1 - pt)).mean()
+
+    python train.py --criterion poly1 --poly_epsilon 2
 
 Example: `python train.py --criterion new_focal --focal_gamma 2`
 """
@@ -45,6 +49,10 @@ def build_criterion(name, num_classes, class_counts=None, **options):
     `weighted_cross_entropy`); options that are None are dropped so each loss's defaults win.
     """
     return CRITERIONS.build(name, num_classes, class_counts=class_counts, **options)
+
+
+FOCAL_GAMMA = 2.0  # focal and new_focal: gamma 2 is the paper's choice
+GAMMA_HELP = "focusing parameter: (1 - p_t) ** gamma down-weights easy samples (0: cross-entropy)"
 
 
 def _check_gamma(gamma):
@@ -69,8 +77,7 @@ def _log_pt(logits, target):
 class CrossEntropyLoss(nn.Module):
     """Plain cross-entropy."""
 
-    def __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
-                 new_focal_threshold=0.5, **kwargs):
+    def __init__(self, num_classes, **kwargs):
         super().__init__()
 
     def forward(self, logits, target):
@@ -87,8 +94,7 @@ class WeightedCrossEntropyLoss(nn.Module):
     a target anyway.
     """
 
-    def __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
-                 new_focal_threshold=0.5, **kwargs):
+    def __init__(self, num_classes, class_counts=None, **kwargs):
         super().__init__()
         if class_counts is None:
             raise UserError("criterion 'weighted_cross_entropy' needs the class counts of the "
@@ -110,7 +116,7 @@ class WeightedCrossEntropyLoss(nn.Module):
         return F.cross_entropy(logits, target, weight=self.weight.to(logits.dtype))
 
 
-@CRITERIONS.register("focal")
+@CRITERIONS.register("focal", options={"focal_gamma": GAMMA_HELP})
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al., 2017): FL = (1 - p_t) ** gamma * CE, mean over the batch.
 
@@ -118,8 +124,7 @@ class FocalLoss(nn.Module):
     the paper.
     """
 
-    def __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
-                 new_focal_threshold=0.5, **kwargs):
+    def __init__(self, num_classes, focal_gamma=FOCAL_GAMMA, **kwargs):
         super().__init__()
         self.gamma = _check_gamma(focal_gamma)
 
@@ -128,12 +133,12 @@ class FocalLoss(nn.Module):
         return (one_minus_pt ** self.gamma * -log_pt).mean()
 
 
-@CRITERIONS.register("label_smoothing")
+@CRITERIONS.register("label_smoothing", options={"smoothing": "epsilon: the target keeps 1 - eps on the true "
+                                                              "class and spreads eps over all classes"})
 class LabelSmoothingLoss(nn.Module):
     """Cross-entropy with label smoothing (`smoothing`), as torch's `label_smoothing`."""
 
-    def __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
-                 new_focal_threshold=0.5, **kwargs):
+    def __init__(self, num_classes, smoothing=0.1, **kwargs):
         super().__init__()
         if not 0.0 <= smoothing < 1.0:
             raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")
@@ -156,8 +161,7 @@ class F1Loss(nn.Module):
     still penalised, through the recall of the true class.
     """
 
-    def __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
-                 new_focal_threshold=0.5, eps=1e-7, **kwargs):
+    def __init__(self, num_classes, eps=1e-7, **kwargs):
         super().__init__()
         self.num_classes = num_classes
         self.eps = eps
@@ -175,7 +179,8 @@ class F1Loss(nn.Module):
         return 1 - f1[present].mean()
 
 
-@CRITERIONS.register("new_focal")
+@CRITERIONS.register("new_focal", options={
+    "focal_gamma": GAMMA_HELP, "new_focal_threshold": "p_t at and above which a sample counts as learned"})
 class NewFocalLoss(nn.Module):
     """Reduced focal loss: trains on what is not yet learned, leaves what is learned alone.
 
@@ -190,8 +195,7 @@ class NewFocalLoss(nn.Module):
     down-weighted too.
     """
 
-    def __init__(self, num_classes, class_counts=None, focal_gamma=2.0, smoothing=0.1,
-                 new_focal_threshold=0.5, **kwargs):
+    def __init__(self, num_classes, focal_gamma=FOCAL_GAMMA, new_focal_threshold=0.5, **kwargs):
         super().__init__()
         if not 0.0 < new_focal_threshold <= 1.0:
             raise UserError(f"--new_focal_threshold must be in (0, 1], got {new_focal_threshold}")

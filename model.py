@@ -5,11 +5,15 @@ straight through (`--model convnext_tiny`). Every model is built with its head s
 dataset's class count. Each entry knows its default input size (used when `--resize` is not
 given).
 
-Add your own model in this file:
+Add your own model in this file; an option it declares becomes a flag of train.py (default and
+type from the factory's signature), is recorded in config.json, and inference rebuilds the model
+with it (`build_from_config`):
 
-    @MODELS.register("myNet", input_size=(224, 224))
-    def my_net(num_classes, pretrained=False, **kwargs):
-        return MyNet(num_classes)
+    @MODELS.register("myNet", input_size=(224, 224), options={"my_width": "channels of the first block"})
+    def my_net(num_classes, pretrained=False, my_width=32, **kwargs):
+        return MyNet(num_classes, my_width)
+
+    python train.py --model myNet --my_width 64
 
 Weights: `--pretrained` downloads timm's weights (a user's machine, with network);
 `--weights PATH` loads a local state dict, timm checkpoint, or .safetensors file. Checkpoints
@@ -29,10 +33,12 @@ import timm
 import torch
 from torch import nn
 
+from atomic import replacing
 from cli import UserError
 from registry import Registry
 
 MODELS = Registry("model")
+MSD_P = 0.25  # multi-sample dropout: the rate of each dropout sample around the head
 
 
 class BaseModel(nn.Module):
@@ -124,7 +130,7 @@ class MultiSampleDropout(nn.Module):
     """Multi-sample dropout: in training, the head's output averaged over `samples` dropout
     masks of the features; at eval, one pass without dropout."""
 
-    def __init__(self, head, samples=4, p=0.25):
+    def __init__(self, head, samples=4, p=MSD_P):
         super().__init__()
         self.head, self.samples, self.dropout = head, samples, nn.Dropout(p)
 
@@ -153,15 +159,19 @@ def check_model_name(name):
                          hint=" (or any timm model name: timm.list_models())")
 
 
-def create_model(name, num_classes, pretrained=False, head="linear", tasks=None, msd=0, msd_p=0.25):
+HEADS = ("linear", "multitask")
+
+
+def create_model(name, num_classes, pretrained=False, head="linear", tasks=None, msd=0, msd_p=MSD_P, **options):
     """A registered model, or a timm model by its own name, with a num_classes-way output.
 
     head="multitask": a FactorizedHead over `tasks` (their product must be num_classes);
-    msd > 1: multi-sample dropout with `msd` samples of rate `msd_p` around the head.
+    msd > 1: multi-sample dropout with `msd` samples of rate `msd_p` around the head;
+    `options`: the entry's own (see MODELS.register's `options`).
     """
     check_model_name(name)
     if callable(name) or name in MODELS:
-        model = MODELS.build(name, num_classes=num_classes, pretrained=pretrained)
+        model = MODELS.build(name, num_classes=num_classes, pretrained=pretrained, **options)
     else:
         model = timm_model(name, num_classes, pretrained=pretrained)
     if head == "multitask":
@@ -172,6 +182,19 @@ def create_model(name, num_classes, pretrained=False, head="linear", tasks=None,
     if msd and msd > 1:
         replace_classifier(model, lambda old: MultiSampleDropout(old, msd, msd_p))
     return model
+
+
+# what config.json holds about the model, besides the entry's own options
+MODEL_KEYS = ("head", "tasks", "msd", "msd_p")
+
+
+def build_from_config(config, pretrained=False):
+    """The model a run's config (train.py's flags, or a run folder's config.json) describes: the one
+    place a model is built, for training, resuming and inference alike. Keys a run from before
+    an option existed lacks take the option's default."""
+    return create_model(config["model"], config["num_classes"], pretrained=pretrained,
+                        **{k: config[k] for k in MODEL_KEYS if config.get(k) is not None},
+                        **MODELS.values_for(config["model"], config))
 
 
 def input_size_of(name):
@@ -260,9 +283,8 @@ def resolve_device(choice):
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(obj, path):
     """Write to a temporary name, then rename: a crash mid-write never leaves a broken file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def read_checkpoint(path):
@@ -317,7 +339,12 @@ def load_weights(model, path, model_name="model", allow_new_head=False):
     With `allow_new_head` (fine-tuning from `--weights`), a classifier of another class count
     is skipped and the model's freshly initialised head kept.
     """
-    state = state_dict_of(read_checkpoint(path))
+    return load_state(model, read_checkpoint(path), path, model_name, allow_new_head)
+
+
+def load_state(model, checkpoint, path, model_name="model", allow_new_head=False):
+    """load_weights() for a checkpoint already read (read_checkpoint) from `path`."""
+    state = state_dict_of(checkpoint)
     own = model.state_dict()
     head = _head_prefix(model)
     wrong_shape = [k for k in own if k in state and state[k].shape != own[k].shape]

@@ -29,9 +29,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
+from atomic import replacing
 from augmentation import seed_transform
 from cli import UserError
-from dataset import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, decode_label, load_image, prepare_image, task_f1
+from images import load_image, prepare_image
+from labels import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, decode_label, task_f1
 
 DPI = 100                 # pixels per inch of every PNG
 FONT, SMALL_FONT, TITLE_FONT = 9, 7, 11  # points: axis labels, cell numbers / thumbnails, titles
@@ -52,7 +54,8 @@ def _save(fig, path, default_name):
     if os.path.isdir(path):
         path = os.path.join(path, default_name)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     return fig
 
 
@@ -208,7 +211,7 @@ def _short(path, length=22):
 
 
 def _prepared(image_paths, regions=None, prepare_to=None):
-    """The images as the loaders hand them to the transform (dataset.ImageDataset.read)."""
+    """The images as the loaders hand them to the transform (images.ImageDataset.read)."""
     images = [load_image(p, region=None if regions is None else regions[i]) for i, p in enumerate(image_paths)]
     return images if prepare_to is None else [prepare_image(image, prepare_to) for image in images]
 
@@ -217,7 +220,7 @@ def aug_preview_png(path, image_paths, transform, mean, std, mixer=None, n=8, se
                     regions=None, prepare_to=None):
     """aug_preview.png: per column one image, resized; below it `draws` passes through the training
     `transform`; with a `mixer`, one more row: the first draws mixed as a batch (lam in the label).
-    `prepare_to` (H, W): images are prepared as the training loader does (dataset.prepare_image).
+    `prepare_to` (H, W): images are prepared as the training loader does (images.prepare_image).
 
     Works on copies of `transform` and `mixer`: the training run's random streams are untouched.
     """

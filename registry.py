@@ -1,42 +1,85 @@
 """The one `Registry` helper behind every kind of plug-in (dataset, model, criterion, augmentation).
 
-Add an entry by decorating a class or factory in its own module:
+Add an entry by decorating a class or factory in its own module; options of its own are
+declared where it is registered, and become flags of train.py:
 
     from registry import Registry
     MODELS = Registry("model")
 
-    @MODELS.register("myNet", input_size=(224, 224))
-    def my_net(num_classes, **kwargs):
-        return MyNet(num_classes)
+    @MODELS.register("myNet", input_size=(224, 224), options={"my_width": "channels of the first block"})
+    def my_net(num_classes, my_width=32, **kwargs):
+        return MyNet(num_classes, my_width)
 
-Then `python train.py --model myNet` builds it. An unknown name is a `UserError` that lists the
-valid names and the closest match; a duplicate name raises at import time.
+Then `python train.py --model myNet --my_width 64` builds it. An option's default and type come
+from the entry's own signature (`my_width=32`: an int, 32 unless given), so the default lives in
+one place; `Option(help, type=..., choices=...)` says more where needed. The run's config.json
+records every option, and inference rebuilds the entry from it (`Registry.values_for`).
+
+An unknown name is a `UserError` that lists the valid names and the closest match; a duplicate
+name raises at import time.
 """
+import dataclasses
 import difflib
 import functools
 import inspect
 
-from cli import UserError
+from cli import UserError, str2bool
 
 
 class UnknownName(UserError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A flag an entry declares. `default` and `type` default to the entry's keyword default and
+    its type (bool defaults parse True/False/1/0/yes/no)."""
+    help: str = ""
+    type: object = None
+    default: object = inspect.Parameter.empty
+    choices: tuple = None
+    metavar: str = None
+
+
+def _signature_default(obj, name):
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        parameter = inspect.signature(target).parameters.get(name)
+    except (TypeError, ValueError):
+        parameter = None
+    return inspect.Parameter.empty if parameter is None else parameter.default
+
+
+def _resolve_option(obj, key, name, spec):
+    option = Option(help=spec) if isinstance(spec, str) else spec
+    if not isinstance(option, Option):
+        raise TypeError(f"option {name!r} of {key!r}: give a help text or an Option, not {type(spec).__name__}")
+    default = option.default
+    if default is inspect.Parameter.empty:
+        default = _signature_default(obj, name)
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"option {name!r} of {key!r} has no default: give the keyword a default in its "
+                        f"signature, or Option(default=...)")
+    kind = option.type or (str2bool if isinstance(default, bool) else type(default) if default is not None else str)
+    return dataclasses.replace(option, default=default, type=kind)
+
+
 class Registry:
     def __init__(self, kind):
         self.kind = kind
-        self._entries = {}  # name -> (class or factory, metadata dict)
+        self._entries = {}  # name -> (class or factory, metadata dict, {option name: Option})
 
-    def register(self, name=None, **meta):
-        """Decorator: register a class or factory under `name` (default: its own name)."""
+    def register(self, name=None, options=None, **meta):
+        """Decorator: register a class or factory under `name` (default: its own name), with the
+        flags it takes (`options`: {name: help text or Option}) and any metadata."""
         def add(obj):
             key = name or obj.__name__
             if key in self._entries:
                 raise ValueError(f"{self.kind} {key!r} is registered twice")
             if not (inspect.isclass(obj) or inspect.isroutine(obj) or isinstance(obj, functools.partial)):
                 raise TypeError(f"register classes or factories, not instances: {key!r}")
-            self._entries[key] = (obj, dict(meta))
+            declared = {opt: _resolve_option(obj, key, opt, spec) for opt, spec in (options or {}).items()}
+            self._entries[key] = (obj, dict(meta), declared)
             return obj
         return add
 
@@ -64,6 +107,41 @@ class Registry:
     def meta(self, name):
         """The metadata given at registration ({} for an object that was passed in)."""
         return dict(self._entries[name][1]) if isinstance(name, str) and name in self._entries else {}
+
+    def options(self, name):
+        """{option: Option} that the entry declared ({} for an object that was passed in)."""
+        return dict(self._entries[name][2]) if isinstance(name, str) and name in self._entries else {}
+
+    def values_for(self, name, values):
+        """The entry's own options out of `values` (the parsed flags, or a run's config.json): a
+        value missing there (a run from before the option existed) takes the declared default."""
+        return {opt: values.get(opt, option.default) for opt, option in self.options(name).items()}
+
+    def all_options(self):
+        """{option: (Option, [entries declaring it])} over every entry; entries that share an
+        option must agree on its default and type."""
+        merged = {}
+        for key in self.names():
+            for opt, option in self._entries[key][2].items():
+                if opt in merged and (merged[opt][0].default, merged[opt][0].type) != (option.default, option.type):
+                    raise ValueError(f"{self.kind} option {opt!r}: {key!r} declares default {option.default!r}, "
+                                     f"{merged[opt][1][0]!r} {merged[opt][0].default!r}; one option, one default")
+                merged.setdefault(opt, (option, []))[1].append(key)
+        return merged
+
+    def add_arguments(self, group):
+        """Every declared option as a flag of an argparse group, its help naming the entries."""
+        for opt, (option, users) in self.all_options().items():
+            kwargs = dict(type=option.type, default=option.default, choices=option.choices,
+                          metavar=option.metavar or ("BOOL" if option.type is str2bool else None),
+                          help=f"{option.help} ({self.kind} {', '.join(users)})".strip())
+            if option.type is str2bool:
+                kwargs["nargs"], kwargs["const"] = "?", True
+            try:
+                group.add_argument(f"--{opt}", **kwargs)
+            except Exception as err:  # argparse.ArgumentError: the name is taken by another flag
+                raise ValueError(f"{self.kind} option --{opt} ({', '.join(users)}) clashes with another flag: "
+                                 f"{err}") from None
 
     def build(self, name, *args, **kwargs):
         """Call the entry; options that are None are dropped so the entry's own defaults win."""

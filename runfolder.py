@@ -7,7 +7,6 @@ TensorBoard events and the figures of plots.py; README "Reading a run" says what
 (and W&B with `--wandb`), one printed line.
 """
 import csv
-import json
 import os
 import random
 
@@ -17,6 +16,7 @@ import torch
 
 import plots
 from cli import UserError
+from model import load_state, read_checkpoint, save_checkpoint
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "lr", "seconds")
 GRADCAM_IMAGES = 8
@@ -37,13 +37,6 @@ def make_run_dir(model_dir, name):
     raise UserError(f"no free run folder name for {name!r} in {model_dir}")
 
 
-def write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- RNG state for --resume
 def rng_states():
     """Every global RNG a run draws from, as plain data (loadable with weights_only=True)."""
@@ -61,6 +54,45 @@ def restore_rng_states(states):
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---------------------------------------------------------------- checkpoints
+class Checkpoint:
+    """last.pth and best.pth of one run folder.
+
+    last.pth holds what `--resume` needs: the state of every part of the training (`parts`:
+    {key: object with state_dict() / load_state_dict(), or None}, the model's under "model"),
+    the run's progress (epoch, best score, early-stopping counter) and every RNG state. best.pth
+    holds the best weights and their scores. Both are written atomically (model.save_checkpoint).
+    """
+    PROGRESS = ("epoch", "best", "bad_epochs")
+
+    def __init__(self, run_dir, parts, model_name="model"):
+        self.last, self.best = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")
+        self.parts, self.model_name = parts, model_name
+        self.saved_epoch = None  # the epoch last.pth holds (None: not written or read yet)
+
+    def save_last(self, progress):
+        state = {key: None if part is None else part.state_dict() for key, part in self.parts.items()}
+        save_checkpoint({**state, **{k: progress[k] for k in self.PROGRESS}, "rng": rng_states()}, self.last)
+        self.saved_epoch = progress["epoch"]
+
+    def resume(self):
+        """Load last.pth into every part and the global RNGs; returns the progress it holds."""
+        saved = read_checkpoint(self.last)
+        for key, part in self.parts.items():
+            if part is None or saved.get(key) is None:
+                continue
+            if key == "model":  # a mismatch is one line naming both sides
+                load_state(part, saved[key], self.last, self.model_name)
+            else:
+                part.load_state_dict(saved[key])
+        restore_rng_states(saved["rng"])
+        self.saved_epoch = saved["epoch"]
+        return {k: saved[k] for k in self.PROGRESS}
+
+    def save_best(self, weights, scores):
+        save_checkpoint({"model": weights.state_dict(), **scores}, self.best)
 
 
 # ---------------------------------------------------------------- the epoch log

@@ -1,8 +1,12 @@
 """Train a classifier and write a run folder (runs/<name>): config.json, split.csv, best.pth,
 last.pth, metrics.csv and TensorBoard events.
 
-The recipe, in `main`: data, model, transforms, criterion, optimizer, scheduler, loop; the loop
-is `train_one_epoch` + `evaluate`, the best macro-F1 epoch becomes best.pth.
+The recipe reads top-down in `run_training`: check the flags, read the data (face crops, the
+cache), make the run folder, then per split `train_fold`: `build_fold` (the one place the flags
+become a model, loaders, criterion, optimizer and schedule), resume or start the run folder,
+`fit` (the epoch loop over `train_one_epoch` + `evaluate`; the best macro-F1 epoch becomes
+best.pth), the final figures. Plug-ins (model, loss, augmentation, dataset) add their own flags
+where they are registered (registry.py); nothing here names one.
 
 Example:
     python train.py --epochs 10 --augmentation AlbuAugmentation --model imgInceptionV3 \\
@@ -19,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import timm.utils
 import torch
 from sklearn.metrics import f1_score
 from tqdm import tqdm
@@ -26,19 +31,18 @@ from tqdm import tqdm
 import cli
 import distributed
 import plots
-import timm.utils
-from augmentation import AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, prepared_size, tta_logits
+from atomic import replacing, write_json
+from augmentation import AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, prepared_size, train_transform, tta_logits
 from cutmix import MODES as CUTMIX_MODES, BatchMixer, mixed_loss
-from dataset import (DATASETS, TASKS, EpochSampler, ImageCache, ImageDataset, cache_shape, class_counts, load_image,
-                     make_loader, read_extra, read_pseudo_labels, shared_memory_free, task_f1, training_label,
-                     write_split_csv)
-from facecrop import face_regions
+from dataset import DATASETS, class_counts, read_extra, read_pseudo_labels, write_split_csv
+from facecrop import FACE_MARGIN, face_regions
+from images import EpochSampler, ImageDataset, cache_shape, load_image, make_loader, open_cache, shared_memory_free
+from labels import TASKS, task_f1, training_label
 from loss import CRITERIONS, MultiTaskLoss, build_criterion
-from model import (MODELS, check_model_name, compile_model, create_model, input_size_of, load_weights,
-                   read_checkpoint, resolve_device, resolve_precision, save_checkpoint, unwrap)
-from runfolder import (PREVIEW_IMAGES, RunLog, best_epoch_figures, final_figures, make_run_dir, restore_rng_states,
-                       rng_states, spread, write_json)
+from model import (HEADS, MODELS, MSD_P, build_from_config, check_model_name, compile_model, input_size_of,
+                   load_weights, resolve_device, resolve_precision, unwrap)
 from registry import Registry
+from runfolder import PREVIEW_IMAGES, Checkpoint, RunLog, best_epoch_figures, final_figures, make_run_dir, spread
 
 OPTIMIZERS = Registry("optimizer")
 for _name, _cls in vars(torch.optim).items():
@@ -52,8 +56,10 @@ FIGURE_REFRESH_SECONDS = 60  # best-epoch figures take ~2 s: redrawn on a new be
 # what config.json records beside the flags: skipped when it is read back with --config / --resume
 DERIVED_KEYS = ("input_size", "prepared_size", "num_classes", "classes", "mean", "std", "label_scheme", "tasks",
                 "train_images", "val_images", "world_size", "folds")
+NOT_FINITE = "training loss is not finite (NaN or inf): lower --lr, or check the data; best.pth is left as it was"
 
 
+# ---------------------------------------------------------------- the flags
 def get_args_parser():
     parser = cli.ArgumentParser(description="Train an image classifier into a run folder.",
                                 epilog="Every flag also has a kebab-case spelling (--batch-size).",
@@ -62,7 +68,15 @@ def get_args_parser():
                         help="YAML/JSON of options (a run's config.json repeats that run); flags override it")
     parser.add_argument("--resume", default=None, metavar="RUN",
                         help="continue RUN from its last.pth, in the same folder, with its options")
-    data = parser.add_argument_group("Data")
+    add_data_flags(parser.add_argument_group("Data"))
+    add_model_flags(parser.add_argument_group("Model"))
+    add_loss_flags(parser.add_argument_group("Loss and augmentation"))
+    add_optimization_flags(parser.add_argument_group("Optimization"))
+    add_output_flags(parser.add_argument_group("Output"))
+    return parser
+
+
+def add_data_flags(data):
     data.add_argument("--data_dir", default=os.path.join("data", "train"),
                       help="training data: the competition layout (train.csv + images/) or a folder per class")
     data.add_argument("--dataset", default="datasetSplitByClasses", help=DATASETS.help())
@@ -80,7 +94,7 @@ def get_args_parser():
                       help="train K models on person-grouped, class-stratified folds (0: one split)")
     cli.bool_flag(data, "--skip_bad_images", help="check every image first; leave out (and count) unreadable ones")
     cli.bool_flag(data, "--facecrop", help="crop to the MTCNN face box (cached on disk) in training and inference")
-    data.add_argument("--face_margin", type=float, default=0.3, help="face box grown by this share of its size")
+    data.add_argument("--face_margin", type=float, default=FACE_MARGIN, help="face box grown by this share of its size")
     data.add_argument("--sampler", choices=("none", "weighted"), default="none",
                       help="weighted: draw training images with inverse class frequency")
     data.add_argument("--age_bins", type=cli.parse_ints, default=None, metavar="A,B",
@@ -93,28 +107,28 @@ def get_args_parser():
     data.add_argument("--pseudo_threshold", type=cli.ratio, default=0.9, help="top probability needed")
     data.add_argument("--pseudo_data_dir", default=os.path.join("data", "eval"),
                       help="the eval folder the pseudo-label ImageIDs refer to")
+    DATASETS.add_arguments(data)
 
-    model = parser.add_argument_group("Model")
+
+def add_model_flags(model):
     model.add_argument("--model", default="BaseModel", help=f"{MODELS.help()}, or any timm model name")
     cli.bool_flag(model, "--pretrained", help="start from timm's pretrained weights (needs network)")
     model.add_argument("--weights", default=None, metavar="PATH",
                        help="start from a local state dict / timm checkpoint / .safetensors")
-    model.add_argument("--head", choices=("linear", "multitask"), default="linear",
+    model.add_argument("--head", choices=HEADS, default="linear",
                        help="multitask: mask/gender/age heads combined into the 18 classes")
     model.add_argument("--task_weights", type=cli.parse_floats, default=None, metavar="M,G,A",
                        help="multitask: loss weight per head (default 1,1,1)")
     model.add_argument("--msd", type=int, default=0, metavar="N", help="multi-sample dropout: N samples (0: off)")
-    model.add_argument("--msd_p", type=float, default=0.25, help="multi-sample dropout rate")
+    model.add_argument("--msd_p", type=float, default=MSD_P, help="multi-sample dropout rate")
     model.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                        help="keep an exponential moving average of the weights (e.g. 0.999); saved as best "
                             "when it scores higher (0: off)")
+    MODELS.add_arguments(model)
 
-    loss = parser.add_argument_group("Loss and augmentation")
+
+def add_loss_flags(loss):
     loss.add_argument("--criterion", default="cross_entropy", help=CRITERIONS.help())
-    loss.add_argument("--focal_gamma", type=float, default=2.0, help="gamma of focal and new_focal")
-    loss.add_argument("--smoothing", type=float, default=0.1, help="label_smoothing's epsilon")
-    loss.add_argument("--new_focal_threshold", type=float, default=0.5,
-                      help="new_focal: p_t at and above which a sample counts as learned")
     loss.add_argument("--augmentation", default="AlbuAugmentation", help=AUGMENTATIONS.help())
     cli.bool_flag(loss, "--cutmix", help="CutMix on training batches")
     cli.bool_flag(loss, "--mixup", help="MixUp on training batches (with --cutmix: one of the two per batch)")
@@ -124,8 +138,11 @@ def get_args_parser():
                       help="box, or vertical: a full-height strip (faces are centred)")
     loss.add_argument("--val_tta", default="none", metavar="VIEWS",
                       help=f"test-time augmentation for validation, e.g. hflip,zoom ({TTA_VIEWS.help()})")
+    CRITERIONS.add_arguments(loss)
+    AUGMENTATIONS.add_arguments(loss)
 
-    optim = parser.add_argument_group("Optimization")
+
+def add_optimization_flags(optim):
     optim.add_argument("--epochs", type=cli.positive_int, default=10)
     optim.add_argument("--batch_size", type=cli.positive_int, default=64)
     optim.add_argument("--valid_batch_size", type=cli.positive_int, default=128)
@@ -146,12 +163,12 @@ def get_args_parser():
                                            "more to compile, later ones run faster (see README, Performance)")
     optim.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
-    out = parser.add_argument_group("Output")
+
+def add_output_flags(out):
     out.add_argument("--model_dir", default="runs", help="parent folder of run folders")
     out.add_argument("--name", default="exp", help="run folder name; exp2, exp3, ... when taken")
     out.add_argument("--wandb", default=None, metavar="PROJECT",
                      help="also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works)")
-    return parser
 
 
 # ---------------------------------------------------------------- set-up helpers
@@ -179,9 +196,35 @@ def build_scheduler(kind, optimizer, epochs, step, gamma):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
-# ---------------------------------------------------------------- the loop
-def train_one_epoch(model, loader, criterion, optimizer, mixer, device, precision, scaler, desc,
-                    context=distributed.Context(), ema=None):
+# ---------------------------------------------------------------- the step and the loop
+@dataclasses.dataclass
+class Step:
+    """What one optimisation step needs besides the model and the batch."""
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    precision: object  # model.Precision: autocast dtype and memory format
+    mixer: BatchMixer = dataclasses.field(default_factory=BatchMixer)
+    ema: object = None  # timm.utils.ModelEmaV3, updated after every step
+
+
+def train_step(model, images, labels, step):
+    """One optimisation step on one batch: mix, forward and loss under autocast, backward, update
+    (and the EMA). Returns the loss and logits (detached) and the mixing lambda (1.0: unmixed)."""
+    images, y_a, y_b, lam = step.mixer(images, labels)
+    with step.precision.autocast():
+        logits = model(images)
+        loss = mixed_loss(step.criterion, logits, y_a, y_b, lam)
+    step.optimizer.zero_grad(set_to_none=True)
+    step.scaler.scale(loss).backward()
+    step.scaler.step(step.optimizer)
+    step.scaler.update()
+    if step.ema is not None:
+        step.ema.update(unwrap(model))
+    return loss.detach(), logits.detach(), lam
+
+
+def train_one_epoch(model, loader, step, device, desc, context=distributed.Context()):
     """One pass over the training side; returns mean loss and accuracy on unmixed batches
     (over every rank under torchrun)."""
     model.train()
@@ -189,35 +232,24 @@ def train_one_epoch(model, loader, criterion, optimizer, mixer, device, precisio
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = unmixed = 0
     bar = tqdm(loader, desc=desc, leave=False, disable=None if context.is_main else True, dynamic_ncols=True)
-    for step, (images, labels) in enumerate(bar):
-        images, labels = precision.batch(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
-        images, y_a, y_b, lam = mixer(images, labels)
-        with precision.autocast():
-            logits = model(images)
-            loss = mixed_loss(criterion, logits, y_a, y_b, lam)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update(unwrap(model))
-
-        loss_sum += loss.detach() * len(labels)
+    for i, (images, labels) in enumerate(bar):
+        images = step.precision.batch(images.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
+        loss, logits, lam = train_step(model, images, labels, step)
+        loss_sum += loss * len(labels)
         seen += len(labels)
         if lam == 1.0:  # accuracy of a mixed batch means nothing: count unmixed batches only
             correct += (logits.argmax(1) == labels).sum()
             unmixed += len(labels)
-        if step % 10 == 0:  # a sync every 10 steps, not every step
+        if i % 10 == 0:  # a sync every 10 steps, not every step
             running = loss_sum.item() / seen
             if not math.isfinite(running):
-                raise cli.UserError("training loss is not finite (NaN or inf): lower --lr, or check the data; "
-                                    "best.pth is left as it was")
+                raise cli.UserError(NOT_FINITE)
             bar.set_postfix(loss=f"{running:.4f}", acc=f"{correct.item() / max(unmixed, 1):.3f}")
     loss_total, seen, correct_total, unmixed = distributed.sum_all(context, loss_sum.item(), seen, correct.item(),
                                                                    unmixed)
     if not math.isfinite(loss_total):
-        raise cli.UserError("training loss is not finite (NaN or inf): lower --lr, or check the data; "
-                            "best.pth is left as it was")
+        raise cli.UserError(NOT_FINITE)
     return loss_total / max(seen, 1), correct_total / unmixed if unmixed else float("nan")
 
 
@@ -272,10 +304,14 @@ class TrainingData:
     source: object   # the dataset entry: samples, classes, mean/std, split()/folds()
     extra: list      # Samples with full paths for the training side only (--extra_data, --pseudo_labels)
     regions: dict    # full image path -> face crop region (--facecrop), else empty
-    cache: object = None  # an ImageCache over every image (--cache), shared by all folds
+    cache: object = None  # an images.ImageCache over every image (--cache), shared by all folds
     prepared: tuple = None  # (H, W) images are prepared to (augmentation.prepared_size) and cached at
     train_prepared: tuple = None  # the same for the training side; None: its pipeline gets full photos
     slots: dict = dataclasses.field(default_factory=dict)  # full image path -> its cache slot
+
+    def all_paths(self):
+        """Every image the folds use: the data folder's, then the extra training images."""
+        return self.source.all_paths() + [s.path for s in self.extra]
 
     def dataset(self, paths, labels, transform, prepare_to):
         """An ImageDataset over `paths` with this data's face crops and cache. prepare_to None: the
@@ -295,7 +331,7 @@ def drop_unreadable(source, extra):
             return True
         except cli.UserError:
             return False
-    paths = source.paths(range(len(source.samples))) + [s.path for s in extra]
+    paths = source.all_paths() + [s.path for s in extra]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
         ok = dict(zip(paths, pool.map(readable, paths)))
     bad = [p for p in paths if not ok[p]]
@@ -305,17 +341,24 @@ def drop_unreadable(source, extra):
     return [s for s in extra if ok[s.path]]
 
 
-def load_training_data(args, context=distributed.Context()):
-    relabel = args.relabel
-    source = DATASETS.build(args.dataset, args.data_dir, val_ratio=args.val_ratio, seed=args.seed, relabel=relabel)
-    if relabel and source.label_scheme != "mask":
+def read_source(args):
+    """The dataset entry over --data_dir, checked against the flags that need the competition layout."""
+    source = DATASETS.build(args.dataset, args.data_dir, val_ratio=args.val_ratio, seed=args.seed,
+                            relabel=args.relabel, **DATASETS.values_for(args.dataset, vars(args)))
+    if args.relabel and source.label_scheme != "mask":
         raise cli.UserError("--relabel applies to the competition layout only")
     if source.label_scheme != "mask":
         for flag, value in (("--head multitask", args.head == "multitask"), ("--age_bins", args.age_bins),
                             ("--extra_data", args.extra_data), ("--pseudo_labels", args.pseudo_labels)):
             if value:
                 raise cli.UserError(f"{flag} needs the competition's 18-class layout, not {args.dataset}")
-    groups = [(source.root, source.paths(range(len(source.samples))))]  # (folder, its image paths)
+    return source
+
+
+def load_training_data(args, context=distributed.Context()):
+    """The data folder, the extra training images, and their face crops (--facecrop)."""
+    source = read_source(args)
+    groups = [(source.root, source.all_paths())]  # (folder, its image paths)
     extra = []
     for folder in args.extra_data or []:
         found = read_extra(folder)
@@ -329,7 +372,7 @@ def load_training_data(args, context=distributed.Context()):
         groups.append((args.pseudo_data_dir, [s.path for s in pseudo]))
     if args.skip_bad_images:
         extra = drop_unreadable(source, extra)
-        kept = set(source.paths(range(len(source.samples)))) | {s.path for s in extra}
+        kept = set(source.all_paths()) | {s.path for s in extra}
         groups = [(folder, [p for p in paths if p in kept]) for folder, paths in groups]
     regions = {}
     if args.facecrop:  # one face box cache per data folder, filled by rank 0 alone
@@ -342,10 +385,20 @@ def load_training_data(args, context=distributed.Context()):
     return TrainingData(source, extra, regions)
 
 
+def choose_prepared_sizes(data, args, resize, context=distributed.Context()):
+    """What images are prepared to, for training (when its pipeline resizes first) and validation."""
+    probe = train_transform(args.augmentation, resize, data.source.mean, data.source.std, vars(args))
+    data.train_prepared = prepared_size(probe, resize)
+    data.prepared = data.train_prepared or resize
+    if data.train_prepared is None and context.is_main:
+        print(f"note: --augmentation {args.augmentation} does not start with a resize: training gets full-size "
+              f"photos, decoded every epoch (only validation images are prepared and cached)")
+
+
 def attach_cache(data, kind, size, run_dir):
     """--cache: one ImageCache of prepared images (`size`, H x W) over every image the folds use
     (kind "auto": "ram" when it fits)."""
-    paths = data.source.paths(range(len(data.source.samples))) + [s.path for s in data.extra]
+    paths = data.all_paths()
     if kind == "auto":
         # under torchrun every process on this machine holds its own cache
         need = int(np.prod(cache_shape(len(paths), size))) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -356,7 +409,7 @@ def attach_cache(data, kind, size, run_dir):
             return
         kind = "ram"
     data.slots = {p: i for i, p in enumerate(paths)}
-    data.cache = ImageCache(len(paths), size, kind, path=os.path.join(run_dir, f".image_cache{os.getpid()}.npy"))
+    data.cache = open_cache(len(paths), size, kind, path=os.path.join(run_dir, f".image_cache{os.getpid()}.npy"))
     print(f"cache: {len(paths)} decoded images at {data.cache.shape[1]}x{data.cache.shape[2]} in {kind}")
 
 
@@ -368,7 +421,7 @@ def write_oof(run_dir, source, folds, results):
             sample = source.samples[i]
             rows.append([sample.path, sample.person, fold, sample.label, int(probs.argmax()), *probs.round(6)])
     rows.sort(key=lambda r: r[0])
-    with open(os.path.join(run_dir, "oof.csv"), "w", newline="") as f:
+    with replacing(os.path.join(run_dir, "oof.csv")) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "person", "fold", "label", "pred", *source.classes])
         writer.writerows(rows)
@@ -380,19 +433,90 @@ def write_oof(run_dir, source, folds, results):
     return summary
 
 
-# ---------------------------------------------------------------- main
-def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resize, context=distributed.Context()):
-    """Train one model on one split into `run_dir` (or continue it: --resume); returns the best
-    epoch's validation output."""
-    source, num_classes = data.source, data.source.num_classes
-    tasks = tuple(TASKS.values()) if source.label_scheme == "mask" else None
-    seed_everything(args.seed)
+# ---------------------------------------------------------------- one fold: from the flags to its parts
+@dataclasses.dataclass
+class Side:
+    """One side of a split: its images, labels, face crop regions (or None), transform and loader."""
+    paths: list
+    labels: list
+    regions: list
+    transform: object
+    dataset: ImageDataset
+    loader: torch.utils.data.DataLoader
 
-    model = create_model(args.model, num_classes, pretrained=args.pretrained and not args.resume, head=args.head,
-                         tasks=tasks, msd=args.msd, msd_p=args.msd_p)
+
+@dataclasses.dataclass
+class Fold:
+    """Everything one model's training uses, built from the flags by `build_fold`."""
+    config: dict       # what config.json records
+    net: torch.nn.Module          # the model itself: what is saved
+    model: torch.nn.Module        # what validation runs (the DDP wrapper under torchrun)
+    train_model: torch.nn.Module  # what the training step runs (compiled with --compile)
+    step: Step
+    scheduler: object
+    sampler: EpochSampler
+    train: Side
+    val: Side
+    views: list        # validation TTA
+    device: torch.device
+
+    @property
+    def tasks(self):
+        return self.config["tasks"]
+
+    def checkpoint_parts(self):
+        """What last.pth holds besides the progress (its keys are the format of last.pth)."""
+        step = self.step
+        return {"model": self.net, "optimizer": step.optimizer, "scheduler": self.scheduler, "scaler": step.scaler,
+                "ema": step.ema.module if step.ema is not None else None, "mixer_rng": step.mixer}
+
+
+def fold_config(args, data, train_count, val_count, resize, precision, context):
+    """config.json: every resolved flag, plus what inference needs to rebuild the model."""
+    source = data.source
+    tasks = list(TASKS.values()) if source.label_scheme == "mask" else None
+    return {**vars(args), "resume": None, "resize": list(resize), "input_size": list(resize),
+            "prepared_size": list(data.prepared), "num_classes": source.num_classes, "classes": source.classes,
+            "mean": list(source.mean), "std": list(source.std), "label_scheme": source.label_scheme, "tasks": tasks,
+            "data_dir": source.root, "train_images": train_count, "val_images": val_count,
+            "precision": precision.name, "channels_last": precision.channels_last, "world_size": context.world_size}
+
+
+def build_sides(args, data, train_idx, val_idx, resize, device, context):
+    """The training side (with --extra_data / --pseudo_labels and --age_bins labels) and the
+    validation side, each with its own transform, sampler and loader; and the training sampler."""
+    source = data.source
+    train_samples = [source.samples[i] for i in train_idx] + data.extra
+    train_paths = source.paths(train_idx) + [s.path for s in data.extra]
+    train_labels = [training_label(s, args.age_bins) for s in train_samples]
+    val_paths, val_labels = source.paths(val_idx), source.labels(val_idx)
+    train_tf = train_transform(args.augmentation, resize, source.mean, source.std, vars(args))
+    val_tf = eval_transform(resize, source.mean, source.std)
+    train_set = data.dataset(train_paths, train_labels, train_tf, data.train_prepared)
+    val_set = data.dataset(val_paths, val_labels, val_tf, data.prepared)
+    counts = class_counts(train_labels, source.num_classes)
+    # --sampler weighted: each image drawn with weight 1/count of its class, so classes come up about equally
+    draw_weights = [1.0 / counts[label] for label in train_labels] if args.sampler == "weighted" else None
+    sampler = EpochSampler(len(train_set), args.seed, draw_weights, context.rank, context.world_size)
+    val_sampler = torch.utils.data.DistributedSampler(val_set, shuffle=False) if context.enabled else None
+    # drop_last keeps BatchNorm and pairwise mixing away from a 1-image last batch
+    train_loader = make_loader(train_set, args.batch_size, args.num_workers, device,
+                               drop_last=len(sampler) > args.batch_size, sampler=sampler)
+    val_loader = make_loader(val_set, args.valid_batch_size, args.num_workers, device, sampler=val_sampler)
+    regions = {"train": [data.regions[p] for p in train_paths], "val": [data.regions[p] for p in val_paths]} \
+        if data.regions else {"train": None, "val": None}
+    train = Side(train_paths, train_labels, regions["train"], train_tf, train_set, train_loader)
+    return train, Side(val_paths, val_labels, regions["val"], val_tf, val_set, val_loader), sampler
+
+
+def build_networks(args, config, device, precision, context):
+    """(net, model, train_model, ema): the model built from the run's config (model.build_from_config,
+    as inference rebuilds it), its DDP wrapper under torchrun, the compiled training model and the EMA."""
+    net = build_from_config(config, pretrained=args.pretrained and not args.resume)
     if args.weights and not args.resume:
-        load_weights(model, args.weights, args.model, allow_new_head=True)
-    net = precision.model(model.to(device))  # what is saved; `model` becomes the DDP wrapper under torchrun
+        load_weights(net, args.weights, args.model, allow_new_head=True)
+    net = precision.model(net.to(device))
+    model = net
     if context.enabled:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
@@ -400,152 +524,170 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
     # --compile: the training step only; validation runs the same weights eagerly, so switching to
     # eval mode and the last partial batch cost no recompilation
     train_model = compile_model(model, device) if args.compile else model
+    return net, model, train_model, ema
 
-    # the two sides: the training side gets --extra_data / --pseudo_labels and --age_bins labels
-    train_samples = [source.samples[i] for i in train_idx] + data.extra
-    train_paths = source.paths(train_idx) + [s.path for s in data.extra]
-    train_labels = [training_label(s, args.age_bins) for s in train_samples]
-    val_paths, val_labels = source.paths(val_idx), source.labels(val_idx)
-    val_regions = [data.regions[p] for p in val_paths] if data.regions else None
 
-    # transforms (one per side) and loaders
-    train_tf = AUGMENTATIONS.build(args.augmentation, resize=resize, mean=source.mean, std=source.std)
-    val_tf = eval_transform(resize, source.mean, source.std)
-    train_set = data.dataset(train_paths, train_labels, train_tf, data.train_prepared)
-    val_set = data.dataset(val_paths, val_labels, val_tf, data.prepared)
-    counts = class_counts(train_labels, num_classes)
-    # --sampler weighted: each image drawn with weight 1/count of its class, so classes come up about equally
-    weights = [1.0 / counts[label] for label in train_labels] if args.sampler == "weighted" else None
-    sampler = EpochSampler(len(train_set), args.seed, weights, context.rank, context.world_size)
-    val_sampler = torch.utils.data.DistributedSampler(val_set, shuffle=False) if context.enabled else None
-    # drop_last keeps BatchNorm and pairwise mixing away from a 1-image last batch
-    train_loader = make_loader(train_set, args.batch_size, args.num_workers, device,
-                               drop_last=len(sampler) > args.batch_size, sampler=sampler)
-    val_loader = make_loader(val_set, args.valid_batch_size, args.num_workers, device, sampler=val_sampler)
-
-    options = dict(focal_gamma=args.focal_gamma, smoothing=args.smoothing, new_focal_threshold=args.new_focal_threshold)
+def build_criterion_for(args, num_classes, tasks, counts, device):
+    """--criterion with its own options; one per task with --head multitask."""
+    options = CRITERIONS.values_for(args.criterion, vars(args))
     if args.head == "multitask":
         criterion = MultiTaskLoss(args.criterion, num_classes, tasks, args.task_weights, counts, **options)
     else:
         criterion = build_criterion(args.criterion, num_classes, class_counts=counts, **options)
-    criterion.to(device)
+    return criterion.to(device)
+
+
+def build_fold(args, data, train_idx, val_idx, device, precision, resize, context=distributed.Context()):
+    """The one place the flags become one fold's parts: model, sides, criterion, mixing,
+    optimizer, schedule."""
+    seed_everything(args.seed)
+    config = fold_config(args, data, len(train_idx) + len(data.extra), len(val_idx), resize, precision, context)
+    net, model, train_model, ema = build_networks(args, config, device, precision, context)
+    train, val, sampler = build_sides(args, data, train_idx, val_idx, resize, device, context)
+    counts = class_counts(train.labels, config["num_classes"])
+    criterion = build_criterion_for(args, config["num_classes"], config["tasks"], counts, device)
     mixer = BatchMixer(args.cutmix, args.mixup, prob=args.cutmix_prob, beta=args.beta,
                        mode=args.cutmix_mode, seed=args.seed + context.rank)
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     scheduler = build_scheduler(args.scheduler, optimizer, args.epochs, args.lr_decay_step, args.gamma)
-    scaler = precision.scaler()
-    views = parse_tta(args.val_tta)
+    step = Step(criterion, optimizer, precision.scaler(), precision, mixer, ema)
+    return Fold(config, net, model, train_model, step, scheduler, sampler, train, val, parse_tta(args.val_tta), device)
 
-    # where we start: epoch 0, or the state of last.pth
+
+# ---------------------------------------------------------------- one fold: the run folder and the loop
+def start_run_folder(fold, data, train_idx, val_idx, checkpoint, state, args, run_dir):
+    """Rank 0, a new run: config.json, split.csv, a first last.pth (so that even an interrupted
+    first epoch can be resumed) and the augmentation preview. Returns the RunLog."""
+    if not args.resume:
+        write_json(os.path.join(run_dir, "config.json"), fold.config)
+        write_split_csv(os.path.join(run_dir, "split.csv"), data.source, train_idx, val_idx, data.extra)
+        checkpoint.save_last(state)
+    log = RunLog(run_dir, args.epochs, state["epoch"], args.wandb, fold.config)
+    if not args.resume:
+        train, mixer, source = fold.train, fold.step.mixer, data.source
+        pick = spread(len(train.paths), PREVIEW_IMAGES)
+        log.figure("aug_preview", plots.aug_preview_png(
+            run_dir, [train.paths[i] for i in pick], train.transform, source.mean, source.std,
+            mixer if mixer.enabled else None, n=len(pick), seed=args.seed,
+            regions=[train.regions[i] for i in pick] if train.regions else None,
+            prepare_to=train.dataset.prepare_to), 0)
+    return log
+
+
+def run_epoch(fold, epoch, epochs, context):
+    """Train one epoch and validate (the EMA weights too); returns the metrics row, the winning
+    validation output and the weights that produced it."""
+    step, per_task, num_classes = fold.step, fold.tasks is not None, fold.config["num_classes"]
+    row = {"epoch": epoch, "lr": step.optimizer.param_groups[0]["lr"]}
+    fold.sampler.set_epoch(epoch)  # the order and augmentation of an epoch depend on (seed, epoch) alone
+    row["train_loss"], row["train_acc"] = train_one_epoch(fold.train_model, fold.train.loader, step, fold.device,
+                                                          f"epoch {epoch}/{epochs}", context)
+    fold.scheduler.step()
+    val = evaluate(fold.model, fold.val.loader, step.criterion, fold.device, step.precision, num_classes, fold.views,
+                   per_task=per_task, context=context)
+    row.update({k: v for k, v in val.items() if k.startswith("val_")})
+    weights = fold.net
+    if step.ema is not None:  # the average competes with the raw weights for best.pth
+        ema_val = evaluate(step.ema.module, fold.val.loader, step.criterion, fold.device, step.precision,
+                           num_classes, fold.views, per_task=per_task, context=context)
+        row.update(ema_val_loss=ema_val["val_loss"], ema_val_f1=ema_val["val_f1"])
+        if is_better(ema_val, val):
+            val, weights = ema_val, step.ema.module
+    return row, val, weights
+
+
+@dataclasses.dataclass
+class BestFigures:
+    """The best epoch's figures (confusion matrices, mistakes), redrawn on a new best at most
+    every FIGURE_REFRESH_SECONDS, and once more at the end for the final best."""
+    fold: Fold
+    log: RunLog
+    drawn_at: float = 0.0
+    drawn_epoch: int = 0
+
+    def draw(self, output, epoch):
+        val, classes = self.fold.val, self.fold.config["classes"]
+        best_epoch_figures(self.log, output, val.paths, classes, epoch, val.regions, self.fold.tasks is not None)
+        self.drawn_at, self.drawn_epoch = time.time(), epoch
+
+    def maybe_draw(self, output, epoch):
+        if time.time() - self.drawn_at > FIGURE_REFRESH_SECONDS:
+            self.draw(output, epoch)
+
+
+def fit(fold, state, checkpoint, log, epochs, patience, context):
+    """The epoch loop: train, validate, keep the best (best.pth), save last.pth, stop early.
+    Updates `state` (epoch, best, bad_epochs) and returns the best epoch's validation output
+    (None when no epoch improved on the resumed best)."""
+    best_output, figures = None, BestFigures(fold, log) if context.is_main else None
+    for epoch in range(state["epoch"] + 1, epochs + 1):
+        tic = time.time()
+        row, val, weights = run_epoch(fold, epoch, epochs, context)
+        is_best = is_better(val, state["best"])  # every rank holds the same gathered metrics
+        if is_best:
+            state["best"] = {"val_f1": val["val_f1"], "val_loss": val["val_loss"], "val_acc": val["val_acc"],
+                             "epoch": epoch, "ema": weights is not fold.net}
+            best_output = val
+        state["bad_epochs"] = 0 if is_best else state["bad_epochs"] + 1
+        state["epoch"] = epoch
+        if context.is_main:  # metrics row first: a crash after it is redone on --resume
+            log.epoch({**row, "seconds": time.time() - tic}, is_best)
+            if is_best:
+                checkpoint.save_best(weights, state["best"])
+                figures.maybe_draw(val, epoch)
+            checkpoint.save_last(state)
+        if patience and state["bad_epochs"] >= patience:
+            print(f"early stop: no better val F1 for {state['bad_epochs']} epochs")
+            break
+    if context.is_main and best_output is not None and figures.drawn_epoch != state["best"]["epoch"]:
+        figures.draw(best_output, state["best"]["epoch"])
+    return best_output
+
+
+def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resize, context=distributed.Context()):
+    """Train one model on one split into `run_dir` (or continue it: --resume); returns the best
+    epoch's validation output."""
+    fold = build_fold(args, data, train_idx, val_idx, device, precision, resize, context)
+    checkpoint = Checkpoint(run_dir, fold.checkpoint_parts(), args.model)
     state = {"epoch": 0, "best": {"val_f1": -1.0, "val_loss": math.inf, "epoch": 0}, "bad_epochs": 0}
-    last_path, best_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")
     if args.resume:
-        saved = read_checkpoint(last_path)
-        load_weights(net, last_path, args.model)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        if ema is not None and "ema" in saved:
-            ema.module.load_state_dict(saved["ema"])
-        mixer.rng.bit_generator.state = saved["mixer_rng"]
-        restore_rng_states(saved["rng"])
-        state = {k: saved[k] for k in state}
+        state = checkpoint.resume()
         print(f"resuming {run_dir} after epoch {state['epoch']} (best {state['best']['val_f1']:.4f} at epoch "
               f"{state['best']['epoch']})")
-
-    def save_last(epoch):
-        save_checkpoint({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                         "ema": ema.module.state_dict() if ema is not None else None, "epoch": epoch,
-                         "best": state["best"], "bad_epochs": state["bad_epochs"], "rng": rng_states(),
-                         "mixer_rng": mixer.rng.bit_generator.state}, last_path)
-
-    # the run folder: rank 0 writes it
-    config = {**vars(args), "resume": None, "resize": list(resize), "input_size": list(resize),
-              "prepared_size": list(data.prepared),
-              "num_classes": num_classes, "classes": source.classes, "mean": list(source.mean),
-              "std": list(source.std), "label_scheme": source.label_scheme, "tasks": list(tasks) if tasks else None,
-              "data_dir": source.root, "train_images": len(train_set), "val_images": len(val_set),
-              "precision": precision.name, "channels_last": precision.channels_last,
-              "world_size": context.world_size}
-    log = None
-    if context.is_main:
-        if not args.resume:
-            write_json(os.path.join(run_dir, "config.json"), config)
-            write_split_csv(os.path.join(run_dir, "split.csv"), source, train_idx, val_idx, data.extra)
-            save_last(0)  # so that even an interrupted first epoch can be resumed
-        log = RunLog(run_dir, args.epochs, state["epoch"], args.wandb, config)
-        if not args.resume:
-            pick = spread(len(train_paths), PREVIEW_IMAGES)
-            log.figure("aug_preview", plots.aug_preview_png(
-                run_dir, [train_paths[i] for i in pick], train_tf, source.mean, source.std,
-                mixer if mixer.enabled else None, n=len(pick), seed=args.seed,
-                regions=[train_set.regions[i] for i in pick] if train_set.regions else None,
-                prepare_to=train_set.prepare_to), 0)
-    print(f"run {run_dir}: {args.model} at {resize[0]}x{resize[1]}, {len(train_set)} train / "
-          f"{len(val_set)} val images, {num_classes} classes, {device} {precision.name}"
+    log = start_run_folder(fold, data, train_idx, val_idx, checkpoint, state, args, run_dir) \
+        if context.is_main else None
+    print(f"run {run_dir}: {args.model} at {resize[0]}x{resize[1]}, {len(fold.train.paths)} train / "
+          f"{len(fold.val.paths)} val images, {fold.config['num_classes']} classes, {device} {precision.name}"
           f"{' channels_last' if precision.channels_last else ''}", flush=True)
-
-    best_output, started, epoch = None, time.time(), state["epoch"]
-    figures_at, figures_epoch = 0.0, 0  # when, and for which epoch, the best-epoch figures were last drawn
+    started = time.time()
     try:
-        for epoch in range(state["epoch"] + 1, args.epochs + 1):
-            tic = time.time()
-            lr = optimizer.param_groups[0]["lr"]
-            sampler.set_epoch(epoch)  # the order and augmentation of an epoch depend on (seed, epoch) alone
-            train_loss, train_acc = train_one_epoch(train_model, train_loader, criterion, optimizer, mixer, device,
-                                                    precision, scaler, f"epoch {epoch}/{args.epochs}", context, ema)
-            scheduler.step()
-            val = evaluate(model, val_loader, criterion, device, precision, num_classes, views,
-                           per_task=tasks is not None, context=context)
-            row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "lr": lr,
-                   **{k: v for k, v in val.items() if k.startswith("val_")}}
-            weights = net
-            if ema is not None:  # the average competes with the raw weights for best.pth
-                ema_val = evaluate(ema.module, val_loader, criterion, device, precision, num_classes, views,
-                                   per_task=tasks is not None, context=context)
-                row.update(ema_val_loss=ema_val["val_loss"], ema_val_f1=ema_val["val_f1"])
-                if is_better(ema_val, val):
-                    val, weights = ema_val, ema.module
-            is_best = is_better(val, state["best"])  # every rank holds the same gathered metrics
-            if is_best:
-                state["best"] = {"val_f1": val["val_f1"], "val_loss": val["val_loss"], "val_acc": val["val_acc"],
-                                 "epoch": epoch, "ema": weights is not net}
-                best_output = val
-            state["bad_epochs"] = 0 if is_best else state["bad_epochs"] + 1
-            state["epoch"] = epoch
-            if context.is_main:  # metrics row first: a crash after it is redone on --resume
-                log.epoch({**row, "seconds": time.time() - tic}, is_best)
-                if is_best:
-                    save_checkpoint({"model": weights.state_dict(), **state["best"]}, best_path)
-                    if time.time() - figures_at > FIGURE_REFRESH_SECONDS:
-                        best_epoch_figures(log, val, val_paths, source.classes, epoch, val_regions, tasks is not None)
-                        figures_at, figures_epoch = time.time(), epoch
-                save_last(epoch)
-            if args.patience and state["bad_epochs"] >= args.patience:
-                print(f"early stop: no better val F1 for {state['bad_epochs']} epochs")
-                break
+        best_output = fit(fold, state, checkpoint, log, args.epochs, args.patience, context)
     except KeyboardInterrupt:
         if context.is_main:
-            print(f"\ninterrupted in epoch {epoch}: {last_path} holds epoch {state['epoch']}; "
+            print(f"\ninterrupted in epoch {state['epoch'] + 1}: {checkpoint.last} holds epoch "
+                  f"{checkpoint.saved_epoch}; "
                   f"continue with: python train.py --resume {run_dir}", flush=True)
             log.close()
         raise SystemExit(130) from None
-
     if context.is_main:
-        if best_output is not None and figures_epoch != state["best"]["epoch"]:
-            best_epoch_figures(log, best_output, val_paths, source.classes, state["best"]["epoch"], val_regions,
-                               tasks is not None)
-        if os.path.exists(best_path):
-            load_weights(net, best_path, args.model)
-        final_figures(log, net, val_paths, val_labels, val_tf, source.classes, device, val_regions, data.prepared)
-        log.close()
+        finish_run_folder(fold, checkpoint, log)
     best = state["best"]
     print(f"done in {(time.time() - started) / 60:.1f} min: best epoch {best['epoch']} "
-          f"val_f1 {best['val_f1']:.4f} val_acc {best.get('val_acc', 0):.3f} -> {best_path}")
+          f"val_f1 {best['val_f1']:.4f} val_acc {best.get('val_acc', 0):.3f} -> {checkpoint.best}")
     return {**best, "probs": best_output["probs"] if best_output is not None else None}
 
 
+def finish_run_folder(fold, checkpoint, log):
+    """The best weights back into the model, then curves.png and gradcam.png."""
+    if os.path.exists(checkpoint.best):
+        load_weights(fold.net, checkpoint.best, fold.config["model"])
+    val = fold.val
+    final_figures(log, fold.net, val.paths, val.labels, val.transform, fold.config["classes"], fold.device,
+                  val.regions, val.dataset.prepare_to)
+    log.close()
+
+
+# ---------------------------------------------------------------- main
 def main(args):
     context, device = distributed.setup(args.device)
     try:
@@ -554,62 +696,68 @@ def main(args):
         distributed.teardown(context)
 
 
-def run_training(args, context, device):
-    precision = resolve_precision("fp32" if args.amp is False else args.precision, device, args.channels_last)
+def check_flags(args):
+    """Fail on a typo or an impossible value before any work."""
     for registry, name in ((DATASETS, args.dataset), (AUGMENTATIONS, args.augmentation),
                            (CRITERIONS, args.criterion), (OPTIMIZERS, args.optimizer)):
-        registry.get(name)  # fail on a typo before any work
+        registry.get(name)
     check_model_name(args.model)
     parse_tta(args.val_tta)
     if args.kfold == 1 or args.kfold < 0:
         raise cli.UserError(f"--kfold needs K >= 2 (or 0 for one split), got {args.kfold}")
-    seed_everything(args.seed)
-    resize = tuple(args.resize or input_size_of(args.model))
-
-    data = load_training_data(args, context)
-    folds = data.source.folds(args.kfold) if args.kfold else [data.source.split()]
     if args.resume:
         if args.kfold:
             raise cli.UserError("--resume continues a single run; for k-fold, resume each fold folder's run "
                                 "is not supported: start the k-fold run again")
         if not os.path.isfile(os.path.join(args.resume, "last.pth")):
             raise cli.UserError(f"--resume {args.resume}: no last.pth to continue from")
+
+
+def run_training(args, context, device):
+    """The recipe: check the flags, read the data, make (or reopen) the run folder, prepare and
+    cache the images, train each split."""
+    check_flags(args)
+    precision = resolve_precision("fp32" if args.amp is False else args.precision, device, args.channels_last)
+    seed_everything(args.seed)
+    resize = tuple(args.resize or input_size_of(args.model))
+    data = load_training_data(args, context)
+    folds = data.source.folds(args.kfold) if args.kfold else [data.source.split()]
+    if args.resume:
         run_dir = args.resume
     else:
         run_dir = distributed.broadcast(context, make_run_dir(args.model_dir, args.name) if context.is_main else None)
-    # what images are prepared to, for training (when its pipeline resizes first) and validation
-    probe = AUGMENTATIONS.build(args.augmentation, resize=resize, mean=data.source.mean, std=data.source.std)
-    data.train_prepared = prepared_size(probe, resize)
-    data.prepared = data.train_prepared or resize
-    if data.train_prepared is None and context.is_main:
-        print(f"note: --augmentation {args.augmentation} does not start with a resize: training gets full-size "
-              f"photos, decoded every epoch (only validation images are prepared and cached)")
+    choose_prepared_sizes(data, args, resize, context)
     if args.cache != "none":
         attach_cache(data, args.cache, data.prepared, run_dir)
     try:
         if not args.kfold:
             train_fold(args, data, *folds[0], run_dir, device, precision, resize, context)
-            return run_dir
-        fold_dirs = [f"fold{i}" for i in range(1, len(folds) + 1)]
-        if context.is_main:
-            write_json(os.path.join(run_dir, "config.json"), {**vars(args), "folds": fold_dirs,
-                                                              "classes": data.source.classes})
-        results = []
-        for fold_dir, (train_idx, val_idx) in zip(fold_dirs, folds):
-            if context.is_main:
-                os.mkdir(os.path.join(run_dir, fold_dir))
-            distributed.barrier(context)
-            print(f"--- {fold_dir} of {len(folds)}")
-            results.append(train_fold(args, data, train_idx, val_idx, os.path.join(run_dir, fold_dir), device,
-                                      precision, resize, context))
-        if context.is_main:
-            summary = write_oof(run_dir, data.source, folds, results)
-            print(f"k-fold: out-of-fold macro F1 {summary['oof_f1']:.4f}, per fold "
-                  f"{', '.join(f'{f:.4f}' for f in summary['fold_f1'])} -> {run_dir}")
+        else:
+            train_kfold(args, data, folds, run_dir, device, precision, resize, context)
         return run_dir
     finally:
         if data.cache is not None:
             data.cache.close()
+
+
+def train_kfold(args, data, folds, run_dir, device, precision, resize, context):
+    """--kfold K: one run folder per fold (fold1..foldK) under `run_dir`, then oof.csv and kfold.json."""
+    fold_dirs = [f"fold{i}" for i in range(1, len(folds) + 1)]
+    if context.is_main:
+        write_json(os.path.join(run_dir, "config.json"), {**vars(args), "folds": fold_dirs,
+                                                          "classes": data.source.classes})
+    results = []
+    for fold_dir, (train_idx, val_idx) in zip(fold_dirs, folds):
+        if context.is_main:
+            os.mkdir(os.path.join(run_dir, fold_dir))
+        distributed.barrier(context)
+        print(f"--- {fold_dir} of {len(folds)}")
+        results.append(train_fold(args, data, train_idx, val_idx, os.path.join(run_dir, fold_dir), device,
+                                  precision, resize, context))
+    if context.is_main:
+        summary = write_oof(run_dir, data.source, folds, results)
+        print(f"k-fold: out-of-fold macro F1 {summary['oof_f1']:.4f}, per fold "
+              f"{', '.join(f'{f:.4f}' for f in summary['fold_f1'])} -> {run_dir}")
 
 
 if __name__ == "__main__":

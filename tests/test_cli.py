@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import FAST, run_cli
-from dataset import MASK_CLASSES, NUM_CLASSES
+from labels import MASK_CLASSES, NUM_CLASSES
 
 
 
@@ -92,11 +92,12 @@ def test_ensemble_decodes_each_image_once_per_preprocessing(work, base_run, monk
     """Runs that preprocess alike share one pass over the images; another input size, or a weight
     budget that holds one model at a time, means another pass. The probabilities do not change."""
     import dataset
+    import images
     import inference
     from model import resolve_precision
     reads = []
-    load_image = dataset.load_image
-    monkeypatch.setattr(dataset, "load_image", lambda path, *a, **k: reads.append(path) or load_image(path, *a, **k))
+    load_image = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda path, *a, **k: reads.append(path) or load_image(path, *a, **k))
     paths = dataset.read_eval_dir(str(work / "data" / "eval")).paths
     config = inference.read_config(base_run)
     assert config["prepared_size"] == config["input_size"]  # the default pipeline starts with A.Resize

@@ -9,8 +9,10 @@ from PIL import Image
 
 import dataset
 from cli import UserError
-from dataset import (DATASETS, MASK_CLASSES, NUM_CLASSES, age_band, decode_label, encode_label, load_image,
-                     read_eval_dir, read_mask_train)
+import labels
+from dataset import DATASETS, read_eval_dir, read_mask_train
+from images import load_image
+from labels import MASK_CLASSES, NUM_CLASSES, age_band, decode_label, encode_label
 
 SHARED_META = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mask_train_meta.csv")
 
@@ -43,7 +45,7 @@ def test_read_sample_layout(sample_data):
         _, gender_name, _, age_text = s.person.rsplit("_", 3)
         assert gender == (gender_name == "female") and age == age_band(int(age_text))
         stem = os.path.splitext(os.path.basename(s.path))[0]
-        assert mask == dataset.PHOTO_MASK[stem]
+        assert mask == labels.PHOTO_MASK[stem]
 
 
 def test_images_folder_accepted_as_data_dir(sample_data):
@@ -255,7 +257,7 @@ def test_all_real_people_parse_and_split_without_leak(tmp_path):
     tiny = (tmp_path / "tiny.jpg").read_bytes()
     for folder in meta["path"]:
         os.mkdir(train / "images" / folder)
-        for stem in dataset.PHOTO_MASK:
+        for stem in labels.PHOTO_MASK:
             (train / "images" / folder / f"{stem}.jpg").write_bytes(tiny)
     source = DATASETS.build("datasetSplitByClasses", str(train), val_ratio=0.2, seed=0)
     assert len(source.samples) == 18900

@@ -12,7 +12,7 @@ import plots
 from augmentation import AUGMENTATIONS, eval_transform, seed_transform
 from cli import UserError
 from cutmix import BatchMixer
-from dataset import MASK_CLASSES, NUM_CLASSES, encode_label
+from labels import MASK_CLASSES, NUM_CLASSES, encode_label
 from model import create_model
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

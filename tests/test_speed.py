@@ -12,7 +12,8 @@ import torch
 from augmentation import eval_transform
 from cli import UserError
 from conftest import FAST, ROOT
-from dataset import DATASETS, ImageCache, ImageDataset, load_image, make_loader
+from dataset import DATASETS
+from images import ImageDataset, load_image, make_loader, open_cache
 from model import create_model, resolve_precision
 
 
@@ -46,12 +47,12 @@ def test_bf16_channels_last_step_matches_fp32_closely():
 def test_image_cache_serves_later_epochs_from_memory(sample_data, tmp_path, kind, monkeypatch):
     source = DATASETS.build("datasetSplitByClasses", str(sample_data / "train"))
     paths, labels = source.paths(range(40)), source.labels(range(40))
-    cache = ImageCache(len(paths), (72, 54), kind, path=str(tmp_path / "cache.npy"))  # a pipeline's headroom
+    cache = open_cache(len(paths), (72, 54), kind, path=str(tmp_path / "cache.npy"))  # a pipeline's headroom
     dataset = ImageDataset(paths, labels, eval_transform((64, 48), source.mean, source.std), (72, 54), cache=cache)
     first = torch.cat([x for x, _ in make_loader(dataset, 8, 2, "cpu")])  # workers fill the shared cache
     assert cache.get(39) is not None and cache.get(0).shape == (72, 54, 3)
-    import dataset as dataset_module
-    monkeypatch.setattr(dataset_module, "load_image", lambda *a, **k: pytest.fail("decoded again"))
+    import images as images_module
+    monkeypatch.setattr(images_module, "load_image", lambda *a, **k: pytest.fail("decoded again"))
     second = torch.cat([x for x, _ in make_loader(dataset, 8, 0, "cpu")])
     assert torch.equal(first, second)
     monkeypatch.undo()
@@ -66,7 +67,7 @@ def test_image_cache_serves_later_epochs_from_memory(sample_data, tmp_path, kind
 WORKERS_AFTER_PARENT_OPENCV = """
 import sys, cv2, numpy as np, torch
 from augmentation import AUGMENTATIONS
-from dataset import ImageDataset, make_loader
+from images import ImageDataset, make_loader
 paths = sys.argv[1:]
 cv2.GaussianBlur(cv2.resize(np.zeros((1500, 1500, 3), np.uint8), (700, 700)), (5, 5), 0)  # the parent's pool
 augment = AUGMENTATIONS.build("AlbuAugmentation", resize=(64, 48), mean=(0.5,) * 3, std=(0.25,) * 3)
@@ -160,10 +161,10 @@ def test_cache_auto_takes_ram_only_where_it_fits(sample_data, tmp_path, monkeypa
     small = train.TrainingData(source, [], {})
     train.attach_cache(small, "auto", (64, 48), str(tmp_path))
     assert small.cache is None and "cache: off" in capsys.readouterr().out
-    import dataset as dataset_module
-    monkeypatch.setattr(dataset_module, "shared_memory_free", lambda: (2**20, "/dev/shm"))
+    import images as images_module
+    monkeypatch.setattr(images_module, "shared_memory_free", lambda: (2**20, "/dev/shm"))
     with pytest.raises(UserError, match="/dev/shm has 0.00 GiB free"):
-        ImageCache(len(source.samples), (64, 48), "ram")
+        open_cache(len(source.samples), (64, 48), "ram")
 
 
 def test_compile_trains_and_saves_plain_weights(work, tmp_path):

@@ -15,7 +15,9 @@ import dataset
 from augmentation import parse_tta, tta_logits
 from cli import UserError
 from conftest import FAST, run_cli
-from dataset import DATASETS, MASK_CLASSES, EpochSampler, Sample, decode_label, task_f1, training_label
+from dataset import DATASETS, Sample
+from images import EpochSampler
+from labels import MASK_CLASSES, age_band, decode_label, encode_label, task_f1, training_label
 from loss import MultiTaskLoss, split_target
 from model import FactorizedHead, MultiSampleDropout, create_model
 
@@ -149,7 +151,7 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
 
 
 def test_age_bins_change_training_labels_only():
-    sample = Sample("images/p/mask1.jpg", dataset.encode_label(0, 1, dataset.age_band(58)), "p", 58)
+    sample = Sample("images/p/mask1.jpg", encode_label(0, 1, age_band(58)), "p", 58)
     assert decode_label(training_label(sample))[2] == 1
     assert decode_label(training_label(sample, [30, 58]))[2] == 2
     assert training_label(Sample("x.jpg", 4, "pseudo:"), [30, 58]) == 4  # no age known: unchanged
@@ -271,6 +273,7 @@ def test_pipeline_cropping_in_photo_pixels_gets_full_size_photos(work, tmp_path,
     registry = Registry("augmentation")
     registry._entries = dict(augmentation.AUGMENTATIONS._entries)  # the real entries, plus one
     monkeypatch.setattr(train, "AUGMENTATIONS", registry)
+    monkeypatch.setattr(augmentation, "AUGMENTATIONS", registry)  # train_transform builds from it
     sizes = []
 
     @registry.register()

@@ -1,0 +1,279 @@
+"""From an image file to a training batch: decoding, preparing, the shared image cache, the
+torch Dataset of one side of a split, and the loaders.
+
+- `load_image(path, min_size, region)`: upright RGB uint8, cropped to a face region, decoded at
+  a reduced JPEG scale where that still leaves it large enough.
+- `prepare_image(image, size)`: the one resize (area) every path applies before the transform:
+  cached or not, training, validation and inference see the same input.
+- `RamCache` / `DiskCache` (`open_cache(count, size, kind)`): prepared images kept from the
+  first epoch, shared by every DataLoader worker.
+- `ImageDataset`: paths, labels and the transform of one side; `EpochSampler`: the training
+  order as a function of (seed, epoch); `make_loader`: the DataLoader with its workers.
+
+Example: python train.py --cache disk --num_workers 4
+"""
+import contextlib
+import os
+import random
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from augmentation import seed_transform
+from cli import UserError
+
+# Image work is per image and runs in parallel DataLoader worker processes: OpenCV's own thread
+# pool there only oversubscribes the cores. Set here, in the parent, because changing the count
+# inside a forked worker after the parent has used the pool deadlocks.
+cv2.setNumThreads(1)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# ---------------------------------------------------------------- reading images
+def load_image(path, min_size=None, region=None):
+    """Read an image as an RGB uint8 array, upright (EXIF orientation applied).
+
+    `region=(x1, y1, x2, y2)` crops it (pixel coordinates of the full-size upright image).
+    `min_size=(H, W)` lets a JPEG decode at a reduced scale (PIL draft mode) that still leaves
+    the image (or the region) at least that large: much faster when the model input is smaller
+    than the photo.
+    """
+    try:
+        with Image.open(path) as img:
+            rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # stored turned by 90 degrees
+            full_w, full_h = img.size[::-1] if rotated else img.size  # upright size
+            if min_size is not None and img.format == "JPEG":
+                height, width = min_size
+                if region is not None:  # the region, not the whole photo, must stay that large
+                    height = height * full_h / max(region[3] - region[1], 1)
+                    width = width * full_w / max(region[2] - region[0], 1)
+                want = (int(np.ceil(height)), int(np.ceil(width))) if rotated else \
+                    (int(np.ceil(width)), int(np.ceil(height)))
+                img.draft("RGB", want)
+            img = ImageOps.exif_transpose(img)
+            image = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UserError(f"cannot read image {path}: {err}") from None
+    if region is not None:
+        sy, sx = image.shape[0] / full_h, image.shape[1] / full_w  # < 1 after a reduced decode
+        x1, y1, x2, y2 = region
+        image = image[int(y1 * sy):max(int(np.ceil(y2 * sy)), int(y1 * sy) + 1),
+                      int(x1 * sx):max(int(np.ceil(x2 * sx)), int(x1 * sx) + 1)]
+    return image
+
+
+def prepare_image(image, size):
+    """A decoded (cropped) image as the transform receives it: resized to `size` (H, W; see
+    augmentation.prepared_size) with area interpolation (antialiased). The cache holds exactly
+    this, and the uncached path does the same, so `--cache` never changes what the model sees,
+    and inference sees what validation saw (a direct bilinear resize of the photo would alias)."""
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+# ---------------------------------------------------------------- the image cache
+def cache_shape(count, size):
+    """(count, H, W, 3): the cache holds prepared images of `size` (H, W)."""
+    return (count, *size, 3)
+
+
+def shared_memory_free():
+    """(bytes, where) free for shared-memory tensors: the smaller of the available RAM and the
+    free space of /dev/shm, where they live (a docker container's is 64 MiB unless --shm-size)."""
+    free, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "memory"
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
+        free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    with contextlib.suppress(OSError):
+        stat = os.statvfs("/dev/shm")
+        if stat.f_bavail * stat.f_frsize < free:
+            free, where = stat.f_bavail * stat.f_frsize, "/dev/shm"
+    return free, where
+
+
+class ImageCache:
+    """Decoded (and face-cropped) images, prepared once to a fixed size, shared by every
+    DataLoader worker: the first epoch fills it, later epochs skip decoding. A subclass says
+    where the arrays live (`_arrays`: images [count, H, W, 3] uint8 and a filled flag per slot)."""
+    kind = None
+
+    def __init__(self, count, size):
+        self.shape = cache_shape(count, size)
+
+    def _arrays(self):
+        raise NotImplementedError
+
+    def get(self, index):
+        images, filled = self._arrays()
+        return np.asarray(images[index]) if filled[index] else None
+
+    def put(self, index, image):
+        """Store a prepared image (prepare_image, at the cache's size) and return it."""
+        assert image.shape == self.shape[1:], f"cache holds {self.shape[1:]} images, got {image.shape}"
+        images, filled = self._arrays()
+        images[index] = image  # a copy; image may be read-only
+        filled[index] = True
+        return image
+
+    def close(self):
+        pass
+
+
+class RamCache(ImageCache):
+    """Shared-memory arrays: every forked worker writes to and reads from the same pages."""
+    kind = "ram"
+
+    def __init__(self, count, size):
+        super().__init__(count, size)
+        need, free, where = int(np.prod(self.shape)), *shared_memory_free()
+        if need > 0.8 * free:
+            raise UserError(f"--cache ram needs {need / 2**30:.2f} GiB, {where} has {free / 2**30:.2f} GiB free; "
+                            f"use --cache disk or a smaller --resize")
+        self.images = torch.zeros(self.shape, dtype=torch.uint8).share_memory_()
+        self.filled = torch.zeros(count, dtype=torch.bool).share_memory_()
+
+    def _arrays(self):
+        return self.images.numpy(), self.filled.numpy()
+
+
+class DiskCache(ImageCache):
+    """A memory-mapped file at `path`, for data larger than RAM (the OS keeps what fits in its
+    page cache); removed by close()."""
+    kind = "disk"
+
+    def __init__(self, count, size, path):
+        super().__init__(count, size)
+        self.path = path
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(int(np.prod(self.shape)) + count,))
+        self._opened = None  # opened per process: a memmap must not be pickled into workers
+
+    def _arrays(self):
+        if self._opened is None or self._opened[0] != os.getpid():
+            flat = np.load(self.path, mmap_mode="r+")
+            count = self.shape[0]
+            self._opened = (os.getpid(), flat[:-count].reshape(self.shape), flat[-count:])
+        return self._opened[1:]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_opened": None}
+
+    def close(self):
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def open_cache(count, size, kind="ram", path=None):
+    """An empty cache of `count` prepared images of `size` (H, W): in shared memory, or in a file."""
+    if kind == "ram":
+        return RamCache(count, size)
+    if kind == "disk":
+        return DiskCache(count, size, path)
+    raise UserError(f"unknown cache kind {kind!r}; expected ram or disk")
+
+
+# ---------------------------------------------------------------- one side of a split
+class ImageDataset(torch.utils.data.Dataset):
+    """One side of a split: paths and labels, and the transform of that side only.
+
+    `prepare_to` (H, W) (augmentation.prepared_size): each image is decoded (at a reduced JPEG
+    scale where that still leaves it large enough), cropped to its region and resized to it
+    (prepare_image) before the transform; the cache, when given, keeps these prepared images.
+    None: the transform gets the decoded photo as it is.
+    """
+
+    def __init__(self, paths, labels, transform, prepare_to=None, regions=None, cache=None, cache_slots=None):
+        assert len(paths) == len(labels), "one label per image"
+        assert regions is None or len(regions) == len(paths), "one crop region per image"
+        assert cache is None or prepare_to is not None, "a cache holds prepared images: give prepare_to"
+        self.paths, self.labels = list(paths), list(labels)
+        self.transform = transform
+        self.prepare_to = None if prepare_to is None else tuple(prepare_to)
+        self.regions = regions  # face crops, or None for the whole photo
+        self.cache = cache      # an ImageCache, or None
+        self.cache_slots = list(range(len(self.paths))) if cache_slots is None else list(cache_slots)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def read(self, index):
+        """The decoded, cropped and prepared image, from the cache when it holds it."""
+        slot = self.cache_slots[index]
+        image = self.cache.get(slot) if self.cache is not None else None
+        if image is None:
+            region = None if self.regions is None else self.regions[index]
+            if self.prepare_to is None:
+                return load_image(self.paths[index], None, region)
+            image = prepare_image(load_image(self.paths[index], self.prepare_to, region), self.prepare_to)
+            if self.cache is not None:
+                image = self.cache.put(slot, image)
+        return image
+
+    def __getitem__(self, item):
+        """`item` is an index, or (index, augmentation seed) from an EpochSampler."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            seed_transform(self.transform, seed)
+        return self.transform(image=self.read(index))["image"], self.labels[index]
+
+
+# ---------------------------------------------------------------- loaders
+class EpochSampler(torch.utils.data.Sampler):
+    """The training order, as a pure function of (seed, epoch): a shuffle, or class-balanced
+    draws with replacement (`weights`), sharded over `world_size` ranks under torchrun.
+
+    Each index comes with its own augmentation seed, so what a sample looks like depends on
+    (seed, epoch, index) only: not on the worker count, the worker that loads it, or whether
+    the run was interrupted and resumed (`set_epoch` before each epoch).
+    """
+
+    def __init__(self, count, seed=0, weights=None, rank=0, world_size=1, drop_last=False):
+        self.count, self.seed, self.weights = count, seed, weights
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.count // self.world_size if self.drop_last else -(-self.count // self.world_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.count, generator=generator)
+        else:
+            order = torch.multinomial(torch.as_tensor(self.weights, dtype=torch.double), self.count,
+                                      replacement=True, generator=generator)
+        sample_seeds = torch.randint(0, 2**31 - 1, (self.count,), generator=generator)
+        total = len(self) * self.world_size
+        picks = torch.arange(total) % self.count  # pad by wrapping (like DistributedSampler)
+        for position in picks[self.rank::self.world_size].tolist():
+            yield int(order[position]), int(sample_seeds[position])
+
+
+def seed_worker(worker_id):
+    """Per DataLoader worker: one intra-op thread (workers would otherwise oversubscribe the
+    cores; OpenCV's count is set once at import, see above) and the global RNGs seeded from the
+    loader's seed."""
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2**32  # the loader's base seed + worker id
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset, batch_size, num_workers, device, shuffle=False, drop_last=False, seed=0, sampler=None):
+    """A DataLoader with persistent workers, one thread each; pinned memory on CUDA.
+    `shuffle` without a sampler means an EpochSampler seeded with `seed`."""
+    if shuffle and sampler is None:
+        sampler = EpochSampler(len(dataset), seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last, sampler=sampler,
+        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+        worker_init_fn=seed_worker if num_workers > 0 else None, persistent_workers=num_workers > 0,
+        # its own generator: starting workers must not draw from the global RNG (dropout's), or a
+        # resumed run, whose workers start one epoch later, would drift from an uninterrupted one
+        generator=torch.Generator().manual_seed(seed))
