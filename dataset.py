@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold, train_test_split
 
+from atomic import replacing
 from cli import UserError
 from images import IMAGE_EXTENSIONS
 from labels import (AGE_NAMES, GENDER_NAMES, GENDERS, MASK_CLASSES, MASK_VALUES, MAX_AGE, NUM_CLASSES, PHOTO_MASK,
@@ -351,7 +352,7 @@ for _entry in (MaskBaseDataset, MaskSplitByProfileDataset, datasetSplitByClasses
 
 def write_split_csv(path, source, train_idx, val_idx, extra=()):
     """split.csv: path (relative to the data folder; extra training images as given), person, side."""
-    with open(path, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "person", "side"])
         for side, indices in (("train", train_idx), ("val", val_idx)):
@@ -431,6 +432,8 @@ def read_eval_dir(eval_dir):
             raise UserError(f"{eval_dir} has neither info.csv nor any image")
         return EvalSet(ids, [os.path.join(eval_dir, i) for i in ids], None)
     info = read_csv_columns(info_path, ("ImageID", "ans"))
+    if info.empty:
+        raise UserError(f"{info_path} lists no image (only a header row): nothing to predict")
     images_dir = os.path.join(eval_dir, "images")
     ids = info["ImageID"].tolist()
     repeated = info["ImageID"][info["ImageID"].duplicated()].tolist()

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 import cli
-from atomic import check_outputs, write_csv
+from atomic import check_outputs, write_csvs
 
 ID_COLUMN = "ImageID"
 ROW_SUM_TOLERANCE = 0.01  # probabilities rounded in a CSV still sum to 1 within this; logits do not
@@ -223,11 +223,12 @@ def main(args):
     assert pred.min() >= 0 and pred.max() < len(classes), "prediction outside the class range"
     submission["ans"] = pred
 
+    tables = [submission]
     if probs_out:
         table = pd.DataFrame(combined, columns=classes)
         table.insert(0, ID_COLUMN, image_ids)
-        write_csv(table, probs_out)
-    write_csv(submission, args.output)
+        tables.append(table)
+    write_csvs(tables, outputs, args.overwrite)  # both or neither
 
     changed = int((pred != prob_list[0].argmax(1)).sum())
     detail = f"{method}, weights {','.join(f'{w:g}' for w in weights)}" if weights is not None else method

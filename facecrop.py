@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
-from tqdm import tqdm
 
 import cli
 from atomic import replacing
@@ -253,7 +252,7 @@ def boxes_for(paths, root, cache_path=None, progress=True, batch_size=BATCH_SIZE
                         f"give another cache path")
     window = 4 * batch_size  # images held in memory at once
     try:
-        with tqdm(total=len(todo), desc="face boxes", unit="img", disable=not progress or not todo) as bar:
+        with cli.progress(total=len(todo), desc="face boxes", unit="img", disable=not progress or not todo) as bar:
             for start_at in range(0, len(todo), window):
                 chunk = todo[start_at:start_at + window]
                 images = [Image.fromarray(load_image(paths[i])) for i in chunk]

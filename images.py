@@ -54,7 +54,9 @@ def load_image(path, min_size=None, region=None):
                     (int(np.ceil(width)), int(np.ceil(height)))
                 img.draft("RGB", want)
             img = ImageOps.exif_transpose(img)
-            image = np.asarray(img.convert("RGB"))
+            image = to_rgb(img)
+    except Image.DecompressionBombError as err:  # not an OSError
+        raise UserError(f"cannot read image {path}: {err}") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise UserError(f"cannot read image {path}: {err}") from None
     if region is not None:
@@ -63,6 +65,22 @@ def load_image(path, min_size=None, region=None):
         image = image[int(y1 * sy):max(int(np.ceil(y2 * sy)), int(y1 * sy) + 1),
                       int(x1 * sx):max(int(np.ceil(x2 * sx)), int(x1 * sx) + 1)]
     return image
+
+
+def to_rgb(img):
+    """A PIL image as an RGB uint8 array. Integer greyscale of more than 8 bits (16-bit PNGs open
+    as mode I;16 or I) is scaled to 8 bits at its real values: PIL's own convert("RGB") clips
+    every value above 255 to white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(img).astype(np.float64)
+        depth = 65535.0 if img.mode.startswith("I;16") or values.max() <= 65535 else float(2**32 - 1)
+        grey = np.clip(np.round(values * 255.0 / depth), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode == "F":  # float greyscale (TIFF): taken as 0..1 where it fits there, else as 0..255
+        values = np.asarray(img).astype(np.float64)
+        grey = values * 255.0 if values.max() <= 1.0 else values
+        return np.repeat(np.clip(np.round(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
 
 
 def prepare_image(image, size):
@@ -148,7 +166,19 @@ class DiskCache(ImageCache):
     def __init__(self, count, size, path):
         super().__init__(count, size)
         self.path = path
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(int(np.prod(self.shape)) + count,))
+        size = int(np.prod(self.shape)) + count
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(size,))
+        # reserve the space now: a sparse file on a full disk would fail later, with SIGBUS in a worker
+        if hasattr(os, "posix_fallocate"):
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.path.getsize(path))
+            except OSError as err:
+                os.remove(path)
+                raise UserError(f"--cache disk needs {size / 2**30:.2f} GiB on the disk of {path}: {err.strerror}; "
+                                f"free space there or use --cache none") from None
+            finally:
+                os.close(fd)
         self._opened = None  # opened per process: a memmap must not be pickled into workers
 
     def _arrays(self):

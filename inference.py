@@ -19,10 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import f1_score
-from tqdm import tqdm
 
 import cli
-from atomic import check_outputs, write_csv
+from atomic import check_outputs, write_csvs
 from augmentation import TTA_VIEWS, eval_transform, parse_tta, tta_logits, with_headroom
 from dataset import read_csv_columns, read_eval_dir
 from ensemble import probs_path_for
@@ -44,8 +43,10 @@ def get_args_parser():
                         help="a run folder; repeat for an ensemble (default: the newest run under --runs)")
     parser.add_argument("--runs", default="runs", help="where to look for the newest run")
     parser.add_argument("--checkpoint", default="best.pth", help="which checkpoint of each run folder")
-    parser.add_argument("--output", default=os.path.join("output", "submission.csv"))
-    cli.bool_flag(parser, "--overwrite", help="replace an existing output file (default: refuse)")
+    parser.add_argument("--output", default=os.path.join("output", "submission.csv"), help="the submission to write")
+    parser.add_argument("--output_dir", default=None, metavar="DIR",
+                        help="the public baseline's flag: write DIR/submission.csv (DIR/<name> with --output)")
+    cli.bool_flag(parser, "--overwrite", help="replace an existing output file (off: refuse)")
     parser.add_argument("--answers", default=None, metavar="CSV",
                         help="true labels (ImageID,ans): print accuracy and macro F1")
     parser.add_argument("--tta", default="none", metavar="VIEWS",
@@ -56,9 +57,10 @@ def get_args_parser():
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="auto: bf16 where the CPU/GPU has native bf16, fp16 on older GPUs, else fp32")
     cli.bool_flag(parser, "--channels_last", default=None, help="NHWC memory format (default: on with bf16/fp16)")
-    parser.add_argument("--batch_size", type=cli.positive_int, default=128)
-    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--batch_size", "-b", type=cli.positive_int, default=128, help="images per batch")
+    parser.add_argument("--num_workers", "--workers", "-j", type=cli.number(int, 0), default=min(4, os.cpu_count() or 1),
+                        help="DataLoader worker processes (0: load in the main process)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA where there is a GPU")
     return parser
 
 
@@ -121,7 +123,7 @@ def predict_many(models, loader, device, precision, views=(), desc="predict"):
     """predict() for several models in one pass over the loader: each batch is decoded once and
     goes through every model. One array per model."""
     probs = [[] for _ in models]
-    for images, _ in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+    for images, _ in cli.progress(loader, desc=desc, unit="batch"):
         images = precision.batch(images.to(device, non_blocking=True))
         with precision.autocast():
             for model, out in zip(models, probs):
@@ -196,6 +198,8 @@ def main(args):
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device, args.channels_last)
     views = parse_tta(args.tta)
+    if args.output_dir:
+        args.output = os.path.join(args.output_dir, os.path.basename(args.output))
     outputs = [args.output] + ([probs_path_for(args.output)] if args.save_probs else [])
     check_outputs(outputs, overwrite=args.overwrite)
     run_dirs = expand_runs(args.model_dir or [newest_run(args.runs, args.checkpoint)])
@@ -218,14 +222,15 @@ def main(args):
         submission = pd.DataFrame({"ImageID": eval_set.image_ids, "ans": preds,
                                    "class_name": [classes[p] for p in preds]})
     assert len(submission) == len(eval_set.image_ids), "one row per image"
-    write_csv(submission, args.output)
+    tables = [submission]
+    if args.save_probs:
+        tables.append(pd.DataFrame(probs.round(6), columns=classes).assign(ImageID=eval_set.image_ids)
+                      [["ImageID", *classes]])
+    write_csvs(tables, outputs, args.overwrite)  # the submission and its probabilities: both or neither
     print(f"wrote {args.output}: {len(submission)} rows from {', '.join(run_dirs)}"
           f"{' with TTA ' + args.tta if views else ''}")
     if args.save_probs:
-        probs_path = probs_path_for(args.output)
-        write_csv(pd.DataFrame(probs.round(6), columns=classes).assign(ImageID=eval_set.image_ids)
-                  [["ImageID", *classes]], probs_path)
-        print(f"wrote {probs_path}: per-class probabilities")
+        print(f"wrote {outputs[1]}: per-class probabilities")
     if args.answers:
         acc, f1 = score(args.answers, eval_set.image_ids, preds, len(classes))
         print(f"accuracy {acc:.4f}  macro F1 {f1:.4f}  ({len(preds)} images, {args.answers})")

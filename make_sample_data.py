@@ -285,12 +285,16 @@ def generate(out, persons=300, eval_persons=150, seed=0, overwrite=False, worker
     try:
         train_seq, eval_seq = np.random.SeedSequence(seed).spawn(2)  # disjoint streams: disjoint identities
         jobs = _train_jobs(tmp / "train", persons, train_seq) + _eval_jobs(tmp / "eval", eval_persons, eval_seq)
+        bar = cli.progress(total=len(jobs), desc="persons", unit="person")
         if workers > 1:
             with multiprocessing.Pool(workers) as pool:
-                pool.map(_write_person, jobs, chunksize=8)
+                for _ in pool.imap_unordered(_write_person, jobs, chunksize=8):
+                    bar.update(1)
         else:
             for job in jobs:
                 _write_person(job)
+                bar.update(1)
+        bar.close()
         for target in targets:
             if target.exists():
                 target.rename(tmp / f"old-{target.name}")

@@ -152,9 +152,15 @@ def replace_classifier(model, build):
 
 
 def check_model_name(name):
-    """Fail early, before any data is read, on a name that is neither registered nor timm's."""
-    if callable(name) or name in MODELS or timm.is_model(name):
-        return
+    """The model's canonical name (registered spelling, or timm's own); fails early, before any
+    data is read, on a name that is neither registered nor timm's (case is not significant)."""
+    if callable(name):
+        return name
+    if name in MODELS:
+        return MODELS.canonical(name)
+    for candidate in (name, str(name).lower()):
+        if timm.is_model(candidate):
+            return candidate
     raise MODELS.unknown(name, extra_choices=timm.list_models(),
                          hint=" (or any timm model name: timm.list_models())")
 
@@ -169,7 +175,7 @@ def create_model(name, num_classes, pretrained=False, head="linear", tasks=None,
     msd > 1: multi-sample dropout with `msd` samples of rate `msd_p` around the head;
     `options`: the entry's own (see MODELS.register's `options`).
     """
-    check_model_name(name)
+    name = check_model_name(name)
     if callable(name) or name in MODELS:
         model = MODELS.build(name, num_classes=num_classes, pretrained=pretrained, **options)
     else:

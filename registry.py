@@ -86,13 +86,35 @@ class Registry:
     def names(self):
         return sorted(self._entries)
 
+    def _find(self, name):
+        """The registered name `name` means: itself, or the one entry it matches ignoring case
+        (`adamw` is AdamW); None if none or several do."""
+        if not isinstance(name, str):
+            return None
+        if name in self._entries:
+            return name
+        folded = [key for key in self._entries if key.lower() == name.lower()]
+        return folded[0] if len(folded) == 1 else None
+
     def __contains__(self, name):
-        return name in self._entries
+        return self._find(name) is not None
+
+    def canonical(self, name):
+        """The registered spelling of `name` (a callable passed in is returned unchanged)."""
+        if callable(name):
+            return name
+        key = self._find(name)
+        if key is None:
+            raise self.unknown(name)
+        return key
 
     def unknown(self, name, extra_choices=(), hint=""):
-        """The error for an unknown name: sorted choices and the closest match."""
-        close = difflib.get_close_matches(str(name), list(self._entries) + list(extra_choices), n=1)
-        guess = f"; did you mean {close[0]!r}?" if close else ""
+        """The error for an unknown name: sorted choices and the closest match (ignoring case)."""
+        lowered = {}
+        for choice in [*self._entries, *extra_choices]:
+            lowered.setdefault(choice.lower(), choice)
+        close = difflib.get_close_matches(str(name).lower(), list(lowered), n=1)
+        guess = f"; did you mean {lowered[close[0]]!r}?" if close else ""
         return UnknownName(f"unknown {self.kind} {name!r}{guess} valid names: "
                            f"{', '.join(self.names())}{hint}")
 
@@ -100,17 +122,17 @@ class Registry:
         """The registered class or factory; a callable passed in is returned unchanged."""
         if callable(name):
             return name
-        if name not in self._entries:
-            raise self.unknown(name)
-        return self._entries[name][0]
+        return self._entries[self.canonical(name)][0]
 
     def meta(self, name):
         """The metadata given at registration ({} for an object that was passed in)."""
-        return dict(self._entries[name][1]) if isinstance(name, str) and name in self._entries else {}
+        key = self._find(name)
+        return dict(self._entries[key][1]) if key is not None else {}
 
     def options(self, name):
         """{option: Option} that the entry declared ({} for an object that was passed in)."""
-        return dict(self._entries[name][2]) if isinstance(name, str) and name in self._entries else {}
+        key = self._find(name)
+        return dict(self._entries[key][2]) if key is not None else {}
 
     def values_for(self, name, values):
         """The entry's own options out of `values` (the parsed flags, or a run's config.json): a

@@ -6,22 +6,96 @@ TensorBoard events and the figures of plots.py; README "Reading a run" says what
 `RunLog` is the one place an epoch is recorded: a row in metrics.csv, scalars in TensorBoard
 (and W&B with `--wandb`), one printed line.
 """
+import contextlib
 import csv
+import glob
 import os
 import random
+import shutil
+import sys
 
 import numpy as np
 import pandas as pd
 import torch
 
 import plots
+from atomic import remove_stale_temps, replacing
 from cli import UserError
 from model import load_state, read_checkpoint, save_checkpoint
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+LOCK_NAME = ".lock"
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "lr", "seconds")
 GRADCAM_IMAGES = 8
 PREVIEW_IMAGES = 8
 OPTIONAL_COLUMNS = ("val_f1_mask", "val_f1_gender", "val_f1_age", "ema_val_loss", "ema_val_f1")
+
+
+class RunLock:
+    """An exclusive lock on a run folder (`.lock`, flock): a second training or --resume of the
+    same folder is refused, naming the process that holds it. The operating system releases it
+    when that process ends, however it ends (SIGKILL included)."""
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, LOCK_NAME)
+        self.file = None
+
+    def acquire(self):
+        if fcntl is None:  # not on Linux or macOS: no lock
+            return self
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"{os.path.dirname(self.path)} is in use by {holder}; wait for it to finish "
+                            f"or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} ({' '.join(sys.argv) or 'python'})")
+        handle.flush()
+        self.file = handle
+        return self
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()  # closing releases the flock
+            self.file = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def clear_leftovers(run_dir):
+    """What a killed run left in its folder (the lock held): half-written `*.tmp<pid>` files and
+    its image cache file (as large as the data). Returns the paths removed."""
+    removed = []
+    for folder, _, _ in os.walk(run_dir):
+        removed += remove_stale_temps(folder, owned=True)
+        for path in glob.glob(os.path.join(glob.escape(folder), ".image_cache*.npy")):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
+def discard_unstarted(run_dir):
+    """A new run folder in which no epoch finished (a user error in the set-up, or in the first
+    epoch): removed, so that nothing half-made is left and the next run takes its name. True if
+    removed."""
+    if glob.glob(os.path.join(glob.escape(run_dir), "**", "metrics.csv"), recursive=True):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
 
 
 def make_run_dir(model_dir, name):
@@ -99,34 +173,39 @@ class Checkpoint:
 class RunLog:
     """metrics.csv + TensorBoard (+ W&B) + the printed line, for one run folder (rank 0 only).
 
-    `resume_epoch=E` continues a run: rows after epoch E (written before a crash, redone now)
-    are dropped from metrics.csv, and TensorBoard purges its events after E.
+    `resume_epoch=E` continues a run (E may be 0: a kill before the first last.pth of an epoch):
+    rows after epoch E (written before a crash, redone now) are dropped from metrics.csv, and
+    TensorBoard purges its events after E. None: a new run.
     """
 
-    def __init__(self, run_dir, epochs, resume_epoch=0, wandb_project=None, config=None):
+    def __init__(self, run_dir, epochs, resume_epoch=None, wandb_project=None, config=None):
         self.run_dir, self.epochs = run_dir, epochs
         self.path = os.path.join(run_dir, "metrics.csv")
-        if resume_epoch and os.path.exists(self.path):
-            rows = pd.read_csv(self.path)
-            rows[rows["epoch"] <= resume_epoch].to_csv(self.path, index=False)
+        if resume_epoch is not None and os.path.exists(self.path):
+            with open(self.path, newline="") as f:
+                header, *rows = f.read().splitlines(keepends=True) or [""]
+            kept = [row for row in rows if row.strip() and int(row.split(",", 1)[0]) <= resume_epoch]
+            with replacing(self.path) as tmp, open(tmp, "w", newline="") as f:
+                f.write("".join([header, *kept]))  # the rows kept byte for byte
         from torch.utils.tensorboard import SummaryWriter  # slow import: only once a run starts
-        self.writer = SummaryWriter(run_dir, purge_step=resume_epoch + 1 if resume_epoch else None)
+        self.writer = SummaryWriter(run_dir, purge_step=None if resume_epoch is None else resume_epoch + 1)
         self.wandb = None
         if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--wandb needs the wandb package: pip install wandb "
-                                "(WANDB_MODE=offline works without network)") from None
+            wandb = require_wandb()
             self.wandb = wandb.init(project=wandb_project, name=os.path.basename(os.path.normpath(run_dir)),
                                     dir=run_dir, config=config, resume="allow")
 
     def epoch(self, row, is_best):
         columns = METRIC_COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if c in row)
-        new = not os.path.exists(self.path)
-        with open(self.path, "a", newline="") as f:
+        before = ""
+        if os.path.exists(self.path):
+            with open(self.path, newline="") as f:
+                before = f.read()
+        # the whole file rewritten and renamed: a full disk or a kill never leaves half a row
+        with replacing(self.path) as tmp, open(tmp, "w", newline="") as f:
+            f.write(before)
             out = csv.writer(f)
-            if new:
+            if not before:
                 out.writerow(columns)
             out.writerow([row[k] if isinstance(row[k], int) else f"{row[k]:.6g}" for k in columns])
         scalars = {k: row[k] for k in columns if k not in ("epoch", "seconds")}
@@ -155,6 +234,16 @@ class RunLog:
         self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def require_wandb():
+    """The wandb module, or one line saying how to get it (checked before the run folder exists)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package: pip install wandb "
+                        "(WANDB_MODE=offline works without network)") from None
+    return wandb
 
 
 # ---------------------------------------------------------------- figures

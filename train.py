@@ -16,9 +16,11 @@ Example:
 import csv
 import dataclasses
 import inspect
+import json
 import math
 import os
 import random
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +28,6 @@ import numpy as np
 import timm.utils
 import torch
 from sklearn.metrics import f1_score
-from tqdm import tqdm
 
 import cli
 import distributed
@@ -42,16 +43,19 @@ from loss import CRITERIONS, MultiTaskLoss, build_criterion
 from model import (HEADS, MODELS, MSD_P, build_from_config, check_model_name, compile_model, input_size_of,
                    load_weights, resolve_device, resolve_precision, unwrap)
 from registry import Registry
-from runfolder import PREVIEW_IMAGES, Checkpoint, RunLog, best_epoch_figures, final_figures, make_run_dir, spread
+from runfolder import (PREVIEW_IMAGES, Checkpoint, RunLock, RunLog, best_epoch_figures, clear_leftovers,
+                       discard_unstarted, final_figures, make_run_dir, require_wandb, spread)
 
 OPTIMIZERS = Registry("optimizer")
 for _name, _cls in vars(torch.optim).items():
-    # LBFGS needs a closure per step and SparseAdam sparse gradients: neither fits this loop.
+    # LBFGS needs a closure per step and SparseAdam sparse gradients: neither fits this loop; Muon
+    # takes 2-D parameters only, and every CNN has 4-D convolution weights.
     if isinstance(_cls, type) and issubclass(_cls, torch.optim.Optimizer) and _name not in (
-            "Optimizer", "LBFGS", "SparseAdam"):
+            "Optimizer", "LBFGS", "SparseAdam", "Muon"):
         OPTIMIZERS.register(_name)(_cls)
 
 SCHEDULERS = ("none", "step", "cosine")
+LENGTH_SCHEDULES = ("cosine",)  # schedules whose shape depends on --epochs
 FIGURE_REFRESH_SECONDS = 60  # best-epoch figures take ~2 s: redrawn on a new best at most once a minute
 # what config.json records beside the flags: skipped when it is read back with --config / --resume
 DERIVED_KEYS = ("input_size", "prepared_size", "num_classes", "classes", "mean", "std", "label_scheme", "tasks",
@@ -63,7 +67,7 @@ NOT_FINITE = "training loss is not finite (NaN or inf): lower --lr, or check the
 def get_args_parser():
     parser = cli.ArgumentParser(description="Train an image classifier into a run folder.",
                                 epilog="Every flag also has a kebab-case spelling (--batch-size).",
-                                derived_keys=DERIVED_KEYS)
+                                derived_keys=DERIVED_KEYS, after_parse=warn_ignored_options)
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="YAML/JSON of options (a run's config.json repeats that run); flags override it")
     parser.add_argument("--resume", default=None, metavar="RUN",
@@ -81,20 +85,20 @@ def add_data_flags(data):
                       help="training data: the competition layout (train.csv + images/) or a folder per class")
     data.add_argument("--dataset", default="datasetSplitByClasses", help=DATASETS.help())
     data.add_argument("--val_ratio", type=cli.ratio, default=0.2, help="share of people (or images) held out")
-    data.add_argument("--resize", type=cli.parse_size, default=None, metavar="H,W",
-                      help="input size; default: the model's own")
-    data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+    cli.size_flag(data, "--resize", "--img_size", default=None,
+                  help="input size, H,W or H W (one number: square); default: the model's own")
+    data.add_argument("--num_workers", "--workers", "-j", type=cli.number(int, 0), default=min(4, os.cpu_count() or 1),
                       help="DataLoader worker processes (0: load in the main process)")
     data.add_argument("--cache", choices=("auto", "none", "ram", "disk"), default="auto",
                       help="keep decoded (face-cropped) images from the first epoch: in shared memory (ram), "
                            "or in a memory-mapped file in the run folder for data larger than RAM (disk); "
                            "auto: ram when it takes under half of the free shared memory, else none")
-    data.add_argument("--seed", type=int, default=42, help="seeds the split, init, shuffling, augmentation")
-    data.add_argument("--kfold", type=int, default=0, metavar="K",
+    data.add_argument("--seed", type=cli.number(int, 0), default=42, help="seeds the split, init, shuffling, augmentation")
+    data.add_argument("--kfold", type=cli.number(int, 0), default=0, metavar="K",
                       help="train K models on person-grouped, class-stratified folds (0: one split)")
     cli.bool_flag(data, "--skip_bad_images", help="check every image first; leave out (and count) unreadable ones")
     cli.bool_flag(data, "--facecrop", help="crop to the MTCNN face box (cached on disk) in training and inference")
-    data.add_argument("--face_margin", type=float, default=FACE_MARGIN, help="face box grown by this share of its size")
+    data.add_argument("--face_margin", type=cli.number(float, 0, 2), default=FACE_MARGIN, help="face box grown by this share of its size")
     data.add_argument("--sampler", choices=("none", "weighted"), default="none",
                       help="weighted: draw training images with inverse class frequency")
     data.add_argument("--age_bins", type=cli.parse_ints, default=None, metavar="A,B",
@@ -119,9 +123,11 @@ def add_model_flags(model):
                        help="multitask: mask/gender/age heads combined into the 18 classes")
     model.add_argument("--task_weights", type=cli.parse_floats, default=None, metavar="M,G,A",
                        help="multitask: loss weight per head (default 1,1,1)")
-    model.add_argument("--msd", type=int, default=0, metavar="N", help="multi-sample dropout: N samples (0: off)")
-    model.add_argument("--msd_p", type=float, default=MSD_P, help="multi-sample dropout rate")
-    model.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+    model.add_argument("--msd", type=cli.number(int, 0), default=0, metavar="N",
+                       help="multi-sample dropout: N samples (0: off)")
+    model.add_argument("--msd_p", type=cli.number(float, 0, 1, high_open=True), default=MSD_P,
+                       help="multi-sample dropout rate")
+    model.add_argument("--ema", type=cli.number(float, 0, 1, high_open=True), default=0.0, metavar="DECAY",
                        help="keep an exponential moving average of the weights (e.g. 0.999); saved as best "
                             "when it scores higher (0: off)")
     MODELS.add_arguments(model)
@@ -132,8 +138,8 @@ def add_loss_flags(loss):
     loss.add_argument("--augmentation", default="AlbuAugmentation", help=AUGMENTATIONS.help())
     cli.bool_flag(loss, "--cutmix", help="CutMix on training batches")
     cli.bool_flag(loss, "--mixup", help="MixUp on training batches (with --cutmix: one of the two per batch)")
-    loss.add_argument("--cutmix_prob", type=float, default=0.5, help="share of batches mixed")
-    loss.add_argument("--beta", type=float, default=1.0, help="lambda ~ Beta(beta, beta)")
+    loss.add_argument("--cutmix_prob", type=cli.number(float, 0, 1), default=0.5, help="share of batches mixed")
+    loss.add_argument("--beta", type=cli.number(float, 0, low_open=True), default=1.0, help="lambda ~ Beta(beta, beta)")
     loss.add_argument("--cutmix_mode", choices=CUTMIX_MODES, default="box",
                       help="box, or vertical: a full-height strip (faces are centred)")
     loss.add_argument("--val_tta", default="none", metavar="VIEWS",
@@ -143,16 +149,19 @@ def add_loss_flags(loss):
 
 
 def add_optimization_flags(optim):
-    optim.add_argument("--epochs", type=cli.positive_int, default=10)
-    optim.add_argument("--batch_size", type=cli.positive_int, default=64)
-    optim.add_argument("--valid_batch_size", type=cli.positive_int, default=128)
-    optim.add_argument("--optimizer", default="Adam", help=OPTIMIZERS.help())
-    optim.add_argument("--lr", type=float, default=1e-3)
-    optim.add_argument("--weight_decay", type=float, default=0.0)
-    optim.add_argument("--scheduler", choices=SCHEDULERS, default="step", help="learning-rate schedule, per epoch")
+    optim.add_argument("--epochs", type=cli.positive_int, default=10, help="epochs to train")
+    optim.add_argument("--batch_size", "-b", type=cli.positive_int, default=64,
+                       help="training images per step (per process under torchrun)")
+    optim.add_argument("--valid_batch_size", type=cli.positive_int, default=128, help="validation images per batch")
+    optim.add_argument("--optimizer", "--opt", default="Adam", help=OPTIMIZERS.help() + " (any case)")
+    optim.add_argument("--lr", type=cli.number(float, 0, low_open=True), default=1e-3, help="learning rate")
+    optim.add_argument("--weight_decay", type=cli.number(float, 0), default=0.0, help="L2 weight decay")
+    optim.add_argument("--scheduler", "--sched", choices=SCHEDULERS, default="step",
+                       help="learning-rate schedule, per epoch")
     optim.add_argument("--lr_decay_step", type=cli.positive_int, default=20, help="step: epochs between decays")
-    optim.add_argument("--gamma", type=float, default=0.5, help="step: lr multiplier at each decay")
-    optim.add_argument("--patience", type=int, default=5,
+    optim.add_argument("--gamma", type=cli.number(float, 0, low_open=True), default=0.5,
+                       help="step: lr multiplier at each decay")
+    optim.add_argument("--patience", type=cli.number(int, 0), default=5,
                        help="stop after this many epochs without a better val F1 (0: never)")
     optim.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="auto: bf16 autocast where the CPU/GPU has native bf16, fp16 on older GPUs, else fp32")
@@ -161,7 +170,8 @@ def add_optimization_flags(optim):
     cli.bool_flag(optim, "--amp", default=None, help="the seed's flag: True = --precision auto, False = fp32")
     cli.bool_flag(optim, "--compile", help="torch.compile the training step: the first steps take a minute or "
                                            "more to compile, later ones run faster (see README, Performance)")
-    optim.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    optim.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto: CUDA where there is a GPU")
 
 
 def add_output_flags(out):
@@ -169,6 +179,24 @@ def add_output_flags(out):
     out.add_argument("--name", default="exp", help="run folder name; exp2, exp3, ... when taken")
     out.add_argument("--wandb", default=None, metavar="PROJECT",
                      help="also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works)")
+
+
+PLUGIN_FLAGS = (("--criterion", "criterion", CRITERIONS), ("--model", "model", MODELS),
+                ("--augmentation", "augmentation", AUGMENTATIONS), ("--dataset", "dataset", DATASETS))
+
+
+def warn_ignored_options(args, given):
+    """One line for a plug-in option typed on the command line that the chosen entry does not take
+    (`--focal_gamma 3` with `--criterion cross_entropy`): it would change nothing."""
+    for flag, dest, registry in PLUGIN_FLAGS:
+        name = getattr(args, dest)
+        if name not in registry:
+            continue  # an unknown name fails later with its own message
+        taken = registry.options(name)
+        for option, (_, users) in registry.all_options().items():
+            if option in given and option not in taken:
+                print(f"warning: --{option} is ignored: {flag} {name} does not take it "
+                      f"(it is for {', '.join(users)})", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- set-up helpers
@@ -231,7 +259,7 @@ def train_one_epoch(model, loader, step, device, desc, context=distributed.Conte
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = unmixed = 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=None if context.is_main else True, dynamic_ncols=True)
+    bar = cli.progress(loader, desc=desc, unit="batch", disable=not context.is_main)
     for i, (images, labels) in enumerate(bar):
         images = step.precision.batch(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
@@ -562,7 +590,7 @@ def start_run_folder(fold, data, train_idx, val_idx, checkpoint, state, args, ru
         write_json(os.path.join(run_dir, "config.json"), fold.config)
         write_split_csv(os.path.join(run_dir, "split.csv"), data.source, train_idx, val_idx, data.extra)
         checkpoint.save_last(state)
-    log = RunLog(run_dir, args.epochs, state["epoch"], args.wandb, fold.config)
+    log = RunLog(run_dir, args.epochs, state["epoch"] if args.resume else None, args.wandb, fold.config)
     if not args.resume:
         train, mixer, source = fold.train, fold.step.mixer, data.source
         pick = spread(len(train.paths), PREVIEW_IMAGES)
@@ -634,8 +662,9 @@ def fit(fold, state, checkpoint, log, epochs, patience, context):
             log.epoch({**row, "seconds": time.time() - tic}, is_best)
             if is_best:
                 checkpoint.save_best(weights, state["best"])
-                figures.maybe_draw(val, epoch)
             checkpoint.save_last(state)
+            if is_best:  # after last.pth: an interrupt while drawing (~2 s) loses no epoch
+                figures.maybe_draw(val, epoch)
         if patience and state["bad_epochs"] >= patience:
             print(f"early stop: no better val F1 for {state['bad_epochs']} epochs")
             break
@@ -697,47 +726,106 @@ def main(args):
 
 
 def check_flags(args):
-    """Fail on a typo or an impossible value before any work."""
-    for registry, name in ((DATASETS, args.dataset), (AUGMENTATIONS, args.augmentation),
-                           (CRITERIONS, args.criterion), (OPTIMIZERS, args.optimizer)):
-        registry.get(name)
-    check_model_name(args.model)
+    """Fail on a typo or an impossible value before any work, and before the run folder exists;
+    names are taken in any case and recorded in their registered spelling."""
+    for registry, dest in ((DATASETS, "dataset"), (AUGMENTATIONS, "augmentation"), (CRITERIONS, "criterion"),
+                           (OPTIMIZERS, "optimizer")):
+        setattr(args, dest, registry.canonical(getattr(args, dest)))
+    args.model = check_model_name(args.model)
     parse_tta(args.val_tta)
-    if args.kfold == 1 or args.kfold < 0:
+    if args.kfold == 1:
         raise cli.UserError(f"--kfold needs K >= 2 (or 0 for one split), got {args.kfold}")
+    if args.amp is False and args.precision not in ("auto", "fp32"):
+        raise cli.UserError(f"--amp False asks for fp32, --precision {args.precision} for {args.precision}: "
+                            f"give one of the two")
+    if args.amp is True and args.precision == "fp32":
+        raise cli.UserError("--amp True asks for mixed precision, --precision fp32 for none: give one of the two")
+    if args.wandb:
+        require_wandb()
+    build_optimizer(args.optimizer, [torch.nn.Parameter(torch.zeros(2, 2))], args.lr, args.weight_decay)
     if args.resume:
-        if args.kfold:
-            raise cli.UserError("--resume continues a single run; for k-fold, resume each fold folder's run "
-                                "is not supported: start the k-fold run again")
-        if not os.path.isfile(os.path.join(args.resume, "last.pth")):
-            raise cli.UserError(f"--resume {args.resume}: no last.pth to continue from")
+        check_resume(args)
+
+
+def check_resume(args):
+    """--resume RUN: a single run with a last.pth; a new --epochs only where the schedule does not
+    depend on the length (a cosine schedule built for 25 epochs cannot become an 8-epoch one)."""
+    if args.kfold:
+        raise cli.UserError("--resume continues a single run; for k-fold, resume each fold folder's run "
+                            "is not supported: start the k-fold run again")
+    if not os.path.isfile(os.path.join(args.resume, "last.pth")):
+        raise cli.UserError(f"--resume {args.resume}: no last.pth to continue from")
+    saved = read_options_of(args.resume)
+    if saved.get("epochs") not in (None, args.epochs) and args.scheduler in LENGTH_SCHEDULES:
+        raise cli.UserError(f"--resume {args.resume} --epochs {args.epochs}: its {args.scheduler} schedule spans "
+                            f"{saved['epochs']} epochs and cannot be stretched; resume without --epochs, or "
+                            f"start a new run")
+
+
+def read_options_of(run_dir):
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return json.load(f)
+
+
+def record_new_length(run_dir, epochs):
+    """--resume with another --epochs (a schedule that allows it): config.json says so."""
+    config = read_options_of(run_dir)
+    if config.get("epochs") != epochs:
+        print(f"note: {run_dir} now runs to epoch {epochs} (was {config.get('epochs')}); config.json updated")
+        write_json(os.path.join(run_dir, "config.json"), {**config, "epochs": epochs})
+
+
+def open_run_dir(args, context):
+    """The run folder, locked for this process (rank 0): --resume's, cleared of what a killed run
+    left behind (temporary files, its image cache), or a new one."""
+    if not context.is_main:
+        return distributed.broadcast(context, None), None
+    run_dir = args.resume or make_run_dir(args.model_dir, args.name)
+    try:
+        lock = RunLock(run_dir).acquire()
+    except cli.UserError:
+        if not args.resume:
+            discard_unstarted(run_dir)
+        raise
+    if args.resume:
+        removed = clear_leftovers(run_dir)
+        if removed:
+            print(f"removed {len(removed)} file(s) a killed run left in {run_dir}, first: {removed[0]}")
+        record_new_length(run_dir, args.epochs)
+    return distributed.broadcast(context, run_dir), lock
 
 
 def run_training(args, context, device):
     """The recipe: check the flags, read the data, make (or reopen) the run folder, prepare and
-    cache the images, train each split."""
+    cache the images, train each split. A user error before an epoch finished in a new run
+    folder removes the folder: nothing half-made is left, and the next run takes its name."""
     check_flags(args)
     precision = resolve_precision("fp32" if args.amp is False else args.precision, device, args.channels_last)
     seed_everything(args.seed)
     resize = tuple(args.resize or input_size_of(args.model))
     data = load_training_data(args, context)
     folds = data.source.folds(args.kfold) if args.kfold else [data.source.split()]
-    if args.resume:
-        run_dir = args.resume
-    else:
-        run_dir = distributed.broadcast(context, make_run_dir(args.model_dir, args.name) if context.is_main else None)
-    choose_prepared_sizes(data, args, resize, context)
-    if args.cache != "none":
-        attach_cache(data, args.cache, data.prepared, run_dir)
+    run_dir, lock = open_run_dir(args, context)
     try:
-        if not args.kfold:
-            train_fold(args, data, *folds[0], run_dir, device, precision, resize, context)
-        else:
-            train_kfold(args, data, folds, run_dir, device, precision, resize, context)
-        return run_dir
+        choose_prepared_sizes(data, args, resize, context)
+        if args.cache != "none":
+            attach_cache(data, args.cache, data.prepared, run_dir)
+        try:
+            if not args.kfold:
+                train_fold(args, data, *folds[0], run_dir, device, precision, resize, context)
+            else:
+                train_kfold(args, data, folds, run_dir, device, precision, resize, context)
+        finally:
+            if data.cache is not None:
+                data.cache.close()
+    except Exception:  # a user error, a full disk...; not Ctrl-C (that run can be resumed)
+        if not args.resume and context.is_main and discard_unstarted(run_dir):
+            print(f"removed {run_dir}: no epoch had finished")
+        raise
     finally:
-        if data.cache is not None:
-            data.cache.close()
+        if lock is not None:
+            lock.release()
+    return run_dir
 
 
 def train_kfold(args, data, folds, run_dir, device, precision, resize, context):

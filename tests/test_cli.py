@@ -17,6 +17,7 @@ def _metrics(run_dir):
     return pd.read_csv(os.path.join(run_dir, "metrics.csv"))
 
 
+@pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
 def test_reference_command_then_inference_with_defaults(work):
     """The seed command as written (one epoch), then `python inference.py` with no arguments."""
     run_cli("train.py", "--epochs", "1", "--augmentation", "AlbuAugmentation", "--model", "imgInceptionV3",
@@ -63,6 +64,7 @@ def test_same_seed_same_split_and_metrics(work, base_run):
     pd.testing.assert_frame_equal(first.drop(columns="seconds"), second.drop(columns="seconds"))
 
 
+@pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
 def test_cache_setting_does_not_change_training(work):
     """--cache auto picks ram or nothing by free memory: either way the run must be the same."""
     runs = {}
@@ -227,6 +229,7 @@ def test_early_stopping_counts_epochs_without_a_better_f1(work, monkeypatch, tmp
     assert config["cutmix"] is False and config["mixup"] is False
 
 
+@pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
 def test_corrupt_training_image_is_one_line_from_a_worker(sample_data, tmp_path):
     data_copy = tmp_path / "data"
     shutil.copytree(sample_data, data_copy)

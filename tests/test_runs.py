@@ -51,6 +51,7 @@ def test_ema_competes_for_best(figure_run):
                            (row["ema_val_f1"] == row["val_f1"] and row["ema_val_loss"] < row["val_loss"]))
 
 
+@pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
 def test_config_file_and_repeating_a_run(work, tmp_path, figure_run):
     (tmp_path / "exp.yaml").write_text("epochs: 1\nbatch_size: 16\nresize: [64, 48]\nmodel: BaseModel\n"
                                        "num_workers: 0\ncutmix: true\nname: fromyaml\n")
@@ -85,6 +86,7 @@ def _wait_for_rows(process, metrics_path, rows, timeout=300):
     raise AssertionError("the run did not get there in time")
 
 
+@pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
 def test_resume_after_a_real_kill_gives_the_same_metrics(work):
     args = [*FAST[:6], "--num_workers", "2", "--epochs", "5", "--cutmix", "True", "--seed", "9",
             "--scheduler", "cosine"]

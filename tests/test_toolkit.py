@@ -37,6 +37,7 @@ def test_folds_group_people_and_hold_out_each_image_once(sample_data):
     assert source.folds(3) == folds  # seeded
 
 
+@pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
 def test_kfold_run_oof_and_fold_ensemble(work, tmp_path):
     extra = tmp_path / "extra" / "5"
     extra.mkdir(parents=True)
@@ -207,6 +208,7 @@ def test_task_f1_decomposes_the_18_classes():
 
 
 # ---------------------------------------------------------------- all of it, end to end
+@pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
 def test_toolkit_flags_end_to_end(work, tmp_path):
     """Save probabilities, ensemble them, then train with pseudo-labels, extra data, relabel,
     age bins, the weighted sampler, a multi-task MSD head and validation TTA."""
