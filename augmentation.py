@@ -16,6 +16,7 @@ from the factory's signature) and is recorded in config.json:
 
 Example: python train.py --augmentation AlbuAugmentation --resize 256,192
 """
+import inspect
 import math
 import random
 
@@ -23,7 +24,9 @@ import albumentations as A
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
+from PIL import Image
 
+from cli import UserError
 from registry import Registry
 
 AUGMENTATIONS = Registry("augmentation")
@@ -39,10 +42,95 @@ def eval_transform(resize, mean, std):
     return A.Compose([A.Resize(*resize), *to_tensor(mean, std)])
 
 
+# The knobs every pipeline may take (train.py's --hflip, --vflip, --scale, --ratio, --color_jitter,
+# with timm's meanings): passed to a factory that names them in its signature; None (not given)
+# leaves the factory's own default.
+KNOBS = ("hflip", "vflip", "scale", "ratio", "color_jitter")
+
+
+def knobs_taken(name):
+    """The KNOBS the factory `name` names in its signature (the others would be ignored)."""
+    parameters = inspect.signature(AUGMENTATIONS.get(name)).parameters
+    return [k for k in KNOBS if k in parameters]
+
+
 def train_transform(name, resize, mean, std, values=None):
     """The training pipeline `name` (registered, or a factory passed in) at input size `resize`, with
-    its own options taken from `values` (the parsed flags or a run's config)."""
-    return AUGMENTATIONS.build(name, resize=resize, mean=mean, std=std, **AUGMENTATIONS.values_for(name, values or {}))
+    its own options and the KNOBS it takes from `values` (the parsed flags or a run's config), and
+    --aa (timm's RandAugment / AugMix / TrivialAugment) and --reprob (random erasing) added in
+    front of its Normalize step where given."""
+    values = values or {}
+    knobs = {k: values.get(k) for k in knobs_taken(name)}
+    if values.get("aa") and "color_jitter" in knobs and knobs["color_jitter"] is None:
+        knobs["color_jitter"] = 0.0  # as timm: auto-augment replaces the colour jitter unless it is asked for
+    transform = AUGMENTATIONS.build(name, resize=resize, mean=mean, std=std, **knobs,
+                                    **AUGMENTATIONS.values_for(name, values))
+    extra = []
+    if values.get("aa"):
+        extra.append(TimmAutoAugment(values["aa"], resize, mean))
+    if values.get("reprob"):
+        # timm's RandomErasing defaults: area 2%-33%, aspect 0.3-3.3, per-pixel random fill
+        extra.append(A.Erasing(scale=(0.02, 1 / 3), ratio=(0.3, 3.3), fill="random", p=values["reprob"]))
+    return insert_before_normalize(transform, extra) if extra else transform
+
+
+def insert_before_normalize(transform, steps):
+    """The pipeline with `steps` placed right before its A.Normalize (at its end if it has none)."""
+    current = list(transform.transforms)
+    at = next((i for i, t in enumerate(current) if isinstance(t, A.Normalize)), len(current))
+    return A.Compose(current[:at] + list(steps) + current[at:])
+
+
+class TimmAutoAugment(A.ImageOnlyTransform):
+    """timm's auto-augment policies on an albumentations pipeline: `rand-m9-mstd0.5` (RandAugment),
+    `augmix-m5-w4-d2` (AugMix), `original` / `v0` (AutoAugment), or `trivial` (TrivialAugment
+    Wide, torchvision's). They draw from Python's, NumPy's and torch's global RNGs: here those
+    are seeded from the pipeline's own stream for each image (and restored), so what an image
+    looks like still depends on (seed, epoch, image) alone."""
+
+    def __init__(self, config, input_size, mean, p=1.0):
+        super().__init__(p=p)
+        self.config = config
+        self.policy = auto_augment_policy(config, input_size, mean)
+
+    def apply(self, img, seed=0, **params):
+        saved = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return np.asarray(self.policy(Image.fromarray(img)))
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+
+    def get_params(self):
+        return {"seed": self.py_random.getrandbits(32)}
+
+    def get_transform_init_args_names(self):
+        return ("config",)
+
+
+def auto_augment_policy(config, input_size, mean):
+    """The PIL transform timm's create_transform would build for --aa `config`."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    hparams = {"translate_const": int(min(input_size) * 0.45),
+               "img_mean": tuple(min(255, round(255 * x)) for x in mean)}
+    try:
+        if config == "trivial":
+            from torchvision.transforms import TrivialAugmentWide
+            return TrivialAugmentWide()
+        if config.startswith("rand"):
+            return rand_augment_transform(config, hparams)
+        if config.startswith("augmix"):
+            return augment_and_mix_transform(config, {**hparams, "translate_pct": 0.3})
+        return auto_augment_transform(config, hparams)
+    except (AssertionError, KeyError, ValueError, IndexError) as err:
+        raise UserError(f"--aa {config!r} is not a timm auto-augment string (e.g. rand-m9-mstd0.5, "
+                        f"augmix-m5-w4-d2, original, trivial): {err or type(err).__name__}") from None
+
+
 
 
 @AUGMENTATIONS.register()
@@ -52,20 +140,40 @@ def BaseAugmentation(resize, mean, std, **kwargs):
 
 
 @AUGMENTATIONS.register()
-def AlbuAugmentation(resize, mean, std, **kwargs):
-    """Photometric and mild geometric noise; resize first so every later step runs small."""
+def AlbuAugmentation(resize, mean, std, hflip=0.5, vflip=0.0, color_jitter=None, **kwargs):
+    """Photometric and mild geometric noise; resize first so every later step runs small. The
+    default for the competition layout: faces are left-right symmetric, so they flip."""
+    jitter = 0.2 if color_jitter is None else color_jitter
     return A.Compose([
         A.Resize(*resize),
-        A.HorizontalFlip(p=0.5),  # faces are left-right symmetric; labels do not change
+        *([A.HorizontalFlip(p=hflip)] if hflip else []),  # labels do not change
+        *([A.VerticalFlip(p=vflip)] if vflip else []),
         # shift-scale-rotate, kept mild: the face stays centred as in the real photos
         A.Affine(translate_percent=(-0.06, 0.06), scale=(0.9, 1.1), rotate=(-15, 15), p=0.5),
-        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=jitter, contrast_limit=jitter, p=0.5),
         # small hue shift: mask colour varies, but hair and skin colour carry age and gender cues
         A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.3),
         A.GaussNoise(std_range=(0.02, 0.08), p=0.2),
         A.GaussianBlur(blur_limit=(3, 5), p=0.1),
         A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.12),
                         hole_width_range=(0.05, 0.12), p=0.3),
+        *to_tensor(mean, std),
+    ])
+
+
+@AUGMENTATIONS.register()
+def TimmAugmentation(resize, mean, std, hflip=0.5, vflip=0.0, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                     color_jitter=0.4, **kwargs):
+    """timm's training pipeline (timm.data.create_transform with train.py's defaults), in
+    albumentations: a random resized crop (area `scale`, aspect `ratio`), flips, colour jitter
+    (brightness, contrast, saturation by `color_jitter`; timm turns it off under --aa, so does
+    train_transform's caller). The default for a folder-per-class dataset."""
+    return A.Compose([
+        A.RandomResizedCrop(size=tuple(resize), scale=tuple(scale), ratio=tuple(ratio)),
+        *([A.HorizontalFlip(p=hflip)] if hflip else []),
+        *([A.VerticalFlip(p=vflip)] if vflip else []),
+        *([A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0, p=1.0)]
+          if color_jitter else []),
         *to_tensor(mean, std),
     ])
 

@@ -21,7 +21,7 @@ range of those ratios, `others CPU` the share of the machine other processes use
   the first epoch of a run does. Timed from the moment every worker has delivered its first
   batch (see `steady`): the steady rate of a long epoch.
 - loader_cached_vs_naive: the training loader over images.RamCache, filled by the warm-up.
-- train_vs_ceiling, train_vs_fp32: train.train_one_epoch over the training loader as train.py's
+- train_vs_ceiling, train_vs_fp32: engine.train_one_epoch over the training loader as train.py's
   defaults build it (precision "auto" with its channels_last default, --cache auto, which holds
   these images in RAM: the warm-up pass is the first epoch, the timed ones are later epochs;
   Adam, cross_entropy, no mixing) against the same step on a batch already in memory (the
@@ -50,6 +50,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -107,6 +108,9 @@ def get_args_parser():
     # internal: run one section in this (child) process and write its raw rates to --result
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    for hidden in ("--q_train", "--q_test", "--q_seed", "--q_epochs"):  # the quality section's timm child
+        parser.add_argument(hidden, default=None, type=int if hidden in ("--q_seed", "--q_epochs") else str,
+                            help=argparse.SUPPRESS)
     return parser
 
 
@@ -233,9 +237,9 @@ def steady(loader, workers):
 
 
 def in_memory_steps(model, optimizer, precision, images, target, steps, criterion=torch.nn.functional.cross_entropy):
-    """fn(count=steps) -> images trained: train.py's own step (train.train_step) on one batch already
+    """fn(count=steps) -> images trained: train.py's own step (engine.train_step) on one batch already
     in memory (no loader), at `precision`."""
-    from train import Step, train_step
+    from engine import Step, train_step
     images, step = precision.batch(images), Step(criterion, optimizer, precision.scaler(), precision)
 
     def run(count=steps):
@@ -266,7 +270,7 @@ def section_loader(args, plan, device):
 
 def section_train(args, plan, device):
     from loss import build_criterion
-    from train import Step, train_one_epoch
+    from engine import Step, train_one_epoch
     precision = resolve_precision("auto", device)
     paths, labels = training_images(args.data, plan["train"], args.batch_size)
     augment = AUGMENTATIONS.build(args.augmentation, resize=args.resize, mean=MASK_MEAN, std=MASK_STD)
@@ -375,8 +379,213 @@ def section_compile(args, plan, device):
     return result
 
 
+# ---------------------------------------------------------------- quality against timm's recipe
+QUALITY_PLANS = {"quick": dict(seeds=(0,), epochs=10), "full": dict(seeds=(0, 1, 2), epochs=30)}
+QUALITY_SIZE = (32, 32)  # the input size of both recipes (the images are 8x8 and 25x25)
+
+
+def quality_datasets(root):
+    """{name: (train folder, test folder)}: real images bundled with installed packages, split the
+    way the packages' own examples split them, written as one folder per class."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()  # scikit-learn's "Recognizing hand-written digits" example: the first half trains
+    x_train, x_test, y_train, y_test = train_test_split(digits.images, digits.target, test_size=0.5, shuffle=False)
+    found = {"digits": _write_class_folders(os.path.join(root, "digits"), x_train * 255 / 16, y_train, x_test * 255 / 16,
+                                           y_test, [str(d) for d in range(10)])}
+    try:
+        from skimage.data import lfw_subset
+    except ImportError:
+        print("note: `pip install scikit-image` adds its bundled lfw_subset (faces and non-faces) to this section")
+        return found
+    faces = lfw_subset()  # scikit-image's Haar-feature face example: 150 of the 200 train, stratified
+    labels = np.array([0] * 100 + [1] * 100)
+    x_train, x_test, y_train, y_test = train_test_split(faces, labels, train_size=150, random_state=0, stratify=labels)
+    found["lfw_subset"] = _write_class_folders(os.path.join(root, "lfw_subset"), x_train * 255, y_train,
+                                               x_test * 255, y_test, ["face", "not_face"])
+    return found
+
+
+def _write_class_folders(root, x_train, y_train, x_test, y_test, names):
+    for side, images, labels in (("train", x_train, y_train), ("test", x_test, y_test)):
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = os.path.join(root, side, names[label])
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(np.clip(np.round(image), 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.png"))
+    return os.path.join(root, "train"), os.path.join(root, "test")
+
+
+def folder_labels(test_dir):
+    """{relative path: class index} of a folder-per-class test set (classes: sorted folder names)."""
+    classes = sorted(os.listdir(test_dir))
+    return {os.path.join(name, f): i for i, name in enumerate(classes) for f in os.listdir(os.path.join(test_dir, name))}
+
+
+def test_scores(truth, predicted):
+    from sklearn.metrics import f1_score
+    keys = sorted(truth)
+    y, p = [truth[k] for k in keys], [predicted[k] for k in keys]
+    return float(np.mean(np.array(y) == np.array(p))), float(f1_score(y, p, average="macro", zero_division=0))
+
+
+def quality_ours(train_dir, test_dir, model, epochs, seed, work, extra=()):
+    """The project with its defaults: train.py given only data, model, input size and epochs (and
+    `extra` flags, to try others), then inference.py on the test folder. (accuracy, macro F1, seconds)."""
+    start = time.perf_counter()
+    size = f"{QUALITY_SIZE[0]},{QUALITY_SIZE[1]}"
+    for script, *flags in (("train.py", "--dataset", "ImageFolder", "--data_dir", train_dir, "--model", model,
+                            "--resize", size, "--epochs", str(epochs), "--seed", str(seed), "--model_dir", work,
+                            "--name", "ours", *extra),
+                           ("inference.py", "--model_dir", os.path.join(work, "ours"), "--data_dir", test_dir,
+                            "--output", os.path.join(work, "ours.csv"))):
+        done = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script), *flags],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise cli.UserError(f"{script} failed in the quality section:\n{done.stderr[-2000:]}")
+    seconds = time.perf_counter() - start
+    import pandas as pd
+    out = pd.read_csv(os.path.join(work, "ours.csv"))
+    return (*test_scores(folder_labels(test_dir), dict(zip(out["ImageID"], out["ans"]))), seconds)
+
+
+class PilFolder(torch.utils.data.Dataset):
+    """(path, label) pairs read as timm's ImageDataset reads them: PIL, converted to RGB."""
+
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, label = self.items[index]
+        with Image.open(path) as image:
+            return self.transform(image.convert("RGB")), label
+
+
+def section_quality_timm(args, plan, device):
+    """timm's train.py recipe, rebuilt from timm's library functions with train.py's defaults: its
+    data config and transforms (random resized crop, flip, colour jitter 0.4; eval resize +
+    centre crop), SGD with Nesterov momentum 0.9, lr 0.1 x batch / 256, weight decay 2e-5 (not on
+    norm and bias), batch 128 (at most a quarter of the images), a cosine schedule with 5 warmup epochs from 1e-5, label smoothing
+    0.1, fp32, its checkpoints written every epoch as train.py writes them; trained on the same 80% of the training folder as the project (its split), the best
+    epoch by validation top-1 kept, as train.py's checkpoint saver keeps it."""
+    import copy
+
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    from timm.loss import LabelSmoothingCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import CheckpointSaver
+
+    from dataset import ImageFolder
+    start = time.perf_counter()
+    torch.manual_seed(args.q_seed)
+    np.random.seed(args.q_seed)
+    source = ImageFolder(args.q_train, val_ratio=0.2, seed=args.q_seed)  # the project's own split of the data
+    train_idx, val_idx = source.split()
+    items = list(zip(source.all_paths(), (s.label for s in source.samples)))
+    model = timm.create_model(args.model, num_classes=source.num_classes)
+    config = resolve_data_config({"input_size": (3, *QUALITY_SIZE)}, model=model)
+    train_tf = create_transform(**{**config, "interpolation": "random"}, is_training=True, hflip=0.5, color_jitter=0.4)
+    eval_tf = create_transform(**config, is_training=False)
+    # train.py's batch of 128, but never more than a quarter of the training images: with
+    # drop_last, 120 images (lfw_subset's 80%) in batches of 128 would train nothing at all
+    batch = min(128, len(train_idx) // 4)
+    loader = torch.utils.data.DataLoader(PilFolder([items[i] for i in train_idx], train_tf), batch_size=batch,
+                                         shuffle=True, drop_last=True, num_workers=args.num_workers)
+    val_loader = torch.utils.data.DataLoader(PilFolder([items[i] for i in val_idx], eval_tf), batch_size=256,
+                                             num_workers=args.num_workers)
+    optimizer = create_optimizer_v2(model, opt="sgd", lr=0.1 * batch / 256, weight_decay=2e-5, momentum=0.9)
+    scheduler, epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.q_epochs, warmup_epochs=5,
+                                            warmup_lr=1e-5, min_lr=0.0)
+    criterion = LabelSmoothingCrossEntropy(smoothing=0.1)
+    # train.py's checkpointing: last.pth.tar every epoch and the 10 best (timm's CheckpointSaver)
+    saver = CheckpointSaver(model, optimizer, checkpoint_dir=tempfile.mkdtemp(prefix="bench-timm-"), max_history=10)
+    best, best_state = -1.0, None
+    for epoch in range(epochs):
+        model.train()
+        for images, labels in loader:
+            loss = criterion(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        top1 = _accuracy(model, val_loader)
+        if top1 > best:
+            best, best_state = top1, copy.deepcopy(model.state_dict())
+        saver.save_checkpoint(epoch, metric=top1)
+        scheduler.step(epoch + 1, top1)
+    shutil.rmtree(saver.checkpoint_dir, ignore_errors=True)
+    model.load_state_dict(best_state)
+    test_root = args.q_test
+    truth = folder_labels(test_root)
+    keys = sorted(truth)
+    test_loader = torch.utils.data.DataLoader(PilFolder([(os.path.join(test_root, k), truth[k]) for k in keys], eval_tf),
+                                              batch_size=256, num_workers=args.num_workers)
+    preds = _predictions(model, test_loader)
+    return {"scores": [*test_scores(truth, dict(zip(keys, preds))), time.perf_counter() - start]}
+
+
+@torch.no_grad()
+def _predictions(model, loader):
+    model.eval()
+    return [int(p) for images, _ in loader for p in model(images).argmax(1)]
+
+
+def _accuracy(model, loader):
+    labels = [int(y) for _, batch in loader for y in batch]
+    return float(np.mean(np.array(_predictions(model, loader)) == np.array(labels)))
+
+
+def run_quality(args, quick):
+    """Both recipes on every dataset, seeds interleaved (ours first on even seeds, timm's on odd);
+    prints the table and returns its figures."""
+    plan = QUALITY_PLANS["quick" if quick else "full"]
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as root:
+        for name, (train_dir, test_dir) in quality_datasets(root).items():
+            for seed in plan["seeds"]:
+                work = os.path.join(root, f"{name}-{seed}")
+                os.makedirs(work)
+                order = ("ours", "timm") if seed % 2 == 0 else ("timm", "ours")
+                for recipe in order:
+                    if recipe == "ours":
+                        scores = quality_ours(train_dir, test_dir, args.model, plan["epochs"], seed, work)
+                    else:
+                        raw, _ = run_section("quality_timm", args, root, ["--q_train", train_dir, "--q_test", test_dir,
+                                                                          "--q_seed", str(seed),
+                                                                          "--q_epochs", str(plan["epochs"])])
+                        scores = tuple(raw["scores"])
+                    rows.setdefault((name, recipe), []).append(scores)
+                    print(f"quality {name} seed {seed} {recipe}: accuracy {scores[0]:.4f}, macro F1 {scores[1]:.4f}, "
+                          f"{scores[2]:.0f} s", flush=True)
+    return quality_table(rows, plan, args.model)
+
+
+def quality_table(rows, plan, model):
+    lines = [f"quality: {model} from scratch at {QUALITY_SIZE[0]}x{QUALITY_SIZE[1]}, {plan['epochs']} epochs, "
+             f"seeds {','.join(map(str, plan['seeds']))}; test-set mean (min-max over seeds)",
+             f"{'dataset':<12} {'recipe':<14} {'accuracy':>22} {'macro F1':>22} {'seconds':>9}"]
+    figures = {}
+    for name in sorted({n for n, _ in rows}):
+        for recipe, label in (("ours", "project"), ("timm", "timm train.py")):
+            runs = np.array(rows[(name, recipe)])
+            cells = [f"{runs[:, i].mean():.4f} ({runs[:, i].min():.4f}-{runs[:, i].max():.4f})" for i in (0, 1)]
+            lines.append(f"{name:<12} {label:<14} {cells[0]:>22} {cells[1]:>22} {runs[:, 2].mean():>9.0f}")
+            figures[f"quality_{name}_{recipe}"] = {"accuracy": runs[:, 0].tolist(), "macro_f1": runs[:, 1].tolist(),
+                                                   "seconds": runs[:, 2].tolist()}
+        ours, timm_runs = np.array(rows[(name, "ours")]), np.array(rows[(name, "timm")])
+        ratio = ours.mean(0) / timm_runs.mean(0)
+        verdict = "met" if ratio[0] >= 1 and ratio[1] >= 1 and ratio[2] <= 1 else "NOT met"
+        lines.append(f"{name:<12} {'ours / timm':<14} {ratio[0]:>21.3f}x {ratio[1]:>21.3f}x {ratio[2]:>8.2f}x  {verdict}")
+        figures[f"quality_{name}_ratio"] = ratio.round(4).tolist()
+    print("\n".join(lines))
+    return figures
+
+
 SECTIONS = {"loader": section_loader, "train": section_train, "infer": section_infer, "detect": section_detect,
-            "compile": section_compile}
+            "compile": section_compile, "quality_timm": section_quality_timm}
 
 
 # ---------------------------------------------------------------- the report
@@ -400,7 +609,7 @@ def cpu_seconds():
     return busy, ours.ru_utime + ours.ru_stime
 
 
-def run_section(name, args, data):
+def run_section(name, args, data, extra=()):
     """One section in a child process: its raw rates, and the share of the machine's CPU that
     other processes used meanwhile (None where unknown)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -408,7 +617,7 @@ def run_section(name, args, data):
     try:
         (busy0, ours0), start = cpu_seconds(), time.perf_counter()
         done = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--data", data,
-                               "--section", name, "--result", result], capture_output=True, text=True)
+                               "--section", name, "--result", result, *extra], capture_output=True, text=True)
         (busy1, ours1), wall = cpu_seconds(), time.perf_counter() - start
         if done.returncode != 0:
             raise cli.UserError(f"section {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -455,9 +664,23 @@ def main(args):
     AUGMENTATIONS.get(args.augmentation)  # an unknown name: one line, before any work
     default = "loader,train,infer,detect" + ("" if args.quick else ",compile")
     sections = [s.strip() for s in (args.sections or default).split(",") if s.strip()]
-    unknown = [s for s in sections if s not in SECTIONS]
+    choices = [*(name for name in SECTIONS if name != "quality_timm"), "quality"]
+    unknown = [s for s in sections if s not in choices]
     if unknown:
-        raise cli.UserError(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+        raise cli.UserError(f"unknown section {unknown[0]!r}; choose from {', '.join(choices)}")
+    figures = throughput(args, [s for s in sections if s != "quality"], plan, device)
+    if "quality" in sections:
+        figures.update(run_quality(args, args.quick))
+    with open(args.json, "w") as f:
+        json.dump(figures, f, indent=2)
+    print(f"wrote {args.json}")
+    return figures
+
+
+def throughput(args, sections, plan, device):
+    """The speed sections, each in a child process, and their table; {} when none is asked for."""
+    if not sections:
+        return {}
     precision, started, raw, others = resolve_precision("auto", device), time.time(), {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         data = args.data or scratch
@@ -491,10 +714,7 @@ def main(args):
         print(f"compiling the training step took {compile_seconds:.0f} s (paid once per run)")
     if any(share is not None and share > 0.1 for share in others.values()):
         print("note: other processes used the CPU meanwhile (last column): these figures are noisy; rerun")
-    with open(args.json, "w") as f:
-        json.dump({**figures, "info": info, "rounds": raw}, f, indent=2)
-    print(f"wrote {args.json}")
-    return figures
+    return {**figures, "info": info, "rounds": raw}
 
 
 if __name__ == "__main__":

@@ -90,6 +90,28 @@ def number(kind=float, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def parse_kwargs(text):
+    """'k=v,k2=v2' -> a dict; values read as bool, int, float or left as text (--opt_kwargs)."""
+    out = {}
+    for item in (p.strip() for p in str(text).split(",") if p.strip()):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise argparse.ArgumentTypeError(f"expected k=v,k2=v2, got {text!r}")
+        value = value.strip()
+        if value.lower() in _TRUE | _FALSE and not value.isdigit():
+            out[key.strip()] = value.lower() in _TRUE
+            continue
+        for kind in (int, float):
+            try:
+                out[key.strip()] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key.strip()] = value
+    return out
+
+
 def positive_int(text):
     try:
         value = int(text)
@@ -227,6 +249,8 @@ class ArgumentParser(argparse.ArgumentParser):
             if isinstance(actions[key], argparse._AppendAction):
                 for item in value if isinstance(value, list) else [value]:
                     argv += [flag, str(item)]
+            elif isinstance(value, dict):  # --opt_kwargs
+                argv += [flag, ",".join(f"{k}={v}" for k, v in value.items())]
             elif isinstance(value, (list, tuple)):
                 argv += [flag, ",".join(map(str, value))]
             else:

@@ -2,13 +2,17 @@
 
 - `rand_box(height, width, lam, rng, mode)`: the region to paste (a box, or a full-height
   vertical strip).
-- `BatchMixer(cutmix, mixup, prob, beta, mode, seed)`: `mixer(x, y)` returns
-  `(x_mixed, y_a, y_b, lam)`; unmixed batches come back as `(x, y, y, 1.0)`.
+- `BatchMixer(cutmix, mixup, prob, beta, mode, seed, cutmix_alpha, mixup_alpha, switch_prob)`:
+  `mixer(x, y)` returns `(x_mixed, y_a, y_b, lam)`; unmixed batches come back as `(x, y, y, 1.0)`.
 - `mixed_loss(criterion, logits, y_a, y_b, lam)`: `lam * crit(logits, y_a) +
   (1 - lam) * crit(logits, y_b)`, which works with every criterion in `loss.py` (see its
   docstring for the contract).
 
-Flags: `--cutmix True --cutmix_prob 0.5 --beta 1.0 --cutmix_mode box|vertical --mixup True`.
+Flags: the seed's `--cutmix True --mixup True --beta 1.0` (both with lambda ~ Beta(beta, beta)), or
+timm's `--cutmix_alpha A --mixup_alpha B` (an alpha > 0 turns it on, with its own alpha);
+`--cutmix_prob` (timm: `--mixup_prob`) is the share of batches mixed, `--mix_switch_prob` the
+chance that a mixed batch uses CutMix when both are on, `--mix_off_epoch N` stops mixing from
+epoch N on (train.py), `--cutmix_mode box|vertical`.
 `vertical` pastes a full-height strip: faces sit in the centre of the competition's photos, so a
 strip swaps a part of the face (and the mask) rather than, often, only background.
 
@@ -54,20 +58,29 @@ def rand_box(height, width, lam, rng, mode="box"):
 class BatchMixer:
     """Mixes a batch with CutMix or MixUp with probability `prob`, from its own seeded RNG.
 
-    If both are on, each mixed batch uses one of the two, chosen with equal chance. The partner
-    of sample i is sample perm[i] of the same batch; lam ~ Beta(beta, beta). With its own RNG
-    (not the global one) a training run is reproducible from `seed` alone.
+    `cutmix_alpha` / `mixup_alpha` (> 0: on) are each method's Beta parameter; left None they
+    follow the switches `cutmix` / `mixup` with `beta`. If both are on, a mixed batch uses CutMix
+    with chance `switch_prob`. The partner of sample i is sample perm[i] of the same batch;
+    lam ~ Beta(alpha, alpha). With its own RNG (not the global one) a training run is
+    reproducible from `seed` alone. `active = False` (train.py's --mix_off_epoch) stops mixing.
     """
 
-    def __init__(self, cutmix=False, mixup=False, prob=0.5, beta=1.0, mode="box", seed=0):
+    def __init__(self, cutmix=False, mixup=False, prob=0.5, beta=1.0, mode="box", seed=0, cutmix_alpha=None,
+                 mixup_alpha=None, switch_prob=0.5):
         _check_mode(mode)
         if not beta > 0:
             raise UserError(f"--beta must be > 0, got {beta}")
-        if not 0.0 <= prob <= 1.0:
-            raise UserError(f"--cutmix_prob must be in [0, 1], got {prob}")
-        self.cutmix, self.mixup = bool(cutmix), bool(mixup)
-        self.prob, self.beta, self.mode = float(prob), float(beta), mode
+        for name, value in (("--cutmix_prob", prob), ("--mix_switch_prob", switch_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"{name} must be in [0, 1], got {value}")
+        self.cutmix_alpha = float(cutmix_alpha if cutmix_alpha is not None else beta if cutmix else 0.0)
+        self.mixup_alpha = float(mixup_alpha if mixup_alpha is not None else beta if mixup else 0.0)
+        if self.cutmix_alpha < 0 or self.mixup_alpha < 0:
+            raise UserError("--cutmix_alpha and --mixup_alpha must be >= 0 (0: off)")
+        self.cutmix, self.mixup = self.cutmix_alpha > 0, self.mixup_alpha > 0
+        self.prob, self.beta, self.mode, self.switch_prob = float(prob), float(beta), mode, float(switch_prob)
         self.rng = np.random.default_rng(seed)
+        self.active = True
 
     @property
     def enabled(self):
@@ -82,10 +95,11 @@ class BatchMixer:
 
     def __call__(self, x, y):
         """Return (x_mixed, y_a, y_b, lam); the caller's `x` is never modified."""
-        if not self.enabled or self.rng.random() >= self.prob:
+        if not (self.enabled and self.active) or self.rng.random() >= self.prob:
             return x, y, y, 1.0
-        use_cutmix = self.cutmix and (not self.mixup or self.rng.random() < 0.5)
-        lam = float(self.rng.beta(self.beta, self.beta))
+        use_cutmix = self.cutmix and (not self.mixup or self.rng.random() < self.switch_prob)
+        alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
+        lam = float(self.rng.beta(alpha, alpha))
         perm = torch.from_numpy(self.rng.permutation(x.shape[0]))
         partner = x[perm.to(x.device)]
         if use_cutmix:

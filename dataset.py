@@ -221,6 +221,8 @@ def _stratify_or_none(strata, test_size):
 
 def _split_items(n_items, val_ratio, seed, strata=None):
     """Indices 0..n-1 split into (train, val), stratified on `strata` where possible."""
+    if not val_ratio:  # --val_ratio 0: no validation, everything trains
+        return list(range(n_items)), []
     if n_items < 2:
         raise UserError(f"need at least 2 items to split into train and validation, found {n_items}")
     index = np.arange(n_items)
@@ -236,6 +238,7 @@ class SplitDataset:
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     label_scheme = "folder"  # "mask": the competition's 18 classes (labels.py)
     splits_by_person = False
+    default_augmentation = "TimmAugmentation"  # --augmentation when none is given: timm's own pipeline
 
     def __init__(self, root, samples, classes, val_ratio=0.2, seed=42):
         self.root, self.samples, self.classes = root, samples, list(classes)
@@ -287,6 +290,7 @@ class MaskBaseDataset(SplitDataset):
     """
     mean, std = MASK_MEAN, MASK_STD
     label_scheme = "mask"
+    default_augmentation = "AlbuAugmentation"  # faces: flips, mild shifts, photometric noise
 
     def __init__(self, data_dir, val_ratio=0.2, seed=42, relabel=None, **kwargs):
         root, samples = read_mask_train(data_dir, relabel)

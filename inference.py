@@ -88,7 +88,7 @@ def read_config(run_dir):
             config = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise cli.UserError(f"{path} is not valid JSON: {err}") from None
-    if config.get("folds"):  # a k-fold parent: its folds are checked one by one
+    if fold_dirs(config):  # a k-fold parent: its folds are checked one by one
         return config
     missing = [k for k in ("model", "num_classes", "classes", "input_size", "mean", "std") if k not in config]
     if missing:
@@ -96,12 +96,21 @@ def read_config(run_dir):
     return config
 
 
+def fold_dirs(config):
+    """The fold folders a k-fold parent's config.json lists ([] for any other run); runs from
+    before `fold_dirs` kept them under `folds`."""
+    dirs = config.get("fold_dirs")
+    if dirs is None and isinstance(config.get("folds"), list) and all(isinstance(f, str) for f in config["folds"]):
+        dirs = config["folds"]
+    return list(dirs or [])
+
+
 def expand_runs(run_dirs):
     """Run folders with a k-fold parent replaced by its fold folders (an ensemble of the folds)."""
     expanded = []
     for run_dir in run_dirs:
         config = read_config(run_dir)
-        expanded += [os.path.join(run_dir, fold) for fold in config["folds"]] if config.get("folds") else [run_dir]
+        expanded += [os.path.join(run_dir, fold) for fold in fold_dirs(config)] or [run_dir]
     return expanded
 
 

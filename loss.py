@@ -32,6 +32,8 @@ passed to the constructor:
 
 Example: `python train.py --criterion new_focal --focal_gamma 2`
 """
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,13 +44,39 @@ from registry import Registry
 CRITERIONS = Registry("criterion")
 
 
-def build_criterion(name, num_classes, class_counts=None, **options):
+def build_criterion(name, num_classes, class_counts=None, smoothing=0.0, **options):
     """Build a criterion by registered name (or from a class passed in).
 
     `class_counts` are the per-class image counts of the training split (used by
     `weighted_cross_entropy`); options that are None are dropped so each loss's defaults win.
+    `smoothing` (train.py's --smoothing) is label smoothing on top of any criterion: passed to
+    a constructor that takes `smoothing` (it smooths natively), else `LabelSmoothed` wraps it.
     """
-    return CRITERIONS.build(name, num_classes, class_counts=class_counts, **options)
+    if smoothing is not None and not 0.0 <= smoothing < 1.0:
+        raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")
+    entry = CRITERIONS.get(name)
+    if "smoothing" in inspect.signature(entry.__init__ if inspect.isclass(entry) else entry).parameters:
+        return CRITERIONS.build(name, num_classes, class_counts=class_counts, smoothing=smoothing, **options)
+    criterion = CRITERIONS.build(name, num_classes, class_counts=class_counts, **options)
+    return LabelSmoothed(criterion, smoothing, num_classes) if smoothing else criterion
+
+
+class LabelSmoothed(nn.Module):
+    """Label smoothing on top of any criterion: the target is 1 - eps on the label and eps spread
+    evenly over all classes, and since a criterion takes hard labels, the loss is the same mix of
+    losses: (1 - eps) * L(logits, y) + eps * mean over classes c of L(logits, c). For cross-entropy
+    that is exactly torch's label_smoothing. The class term is one call of the criterion on the
+    batch repeated once per class (N x C rows: cheap for the tens of classes of this task)."""
+
+    def __init__(self, criterion, smoothing, num_classes):
+        super().__init__()
+        self.criterion, self.smoothing, self.num_classes = criterion, float(smoothing), num_classes
+
+    def forward(self, logits, target):
+        loss = self.criterion(logits, target)
+        every = torch.arange(self.num_classes, device=target.device).repeat(len(target))
+        uniform = self.criterion(logits.repeat_interleave(self.num_classes, dim=0), every)
+        return (1 - self.smoothing) * loss + self.smoothing * uniform
 
 
 FOCAL_GAMMA = 2.0  # focal and new_focal: gamma 2 is the paper's choice
@@ -75,13 +103,14 @@ def _log_pt(logits, target):
 
 @CRITERIONS.register("cross_entropy")
 class CrossEntropyLoss(nn.Module):
-    """Plain cross-entropy."""
+    """Cross-entropy (with --smoothing: torch's label smoothing)."""
 
-    def __init__(self, num_classes, **kwargs):
+    def __init__(self, num_classes, smoothing=0.0, **kwargs):
         super().__init__()
+        self.smoothing = float(smoothing or 0.0)
 
     def forward(self, logits, target):
-        return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, target, label_smoothing=self.smoothing)
 
 
 @CRITERIONS.register("weighted_cross_entropy")
@@ -94,8 +123,9 @@ class WeightedCrossEntropyLoss(nn.Module):
     a target anyway.
     """
 
-    def __init__(self, num_classes, class_counts=None, **kwargs):
+    def __init__(self, num_classes, class_counts=None, smoothing=0.0, **kwargs):
         super().__init__()
+        self.smoothing = float(smoothing or 0.0)
         if class_counts is None:
             raise UserError("criterion 'weighted_cross_entropy' needs the class counts of the "
                             "training split (class_counts), got None")
@@ -113,7 +143,7 @@ class WeightedCrossEntropyLoss(nn.Module):
         self.register_buffer("weight", weight.float())
 
     def forward(self, logits, target):
-        return F.cross_entropy(logits, target, weight=self.weight.to(logits.dtype))
+        return F.cross_entropy(logits, target, weight=self.weight.to(logits.dtype), label_smoothing=self.smoothing)
 
 
 @CRITERIONS.register("focal", options={"focal_gamma": GAMMA_HELP})
@@ -133,16 +163,16 @@ class FocalLoss(nn.Module):
         return (one_minus_pt ** self.gamma * -log_pt).mean()
 
 
-@CRITERIONS.register("label_smoothing", options={"smoothing": "epsilon: the target keeps 1 - eps on the true "
-                                                              "class and spreads eps over all classes"})
+@CRITERIONS.register("label_smoothing")
 class LabelSmoothingLoss(nn.Module):
-    """Cross-entropy with label smoothing (`smoothing`), as torch's `label_smoothing`."""
+    """Cross-entropy with label smoothing (`--smoothing`, 0.1 if it is 0), as torch's `label_smoothing`:
+    the seed's name; `cross_entropy` with --smoothing does the same."""
 
     def __init__(self, num_classes, smoothing=0.1, **kwargs):
         super().__init__()
         if not 0.0 <= smoothing < 1.0:
             raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")
-        self.smoothing = float(smoothing)
+        self.smoothing = float(smoothing) or 0.1  # the name promises smoothing
 
     def forward(self, logits, target):
         return F.cross_entropy(logits, target, label_smoothing=self.smoothing)

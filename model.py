@@ -23,6 +23,7 @@ Example: python train.py --model efficientNet_b3 --pretrained True
 """
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import pickle
@@ -64,16 +65,23 @@ class BaseModel(nn.Module):
 
 
 @MODELS.register("BaseModel", input_size=(256, 192))  # the photos' 4:3 portrait shape, halved
-def base_model(num_classes, pretrained=False, **kwargs):
+def base_model(num_classes, pretrained=False, drop_rate=0.25, **kwargs):
     if pretrained:
         print("note: BaseModel has no pretrained weights; starting from random init")
-    return BaseModel(num_classes)
+    return BaseModel(num_classes, drop_rate=drop_rate)
 
 
-def timm_model(timm_name, num_classes, pretrained=False, **kwargs):
-    """One wrapper behind every preset: timm builds the model with a num_classes-way head."""
+def timm_model(timm_name, num_classes, pretrained=False, drop_rate=None, drop_path_rate=None, **kwargs):
+    """One wrapper behind every preset: timm builds the model with a num_classes-way head (and
+    --drop / --drop_path where given; None: the model's own)."""
+    rates = {k: v for k, v in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)) if v is not None}
     try:
-        return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes)
+        return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **rates)
+    except TypeError as err:
+        if rates and any(k in str(err) for k in rates):
+            flag = "--drop_path" if "drop_path_rate" in str(err) else "--drop"
+            raise UserError(f"model {timm_name} does not take {flag} ({err})") from None
+        raise
     except (OSError, RuntimeError, ValueError) as err:
         if pretrained:  # no network, no hub cache: say what to do instead
             raise UserError(f"cannot get pretrained weights for {timm_name} ({type(err).__name__}: "
@@ -168,18 +176,26 @@ def check_model_name(name):
 HEADS = ("linear", "multitask")
 
 
-def create_model(name, num_classes, pretrained=False, head="linear", tasks=None, msd=0, msd_p=MSD_P, **options):
+def create_model(name, num_classes, pretrained=False, head="linear", tasks=None, msd=0, msd_p=MSD_P, drop=None,
+                 drop_path=None, **options):
     """A registered model, or a timm model by its own name, with a num_classes-way output.
 
     head="multitask": a FactorizedHead over `tasks` (their product must be num_classes);
     msd > 1: multi-sample dropout with `msd` samples of rate `msd_p` around the head;
+    drop / drop_path: timm's dropout and stochastic-depth rates (None: the model's own);
     `options`: the entry's own (see MODELS.register's `options`).
     """
     name = check_model_name(name)
+    rates = {"drop_rate": drop, "drop_path_rate": drop_path}
     if callable(name) or name in MODELS:
-        model = MODELS.build(name, num_classes=num_classes, pretrained=pretrained, **options)
+        factory = MODELS.get(name)
+        takes = inspect.signature(factory).parameters
+        for key, flag in (("drop_rate", "--drop"), ("drop_path_rate", "--drop_path")):
+            if rates[key] is not None and key not in takes:
+                raise UserError(f"model {name if isinstance(name, str) else factory.__name__} does not take {flag}")
+        model = MODELS.build(name, num_classes=num_classes, pretrained=pretrained, **rates, **options)
     else:
-        model = timm_model(name, num_classes, pretrained=pretrained)
+        model = timm_model(name, num_classes, pretrained=pretrained, **rates)
     if head == "multitask":
         if not tasks or int(np.prod(tasks)) != num_classes:
             raise UserError(f"--head multitask needs the competition's label scheme (tasks {tasks} for "
@@ -191,7 +207,7 @@ def create_model(name, num_classes, pretrained=False, head="linear", tasks=None,
 
 
 # what config.json holds about the model, besides the entry's own options
-MODEL_KEYS = ("head", "tasks", "msd", "msd_p")
+MODEL_KEYS = ("head", "tasks", "msd", "msd_p", "drop", "drop_path")
 
 
 def build_from_config(config, pretrained=False):

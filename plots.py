@@ -141,9 +141,15 @@ def task_confusion_png(path, labels, preds):
 
 # ---------------------------------------------------------------- training curves
 def best_epoch(metrics):
-    """The row train.py keeps as best.pth: highest val_f1, ties to the lower val_loss, then earlier."""
-    order = np.lexsort((metrics["epoch"].to_numpy(), metrics["val_loss"].to_numpy(), -metrics["val_f1"].to_numpy()))
-    return metrics.iloc[order[0]]
+    """The row train.py keeps as best.pth (engine.is_better): the highest val F1 of the raw or EMA
+    weights, a tie to the later epoch; without validation (no val_f1), the last epoch."""
+    score = metrics["val_f1"]
+    if "ema_val_f1" in metrics.columns:
+        score = np.fmax(score, metrics["ema_val_f1"])
+    if score.isna().all():
+        return metrics.iloc[-1]
+    best = score.max()
+    return metrics[score == best].iloc[-1]
 
 
 def curves_png(path, metrics):

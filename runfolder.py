@@ -139,7 +139,7 @@ class Checkpoint:
     the run's progress (epoch, best score, early-stopping counter) and every RNG state. best.pth
     holds the best weights and their scores. Both are written atomically (model.save_checkpoint).
     """
-    PROGRESS = ("epoch", "best", "bad_epochs")
+    PROGRESS = ("epoch", "best", "bad_epochs", "finished")
 
     def __init__(self, run_dir, parts, model_name="model"):
         self.last, self.best = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")
@@ -148,7 +148,7 @@ class Checkpoint:
 
     def save_last(self, progress):
         state = {key: None if part is None else part.state_dict() for key, part in self.parts.items()}
-        save_checkpoint({**state, **{k: progress[k] for k in self.PROGRESS}, "rng": rng_states()}, self.last)
+        save_checkpoint({**state, **{k: progress.get(k) for k in self.PROGRESS}, "rng": rng_states()}, self.last)
         self.saved_epoch = progress["epoch"]
 
     def resume(self):
@@ -163,10 +163,54 @@ class Checkpoint:
                 part.load_state_dict(saved[key])
         restore_rng_states(saved["rng"])
         self.saved_epoch = saved["epoch"]
-        return {k: saved[k] for k in self.PROGRESS}
+        return {k: saved[k] for k in self.PROGRESS if k in saved}  # runs from before "finished" lack it
 
     def save_best(self, weights, scores):
         save_checkpoint({"model": weights.state_dict(), **scores}, self.best)
+
+
+class TopCheckpoints:
+    """--checkpoint_hist K: the weights of the K best validated epochs, as top-<epoch>.pth (with
+    their val F1), and --average_top: their mean. The files on disk are the record, so a resumed
+    run continues the same list. A tie in F1 goes to the later epoch, as for best.pth."""
+    PATTERN = "top-*.pth"
+
+    def __init__(self, run_dir, k):
+        self.run_dir, self.k = run_dir, k
+
+    def entries(self):
+        """[(val_f1, epoch, path)], best first."""
+        found = []
+        for path in glob.glob(os.path.join(glob.escape(self.run_dir), self.PATTERN)):
+            saved = read_checkpoint(path)
+            found.append((float(saved["val_f1"]), int(saved["epoch"]), path))
+        return sorted(found, reverse=True)
+
+    def consider(self, epoch, val_f1, weights):
+        if not self.k:
+            return
+        kept = self.entries()
+        if len(kept) >= self.k and (val_f1, epoch) <= kept[self.k - 1][:2]:
+            return
+        save_checkpoint({"model": weights.state_dict(), "val_f1": val_f1, "epoch": epoch},
+                        os.path.join(self.run_dir, f"top-{epoch:04d}.pth"))
+        for _, _, path in self.entries()[self.k:]:
+            os.remove(path)
+
+    def average(self, k):
+        """(state dict: the mean of the k best weights, [their epochs]) or None. Integer tensors
+        (batch norm's step counter) are taken from the best."""
+        kept = self.entries()[:k]
+        if not kept:
+            return None
+        states = [read_checkpoint(path)["model"] for _, _, path in kept]
+        mean = {}
+        for key, first in states[0].items():
+            if first.is_floating_point():
+                mean[key] = sum(s[key].double() for s in states).div(len(states)).to(first.dtype)
+            else:
+                mean[key] = first
+        return mean, [epoch for _, epoch, _ in kept]
 
 
 # ---------------------------------------------------------------- the epoch log
@@ -180,6 +224,10 @@ class RunLog:
 
     def __init__(self, run_dir, epochs, resume_epoch=None, wandb_project=None, config=None):
         self.run_dir, self.epochs = run_dir, epochs
+        config = config or {}
+        # the columns are fixed for the whole run (an epoch without validation leaves its cells empty)
+        self.columns = METRIC_COLUMNS + (OPTIONAL_COLUMNS[:3] if config.get("tasks") else ()) + \
+            (OPTIONAL_COLUMNS[3:] if config.get("ema") else ())
         self.path = os.path.join(run_dir, "metrics.csv")
         if resume_epoch is not None and os.path.exists(self.path):
             with open(self.path, newline="") as f:
@@ -196,19 +244,23 @@ class RunLog:
                                     dir=run_dir, config=config, resume="allow")
 
     def epoch(self, row, is_best):
-        columns = METRIC_COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if c in row)
         before = ""
         if os.path.exists(self.path):
             with open(self.path, newline="") as f:
                 before = f.read()
+        columns = next(csv.reader([before.splitlines()[0]])) if before else list(self.columns)
+
+        def cell(key):
+            value = row.get(key)
+            return "" if value is None or value != value else value if isinstance(value, int) else f"{value:.6g}"
         # the whole file rewritten and renamed: a full disk or a kill never leaves half a row
         with replacing(self.path) as tmp, open(tmp, "w", newline="") as f:
             f.write(before)
             out = csv.writer(f)
             if not before:
                 out.writerow(columns)
-            out.writerow([row[k] if isinstance(row[k], int) else f"{row[k]:.6g}" for k in columns])
-        scalars = {k: row[k] for k in columns if k not in ("epoch", "seconds")}
+            out.writerow([cell(k) for k in columns])
+        scalars = {k: row[k] for k in columns if k not in ("epoch", "seconds") and cell(k) != ""}
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, row["epoch"])
         self.writer.flush()
@@ -216,6 +268,11 @@ class RunLog:
             self.wandb.log(scalars, step=row["epoch"])
         tasks = "".join(f"  {c[len('val_f1_'):]} {row[c]:.3f}" for c in OPTIONAL_COLUMNS[:3] if c in row)
         ema = f"  ema_f1 {row['ema_val_f1']:.4f}" if "ema_val_f1" in row else ""
+        if cell("val_f1") == "":
+            print(f"epoch {row['epoch']}/{self.epochs}  train_loss {row['train_loss']:.4f}  "
+                  f"train_acc {row['train_acc']:.3f}  (not validated)  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
+                  f"{'  *last*' if is_best else ''}", flush=True)
+            return
         print(f"epoch {row['epoch']}/{self.epochs}  train_loss {row['train_loss']:.4f}  "
               f"train_acc {row['train_acc']:.3f}  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}  "
               f"val_f1 {row['val_f1']:.4f}{tasks}{ema}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
@@ -262,6 +319,8 @@ def final_figures(log, model, paths, labels, transform, classes, device, regions
     """curves.png and gradcam.png (of the best weights, loaded into `model`)."""
     step = max(int(pd.read_csv(log.path)["epoch"].max()), 1) if os.path.exists(log.path) else 0
     log.figure("curves", plots.curves_png(log.run_dir, log.path), step)
+    if not paths:  # no validation side: nothing to look at
+        return
     pick = spread(len(paths), GRADCAM_IMAGES)  # across the validation set, not 8 photos of one person
     log.figure("gradcam", plots.gradcam_png(log.run_dir, model, [paths[i] for i in pick], transform, classes,
                                             labels=[labels[i] for i in pick], n=len(pick), device=device,

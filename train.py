@@ -13,9 +13,9 @@ Example:
         --criterion new_focal --lr 1e-4 --batch_size 16 --valid_batch_size 64 \\
         --dataset datasetSplitByClasses --optimizer Adam --cutmix True --resize 299,299
 """
+import copy
 import csv
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pandas as pd
 import timm.utils
 import torch
 from sklearn.metrics import f1_score
@@ -33,34 +34,34 @@ import cli
 import distributed
 import plots
 from atomic import replacing, write_json
-from augmentation import AUGMENTATIONS, TTA_VIEWS, eval_transform, parse_tta, prepared_size, train_transform, tta_logits
-from cutmix import MODES as CUTMIX_MODES, BatchMixer, mixed_loss
+from augmentation import (AUGMENTATIONS, KNOBS, TTA_VIEWS, auto_augment_policy, eval_transform, knobs_taken, parse_tta,
+                          prepared_size, train_transform)
+from cutmix import MODES as CUTMIX_MODES, BatchMixer
 from dataset import DATASETS, class_counts, read_extra, read_pseudo_labels, write_split_csv
+from engine import Step, evaluate, is_better, train_one_epoch, updates_per_epoch
 from facecrop import FACE_MARGIN, face_regions
 from images import EpochSampler, ImageDataset, cache_shape, load_image, make_loader, open_cache, shared_memory_free
-from labels import TASKS, task_f1, training_label
+from labels import TASKS, training_label
 from loss import CRITERIONS, MultiTaskLoss, build_criterion
 from model import (HEADS, MODELS, MSD_P, build_from_config, check_model_name, compile_model, input_size_of,
-                   load_weights, resolve_device, resolve_precision, unwrap)
-from registry import Registry
-from runfolder import (PREVIEW_IMAGES, Checkpoint, RunLock, RunLog, best_epoch_figures, clear_leftovers,
-                       discard_unstarted, final_figures, make_run_dir, require_wandb, spread)
+                   load_weights, read_checkpoint, resolve_device, resolve_precision, save_checkpoint)
+from optim import LENGTH_SCHEDULES, OPTIMIZERS, SCHEDULERS, Freezer, build_optimizer, build_scheduler
+from runfolder import (PREVIEW_IMAGES, Checkpoint, RunLock, RunLog, TopCheckpoints, best_epoch_figures,
+                       clear_leftovers, discard_unstarted, final_figures, make_run_dir, require_wandb, spread)
 
-OPTIMIZERS = Registry("optimizer")
-for _name, _cls in vars(torch.optim).items():
-    # LBFGS needs a closure per step and SparseAdam sparse gradients: neither fits this loop; Muon
-    # takes 2-D parameters only, and every CNN has 4-D convolution weights.
-    if isinstance(_cls, type) and issubclass(_cls, torch.optim.Optimizer) and _name not in (
-            "Optimizer", "LBFGS", "SparseAdam", "Muon"):
-        OPTIMIZERS.register(_name)(_cls)
+# The recipe: what a user who gives only data, model, input size and epochs gets (README "The
+# default recipe" says why each, and bench.py's quality section measures it against timm's).
+DEFAULT_OPTIMIZER = "adamw"     # Adam with decoupled weight decay: trains from scratch as well as Adam
+DEFAULT_LR = 1e-3               # Adam-family's usual rate at batch 64
+DEFAULT_WEIGHT_DECAY = 0.05     # decoupled, not on norm and bias (timm's param groups)
+DEFAULT_SCHEDULER = "cosine"    # anneals to --min_lr over --epochs: the last epochs are the best-trained
+DEFAULT_WARMUP_EPOCHS = 0       # none: Adam-family needs little, and short runs would spend their start on it
+DEFAULT_SMOOTHING = 0.0         # off: it caps confidence, which --pseudo_threshold and TTA read
 
-SCHEDULERS = ("none", "step", "cosine")
-LENGTH_SCHEDULES = ("cosine",)  # schedules whose shape depends on --epochs
 FIGURE_REFRESH_SECONDS = 60  # best-epoch figures take ~2 s: redrawn on a new best at most once a minute
 # what config.json records beside the flags: skipped when it is read back with --config / --resume
 DERIVED_KEYS = ("input_size", "prepared_size", "num_classes", "classes", "mean", "std", "label_scheme", "tasks",
-                "train_images", "val_images", "world_size", "folds")
-NOT_FINITE = "training loss is not finite (NaN or inf): lower --lr, or check the data; best.pth is left as it was"
+                "train_images", "val_images", "world_size", "fold_dirs")
 
 
 # ---------------------------------------------------------------- the flags
@@ -75,7 +76,9 @@ def get_args_parser():
     add_data_flags(parser.add_argument_group("Data"))
     add_model_flags(parser.add_argument_group("Model"))
     add_loss_flags(parser.add_argument_group("Loss and augmentation"))
-    add_optimization_flags(parser.add_argument_group("Optimization"))
+    add_optimizer_flags(parser.add_argument_group("Optimization"))
+    add_schedule_flags(parser.add_argument_group("Schedule"))
+    add_runtime_flags(parser.add_argument_group("Precision and devices"))
     add_output_flags(parser.add_argument_group("Output"))
     return parser
 
@@ -84,7 +87,10 @@ def add_data_flags(data):
     data.add_argument("--data_dir", default=os.path.join("data", "train"),
                       help="training data: the competition layout (train.csv + images/) or a folder per class")
     data.add_argument("--dataset", default="datasetSplitByClasses", help=DATASETS.help())
-    data.add_argument("--val_ratio", type=cli.ratio, default=0.2, help="share of people (or images) held out")
+    data.add_argument("--val_ratio", type=cli.number(float, 0, 1, high_open=True), default=0.2,
+                      help="share of people (or images) held out; 0: no validation, train on everything (the "
+                           "final retrain): the last epoch is the result")
+    data.add_argument("--val_every", type=cli.positive_int, default=1, help="validate every N epochs (and the last)")
     cli.size_flag(data, "--resize", "--img_size", default=None,
                   help="input size, H,W or H W (one number: square); default: the model's own")
     data.add_argument("--num_workers", "--workers", "-j", type=cli.number(int, 0), default=min(4, os.cpu_count() or 1),
@@ -96,9 +102,12 @@ def add_data_flags(data):
     data.add_argument("--seed", type=cli.number(int, 0), default=42, help="seeds the split, init, shuffling, augmentation")
     data.add_argument("--kfold", type=cli.number(int, 0), default=0, metavar="K",
                       help="train K models on person-grouped, class-stratified folds (0: one split)")
+    data.add_argument("--folds", type=cli.parse_ints, default=None, metavar="I,J",
+                      help="with --kfold: train only these folds (1-based), e.g. 1,3")
     cli.bool_flag(data, "--skip_bad_images", help="check every image first; leave out (and count) unreadable ones")
     cli.bool_flag(data, "--facecrop", help="crop to the MTCNN face box (cached on disk) in training and inference")
-    data.add_argument("--face_margin", type=cli.number(float, 0, 2), default=FACE_MARGIN, help="face box grown by this share of its size")
+    data.add_argument("--face_margin", type=cli.number(float, 0, 2), default=FACE_MARGIN,
+                      help="face box grown by this share of its size")
     data.add_argument("--sampler", choices=("none", "weighted"), default="none",
                       help="weighted: draw training images with inverse class frequency")
     data.add_argument("--age_bins", type=cli.parse_ints, default=None, metavar="A,B",
@@ -115,6 +124,7 @@ def add_data_flags(data):
 
 
 def add_model_flags(model):
+    rate = cli.number(float, 0, 1, high_open=True)
     model.add_argument("--model", default="BaseModel", help=f"{MODELS.help()}, or any timm model name")
     cli.bool_flag(model, "--pretrained", help="start from timm's pretrained weights (needs network)")
     model.add_argument("--weights", default=None, metavar="PATH",
@@ -125,20 +135,44 @@ def add_model_flags(model):
                        help="multitask: loss weight per head (default 1,1,1)")
     model.add_argument("--msd", type=cli.number(int, 0), default=0, metavar="N",
                        help="multi-sample dropout: N samples (0: off)")
-    model.add_argument("--msd_p", type=cli.number(float, 0, 1, high_open=True), default=MSD_P,
-                       help="multi-sample dropout rate")
+    model.add_argument("--msd_p", type=rate, default=MSD_P, help="multi-sample dropout rate")
+    model.add_argument("--drop", type=rate, default=None, help="dropout before the classifier (timm's drop_rate); "
+                                                               "default: the model's own")
+    model.add_argument("--drop_path", type=rate, default=None, help="stochastic depth (timm's drop_path_rate); "
+                                                                    "default: the model's own")
+    cli.bool_flag(model, "--grad_checkpointing", help="recompute activations in backward: less memory, slower")
+    cli.bool_flag(model, "--sync_bn", help="under torchrun on CUDA: batch norm statistics over every process")
     model.add_argument("--ema", type=cli.number(float, 0, 1, high_open=True), default=0.0, metavar="DECAY",
                        help="keep an exponential moving average of the weights (e.g. 0.999); saved as best "
-                            "when it scores higher (0: off)")
+                            "when it scores at least as high (0: off)")
     MODELS.add_arguments(model)
 
 
 def add_loss_flags(loss):
+    share, positive = cli.number(float, 0, 1), cli.number(float, 0)
     loss.add_argument("--criterion", default="cross_entropy", help=CRITERIONS.help())
-    loss.add_argument("--augmentation", default="AlbuAugmentation", help=AUGMENTATIONS.help())
-    cli.bool_flag(loss, "--cutmix", help="CutMix on training batches")
+    loss.add_argument("--smoothing", type=cli.number(float, 0, 1, high_open=True), default=DEFAULT_SMOOTHING,
+                      help="label smoothing on top of any criterion (also under mixing)")
+    loss.add_argument("--augmentation", default=None, help=f"{AUGMENTATIONS.help()}; default: AlbuAugmentation "
+                                                           f"for the competition layout, TimmAugmentation otherwise")
+    loss.add_argument("--aa", default=None, metavar="POLICY", help="timm's auto-augment: rand-m9-mstd0.5 (RandAugment), "
+                                                                   "augmix-m5-w4-d2, original, trivial")
+    loss.add_argument("--reprob", type=share, default=0.0, help="random erasing probability")
+    loss.add_argument("--hflip", type=share, default=None, help="horizontal flip probability; default: the pipeline's own")
+    loss.add_argument("--vflip", type=share, default=None, help="vertical flip probability; default: the pipeline's own")
+    loss.add_argument("--scale", type=cli.parse_floats, default=None, metavar="MIN,MAX",
+                      help="random resized crop: area range; default: the pipeline's own (timm's 0.08,1)")
+    loss.add_argument("--ratio", type=cli.parse_floats, default=None, metavar="MIN,MAX",
+                      help="random resized crop: aspect range; default: the pipeline's own (timm's 0.75,1.33)")
+    loss.add_argument("--color_jitter", type=positive, default=None,
+                      help="brightness/contrast(/saturation) jitter; default: the pipeline's own")
+    cli.bool_flag(loss, "--cutmix", help="CutMix on training batches (lambda ~ Beta(beta, beta))")
     cli.bool_flag(loss, "--mixup", help="MixUp on training batches (with --cutmix: one of the two per batch)")
-    loss.add_argument("--cutmix_prob", type=cli.number(float, 0, 1), default=0.5, help="share of batches mixed")
+    loss.add_argument("--cutmix_alpha", type=positive, default=None, help="CutMix's Beta alpha (> 0 turns it on)")
+    loss.add_argument("--mixup_alpha", type=positive, default=None, help="MixUp's Beta alpha (> 0 turns it on)")
+    loss.add_argument("--cutmix_prob", "--mixup_prob", type=share, default=0.5, help="share of batches mixed")
+    loss.add_argument("--mix_switch_prob", type=share, default=0.5, help="both on: chance a mixed batch uses CutMix")
+    loss.add_argument("--mix_off_epoch", type=cli.number(int, 0), default=0, help="stop mixing from this epoch (0: never)")
     loss.add_argument("--beta", type=cli.number(float, 0, low_open=True), default=1.0, help="lambda ~ Beta(beta, beta)")
     loss.add_argument("--cutmix_mode", choices=CUTMIX_MODES, default="box",
                       help="box, or vertical: a full-height strip (faces are centred)")
@@ -148,21 +182,52 @@ def add_loss_flags(loss):
     AUGMENTATIONS.add_arguments(loss)
 
 
-def add_optimization_flags(optim):
+def add_optimizer_flags(optim):
     optim.add_argument("--epochs", type=cli.positive_int, default=10, help="epochs to train")
     optim.add_argument("--batch_size", "-b", type=cli.positive_int, default=64,
                        help="training images per step (per process under torchrun)")
     optim.add_argument("--valid_batch_size", type=cli.positive_int, default=128, help="validation images per batch")
-    optim.add_argument("--optimizer", "--opt", default="Adam", help=OPTIMIZERS.help() + " (any case)")
-    optim.add_argument("--lr", type=cli.number(float, 0, low_open=True), default=1e-3, help="learning rate")
-    optim.add_argument("--weight_decay", type=cli.number(float, 0), default=0.0, help="L2 weight decay")
-    optim.add_argument("--scheduler", "--sched", choices=SCHEDULERS, default="step",
-                       help="learning-rate schedule, per epoch")
-    optim.add_argument("--lr_decay_step", type=cli.positive_int, default=20, help="step: epochs between decays")
-    optim.add_argument("--gamma", type=cli.number(float, 0, low_open=True), default=0.5,
-                       help="step: lr multiplier at each decay")
-    optim.add_argument("--patience", type=cli.number(int, 0), default=5,
-                       help="stop after this many epochs without a better val F1 (0: never)")
+    optim.add_argument("--grad_accum_steps", type=cli.positive_int, default=1, help="batches per optimizer update")
+    optim.add_argument("--optimizer", "--opt", default=DEFAULT_OPTIMIZER, help="timm's: " + OPTIMIZERS.help())
+    optim.add_argument("--lr", type=cli.number(float, 0, low_open=True), default=DEFAULT_LR, help="learning rate")
+    optim.add_argument("--weight_decay", type=cli.number(float, 0), default=DEFAULT_WEIGHT_DECAY,
+                       help="weight decay (not on norm and bias parameters)")
+    optim.add_argument("--momentum", type=cli.number(float, 0, 1), default=0.9, help="SGD-family momentum")
+    optim.add_argument("--opt_betas", type=cli.parse_floats, default=None, metavar="B1,B2", help="Adam-family betas")
+    optim.add_argument("--opt_eps", type=cli.number(float, 0, low_open=True), default=None, help="optimizer epsilon")
+    optim.add_argument("--opt_kwargs", type=cli.parse_kwargs, default=None, metavar="K=V,...",
+                       help="more optimizer arguments, e.g. nesterov=False")
+    optim.add_argument("--layer_decay", type=cli.number(float, 0, 1, low_open=True), default=None,
+                       help="layer-wise lr decay: each layer's lr is this times the next one's (timm)")
+    optim.add_argument("--clip_grad", type=cli.number(float, 0, low_open=True), default=None,
+                       help="clip gradients to this (off unless given)")
+    optim.add_argument("--clip_mode", choices=("norm", "value", "agc"), default="norm", help="how --clip_grad clips")
+    optim.add_argument("--freeze_epochs", type=cli.number(int, 0), default=0,
+                       help="train only the head for the first N epochs")
+
+
+def add_schedule_flags(sched):
+    sched.add_argument("--scheduler", "--sched", choices=SCHEDULERS, default=DEFAULT_SCHEDULER,
+                       help="timm's learning-rate schedule (none: constant after warmup)")
+    sched.add_argument("--warmup_epochs", type=cli.number(int, 0), default=DEFAULT_WARMUP_EPOCHS,
+                       help="linear warmup from --warmup_lr")
+    sched.add_argument("--warmup_lr", type=cli.number(float, 0), default=1e-5, help="learning rate warmup starts at")
+    sched.add_argument("--min_lr", type=cli.number(float, 0), default=0.0, help="floor of the decaying schedules")
+    cli.bool_flag(sched, "--sched_on_updates", help="step the schedule after every update, not every epoch")
+    sched.add_argument("--lr_decay_step", "--decay_epochs", type=cli.number(float, 0, low_open=True), default=20,
+                       help="step: epochs between decays")
+    sched.add_argument("--decay_milestones", type=cli.parse_ints, default=[30, 60], metavar="E1,E2",
+                       help="multistep: the epochs (counting from 1) that start at the lower rate")
+    sched.add_argument("--gamma", "--decay_rate", type=cli.number(float, 0, low_open=True), default=0.5,
+                       help="step, multistep, plateau: lr multiplier at each decay")
+    sched.add_argument("--patience_epochs", type=cli.number(int, 0), default=10,
+                       help="plateau: epochs without a better val F1 before a decay")
+    sched.add_argument("--patience", type=cli.number(int, 0), default=0,
+                       help="early stopping: stop after this many epochs without a better val F1 (0: never, so "
+                            "an annealing schedule always runs to its end)")
+
+
+def add_runtime_flags(optim):
     optim.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="auto: bf16 autocast where the CPU/GPU has native bf16, fp16 on older GPUs, else fp32")
     cli.bool_flag(optim, "--channels_last", default=None,
@@ -177,6 +242,10 @@ def add_optimization_flags(optim):
 def add_output_flags(out):
     out.add_argument("--model_dir", default="runs", help="parent folder of run folders")
     out.add_argument("--name", default="exp", help="run folder name; exp2, exp3, ... when taken")
+    out.add_argument("--checkpoint_hist", type=cli.number(int, 0), default=0, metavar="K",
+                     help="keep the K best epochs' weights (top-<epoch>.pth)")
+    out.add_argument("--average_top", type=cli.number(int, 0), default=0, metavar="K",
+                     help="average the K best epochs' weights into averaged.pth (inference --checkpoint averaged.pth)")
     out.add_argument("--wandb", default=None, metavar="PROJECT",
                      help="also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works)")
 
@@ -197,6 +266,10 @@ def warn_ignored_options(args, given):
             if option in given and option not in taken:
                 print(f"warning: --{option} is ignored: {flag} {name} does not take it "
                       f"(it is for {', '.join(users)})", file=sys.stderr)
+    if args.augmentation in AUGMENTATIONS:
+        for knob in sorted(set(KNOBS) & given - set(knobs_taken(args.augmentation))):
+            print(f"warning: --{knob} is ignored: --augmentation {args.augmentation} does not take it",
+                  file=sys.stderr)
 
 
 # ---------------------------------------------------------------- set-up helpers
@@ -206,123 +279,17 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def build_optimizer(name, params, lr, weight_decay):
-    cls = OPTIMIZERS.get(name)
-    kwargs = {"lr": lr}
-    if "weight_decay" in inspect.signature(cls).parameters:
-        kwargs["weight_decay"] = weight_decay
-    elif weight_decay:
-        raise cli.UserError(f"optimizer {name} takes no weight decay; drop --weight_decay")
-    return cls(params, **kwargs)
+def optimizer_for(args, model):
+    """--optimizer with its arguments, over `model` (timm's param groups)."""
+    return build_optimizer(args.optimizer, model, args.lr, args.weight_decay, args.momentum, args.opt_betas,
+                           args.opt_eps, args.layer_decay, args.opt_kwargs)
 
 
-def build_scheduler(kind, optimizer, epochs, step, gamma):
-    if kind == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=gamma)
-    if kind == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-
-
-# ---------------------------------------------------------------- the step and the loop
-@dataclasses.dataclass
-class Step:
-    """What one optimisation step needs besides the model and the batch."""
-    criterion: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    precision: object  # model.Precision: autocast dtype and memory format
-    mixer: BatchMixer = dataclasses.field(default_factory=BatchMixer)
-    ema: object = None  # timm.utils.ModelEmaV3, updated after every step
-
-
-def train_step(model, images, labels, step):
-    """One optimisation step on one batch: mix, forward and loss under autocast, backward, update
-    (and the EMA). Returns the loss and logits (detached) and the mixing lambda (1.0: unmixed)."""
-    images, y_a, y_b, lam = step.mixer(images, labels)
-    with step.precision.autocast():
-        logits = model(images)
-        loss = mixed_loss(step.criterion, logits, y_a, y_b, lam)
-    step.optimizer.zero_grad(set_to_none=True)
-    step.scaler.scale(loss).backward()
-    step.scaler.step(step.optimizer)
-    step.scaler.update()
-    if step.ema is not None:
-        step.ema.update(unwrap(model))
-    return loss.detach(), logits.detach(), lam
-
-
-def train_one_epoch(model, loader, step, device, desc, context=distributed.Context()):
-    """One pass over the training side; returns mean loss and accuracy on unmixed batches
-    (over every rank under torchrun)."""
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = unmixed = 0
-    bar = cli.progress(loader, desc=desc, unit="batch", disable=not context.is_main)
-    for i, (images, labels) in enumerate(bar):
-        images = step.precision.batch(images.to(device, non_blocking=True))
-        labels = labels.to(device, non_blocking=True)
-        loss, logits, lam = train_step(model, images, labels, step)
-        loss_sum += loss * len(labels)
-        seen += len(labels)
-        if lam == 1.0:  # accuracy of a mixed batch means nothing: count unmixed batches only
-            correct += (logits.argmax(1) == labels).sum()
-            unmixed += len(labels)
-        if i % 10 == 0:  # a sync every 10 steps, not every step
-            running = loss_sum.item() / seen
-            if not math.isfinite(running):
-                raise cli.UserError(NOT_FINITE)
-            bar.set_postfix(loss=f"{running:.4f}", acc=f"{correct.item() / max(unmixed, 1):.3f}")
-    loss_total, seen, correct_total, unmixed = distributed.sum_all(context, loss_sum.item(), seen, correct.item(),
-                                                                   unmixed)
-    if not math.isfinite(loss_total):
-        raise cli.UserError(NOT_FINITE)
-    return loss_total / max(seen, 1), correct_total / unmixed if unmixed else float("nan")
-
-
-@torch.no_grad()
-def evaluate(model, loader, criterion, device, precision, num_classes, views=(), per_task=False,
-             context=distributed.Context()):
-    """Loss, accuracy and macro F1 over the WHOLE validation set: predictions are concatenated
-    first (and gathered from every rank under torchrun, the sampler's padding dropped).
-
-    With TTA `views`, predictions come from the softmax averaged over the views; the loss stays
-    that of the plain images. `per_task` adds the macro F1 of mask, gender and age.
-    """
-    model.eval()
-    logits_all, logp_all, labels_all = [], [], []
-    for images, labels in loader:
-        images = precision.batch(images.to(device, non_blocking=True))
-        with precision.autocast():
-            logits, logp = tta_logits(model, images, views)
-        logits_all.append(logits.float().cpu())
-        logp_all.append(logp.cpu())
-        labels_all.append(labels)
-    logits, logp, labels = torch.cat(logits_all), torch.cat(logp_all), torch.cat(labels_all)
-    if context.enabled:  # each rank saw a padded shard: merge by dataset index
-        shards = distributed.gather(context, (list(loader.sampler), logits, logp, labels))
-        merged = {}
-        for order, *rows in shards:
-            for position, index in enumerate(order):
-                merged.setdefault(index, [r[position] for r in rows])
-        logits, logp, labels = (torch.stack(column) for column in zip(*(merged[i] for i in sorted(merged))))
-    preds = logp.argmax(1)
-    result = {
-        "val_loss": criterion(logits.to(device), labels.to(device)).item(),
-        "val_acc": (preds == labels).float().mean().item(),
-        "val_f1": f1_score(labels.numpy(), preds.numpy(), average="macro",
-                           labels=list(range(num_classes)), zero_division=0),
-        "probs": logp.exp().numpy(), "preds": preds, "labels": labels,
-    }
-    if per_task:
-        result.update({f"val_f1_{task}": f1 for task, f1 in task_f1(labels.tolist(), preds.tolist()).items()})
-    return result
-
-
-def is_better(val, best):
-    """Higher macro F1 wins; a tie (common once a small val set saturates) goes to the lower val loss."""
-    return val["val_f1"] > best["val_f1"] or (val["val_f1"] == best["val_f1"] and val["val_loss"] < best["val_loss"])
+def scheduler_for(args, optimizer, per_epoch):
+    """--scheduler with its arguments (timm's create_scheduler_v2)."""
+    return build_scheduler(optimizer, args.scheduler, args.epochs, per_epoch, args.sched_on_updates,
+                           args.warmup_epochs, args.warmup_lr, args.min_lr, args.lr_decay_step, args.decay_milestones,
+                           args.gamma, args.patience_epochs)
 
 
 # ---------------------------------------------------------------- data
@@ -441,22 +408,32 @@ def attach_cache(data, kind, size, run_dir):
     print(f"cache: {len(paths)} decoded images at {data.cache.shape[1]}x{data.cache.shape[2]} in {kind}")
 
 
-def write_oof(run_dir, source, folds, results):
-    """oof.csv (one row per training image: its fold's held-out prediction) and kfold.json."""
-    rows = []
-    for fold, ((_, val_idx), result) in enumerate(zip(folds, results), start=1):
-        for i, probs in zip(val_idx, result["probs"]):
-            sample = source.samples[i]
-            rows.append([sample.path, sample.person, fold, sample.label, int(probs.argmax()), *probs.round(6)])
-    rows.sort(key=lambda r: r[0])
-    with replacing(os.path.join(run_dir, "oof.csv")) as tmp, open(tmp, "w", newline="") as f:
+def write_val_predictions(path, rows, labels, probs, classes):
+    """val_predictions.csv of the best epoch: path, person, label, pred and one probability per class
+    (what the mistakes grid, bias tuning, the label audit and oof.csv read)."""
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "person", "fold", "label", "pred", *source.classes])
-        writer.writerows(rows)
-    labels, preds = [r[3] for r in rows], [r[4] for r in rows]
-    summary = {"oof_f1": f1_score(labels, preds, average="macro", labels=list(range(source.num_classes)),
-                                  zero_division=0),
-               "fold_f1": [r["val_f1"] for r in results]}
+        writer.writerow(["path", "person", "label", "pred", *classes])
+        for (image, person), label, p in zip(rows, labels, probs):
+            writer.writerow([image, person, int(label), int(p.argmax()), *p.round(6)])
+
+
+def write_oof(run_dir, source, fold_dirs):
+    """oof.csv (one row per held-out image of the folds trained: its fold's prediction, from the
+    fold's val_predictions.csv) and kfold.json."""
+    frames = []
+    for fold_dir in fold_dirs:
+        frame = pd.read_csv(os.path.join(run_dir, fold_dir, "val_predictions.csv"), keep_default_na=False)
+        frames.append(frame.assign(fold=int(fold_dir[len("fold"):])))
+    oof = pd.concat(frames).sort_values("path")
+    oof = oof[["path", "person", "fold", "label", "pred", *source.classes]]
+    with replacing(os.path.join(run_dir, "oof.csv")) as tmp:
+        oof.to_csv(tmp, index=False)
+
+    def macro_f1(frame):
+        return f1_score(frame["label"], frame["pred"], average="macro", labels=list(range(source.num_classes)),
+                        zero_division=0)
+    summary = {"oof_f1": macro_f1(oof), "fold_f1": [macro_f1(f) for f in frames], "fold_dirs": list(fold_dirs)}
     write_json(os.path.join(run_dir, "kfold.json"), summary)
     return summary
 
@@ -464,13 +441,15 @@ def write_oof(run_dir, source, folds, results):
 # ---------------------------------------------------------------- one fold: from the flags to its parts
 @dataclasses.dataclass
 class Side:
-    """One side of a split: its images, labels, face crop regions (or None), transform and loader."""
+    """One side of a split: its images, labels, face crop regions (or None), transform and loader
+    (None: no validation side, --val_ratio 0)."""
     paths: list
     labels: list
     regions: list
     transform: object
     dataset: ImageDataset
     loader: torch.utils.data.DataLoader
+    rows: list = None  # (path as in split.csv, person) per image: val_predictions.csv
 
 
 @dataclasses.dataclass
@@ -481,7 +460,6 @@ class Fold:
     model: torch.nn.Module        # what validation runs (the DDP wrapper under torchrun)
     train_model: torch.nn.Module  # what the training step runs (compiled with --compile)
     step: Step
-    scheduler: object
     sampler: EpochSampler
     train: Side
     val: Side
@@ -492,10 +470,14 @@ class Fold:
     def tasks(self):
         return self.config["tasks"]
 
+    @property
+    def validates(self):
+        return bool(self.val.paths)
+
     def checkpoint_parts(self):
         """What last.pth holds besides the progress (its keys are the format of last.pth)."""
         step = self.step
-        return {"model": self.net, "optimizer": step.optimizer, "scheduler": self.scheduler, "scaler": step.scaler,
+        return {"model": self.net, "optimizer": step.optimizer, "scheduler": step.scheduler, "scaler": step.scaler,
                 "ema": step.ema.module if step.ema is not None else None, "mixer_rng": step.mixer}
 
 
@@ -526,23 +508,31 @@ def build_sides(args, data, train_idx, val_idx, resize, device, context):
     # --sampler weighted: each image drawn with weight 1/count of its class, so classes come up about equally
     draw_weights = [1.0 / counts[label] for label in train_labels] if args.sampler == "weighted" else None
     sampler = EpochSampler(len(train_set), args.seed, draw_weights, context.rank, context.world_size)
-    val_sampler = torch.utils.data.DistributedSampler(val_set, shuffle=False) if context.enabled else None
+    val_sampler = torch.utils.data.DistributedSampler(val_set, shuffle=False) if context.enabled and val_paths else None
     # drop_last keeps BatchNorm and pairwise mixing away from a 1-image last batch
     train_loader = make_loader(train_set, args.batch_size, args.num_workers, device,
                                drop_last=len(sampler) > args.batch_size, sampler=sampler)
-    val_loader = make_loader(val_set, args.valid_batch_size, args.num_workers, device, sampler=val_sampler)
+    val_loader = make_loader(val_set, args.valid_batch_size, args.num_workers, device, sampler=val_sampler) \
+        if val_paths else None
     regions = {"train": [data.regions[p] for p in train_paths], "val": [data.regions[p] for p in val_paths]} \
         if data.regions else {"train": None, "val": None}
     train = Side(train_paths, train_labels, regions["train"], train_tf, train_set, train_loader)
-    return train, Side(val_paths, val_labels, regions["val"], val_tf, val_set, val_loader), sampler
+    val_rows = [(source.samples[i].path, source.samples[i].person) for i in val_idx]
+    return train, Side(val_paths, val_labels, regions["val"], val_tf, val_set, val_loader, val_rows), sampler
 
 
-def build_networks(args, config, device, precision, context):
+def build_networks(args, config, device, precision, context, resume=False):
     """(net, model, train_model, ema): the model built from the run's config (model.build_from_config,
     as inference rebuilds it), its DDP wrapper under torchrun, the compiled training model and the EMA."""
-    net = build_from_config(config, pretrained=args.pretrained and not args.resume)
-    if args.weights and not args.resume:
+    net = build_from_config(config, pretrained=args.pretrained and not resume)
+    if args.weights and not resume:
         load_weights(net, args.weights, args.model, allow_new_head=True)
+    if args.grad_checkpointing:
+        if not hasattr(net, "set_grad_checkpointing"):
+            raise cli.UserError(f"--grad_checkpointing: model {args.model} does not support it (timm models do)")
+        net.set_grad_checkpointing(True)
+    if args.sync_bn and context.enabled:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net = precision.model(net.to(device))
     model = net
     if context.enabled:
@@ -556,8 +546,8 @@ def build_networks(args, config, device, precision, context):
 
 
 def build_criterion_for(args, num_classes, tasks, counts, device):
-    """--criterion with its own options; one per task with --head multitask."""
-    options = CRITERIONS.values_for(args.criterion, vars(args))
+    """--criterion with its own options and --smoothing; one per task with --head multitask."""
+    options = {**CRITERIONS.values_for(args.criterion, vars(args)), "smoothing": args.smoothing}
     if args.head == "multitask":
         criterion = MultiTaskLoss(args.criterion, num_classes, tasks, args.task_weights, counts, **options)
     else:
@@ -565,33 +555,45 @@ def build_criterion_for(args, num_classes, tasks, counts, device):
     return criterion.to(device)
 
 
-def build_fold(args, data, train_idx, val_idx, device, precision, resize, context=distributed.Context()):
+def build_step(args, model, net, criterion, ema, precision, batches, context):
+    """The optimisation step's parts: mixing, optimizer (head and backbone split for
+    --freeze_epochs), schedule, accumulation and clipping."""
+    mixer = BatchMixer(args.cutmix, args.mixup, prob=args.cutmix_prob, beta=args.beta, mode=args.cutmix_mode,
+                       seed=args.seed + context.rank, cutmix_alpha=args.cutmix_alpha, mixup_alpha=args.mixup_alpha,
+                       switch_prob=args.mix_switch_prob)
+    optimizer = optimizer_for(args, net)
+    freezer = Freezer(net, optimizer, args.freeze_epochs) if args.freeze_epochs else None
+    per_epoch = updates_per_epoch(batches, args.grad_accum_steps)
+    scheduler = scheduler_for(args, optimizer, per_epoch)
+    return Step(criterion, optimizer, precision.scaler(), precision, mixer, ema, accum=args.grad_accum_steps,
+                clip=args.clip_grad, clip_mode=args.clip_mode, scheduler=scheduler, on_updates=args.sched_on_updates,
+                freezer=freezer)
+
+
+def build_fold(args, data, train_idx, val_idx, device, precision, resize, context=distributed.Context(),
+               resume=False):
     """The one place the flags become one fold's parts: model, sides, criterion, mixing,
     optimizer, schedule."""
     seed_everything(args.seed)
     config = fold_config(args, data, len(train_idx) + len(data.extra), len(val_idx), resize, precision, context)
-    net, model, train_model, ema = build_networks(args, config, device, precision, context)
+    net, model, train_model, ema = build_networks(args, config, device, precision, context, resume)
     train, val, sampler = build_sides(args, data, train_idx, val_idx, resize, device, context)
     counts = class_counts(train.labels, config["num_classes"])
     criterion = build_criterion_for(args, config["num_classes"], config["tasks"], counts, device)
-    mixer = BatchMixer(args.cutmix, args.mixup, prob=args.cutmix_prob, beta=args.beta,
-                       mode=args.cutmix_mode, seed=args.seed + context.rank)
-    optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
-    scheduler = build_scheduler(args.scheduler, optimizer, args.epochs, args.lr_decay_step, args.gamma)
-    step = Step(criterion, optimizer, precision.scaler(), precision, mixer, ema)
-    return Fold(config, net, model, train_model, step, scheduler, sampler, train, val, parse_tta(args.val_tta), device)
+    step = build_step(args, model, net, criterion, ema, precision, len(train.loader), context)
+    return Fold(config, net, model, train_model, step, sampler, train, val, parse_tta(args.val_tta), device)
 
 
 # ---------------------------------------------------------------- one fold: the run folder and the loop
-def start_run_folder(fold, data, train_idx, val_idx, checkpoint, state, args, run_dir):
+def start_run_folder(fold, data, train_idx, val_idx, checkpoint, state, args, run_dir, resume):
     """Rank 0, a new run: config.json, split.csv, a first last.pth (so that even an interrupted
     first epoch can be resumed) and the augmentation preview. Returns the RunLog."""
-    if not args.resume:
+    if not resume:
         write_json(os.path.join(run_dir, "config.json"), fold.config)
         write_split_csv(os.path.join(run_dir, "split.csv"), data.source, train_idx, val_idx, data.extra)
         checkpoint.save_last(state)
-    log = RunLog(run_dir, args.epochs, state["epoch"] if args.resume else None, args.wandb, fold.config)
-    if not args.resume:
+    log = RunLog(run_dir, args.epochs, state["epoch"] if resume else None, args.wandb, fold.config)
+    if not resume:
         train, mixer, source = fold.train, fold.step.mixer, data.source
         pick = spread(len(train.paths), PREVIEW_IMAGES)
         log.figure("aug_preview", plots.aug_preview_png(
@@ -602,25 +604,36 @@ def start_run_folder(fold, data, train_idx, val_idx, checkpoint, state, args, ru
     return log
 
 
-def run_epoch(fold, epoch, epochs, context):
-    """Train one epoch and validate (the EMA weights too); returns the metrics row, the winning
-    validation output and the weights that produced it."""
-    step, per_task, num_classes = fold.step, fold.tasks is not None, fold.config["num_classes"]
-    row = {"epoch": epoch, "lr": step.optimizer.param_groups[0]["lr"]}
+NO_VALIDATION = {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan}
+
+
+def validate(fold, model, context):
+    step = fold.step
+    return evaluate(model, fold.val.loader, step.criterion, fold.device, step.precision, fold.config["num_classes"],
+                    fold.views, per_task=fold.tasks is not None, context=context)
+
+
+def run_epoch(fold, epoch, epochs, validating, context):
+    """Train one epoch and (when `validating`) validate, the EMA weights too; returns the metrics
+    row, the winning validation output (None: not validated) and the weights that produced it."""
+    step = fold.step
+    if step.freezer is not None:
+        step.freezer.set_epoch(epoch)
+    step.mixer.active = not (fold.config["mix_off_epoch"] and epoch >= fold.config["mix_off_epoch"])
+    step.updates = (epoch - 1) * updates_per_epoch(len(fold.train.loader), step.accum)  # the per-update clock
+    row = {"epoch": epoch, "lr": max(group["lr"] for group in step.optimizer.param_groups)}
     fold.sampler.set_epoch(epoch)  # the order and augmentation of an epoch depend on (seed, epoch) alone
     row["train_loss"], row["train_acc"] = train_one_epoch(fold.train_model, fold.train.loader, step, fold.device,
                                                           f"epoch {epoch}/{epochs}", context)
-    fold.scheduler.step()
-    val = evaluate(fold.model, fold.val.loader, step.criterion, fold.device, step.precision, num_classes, fold.views,
-                   per_task=per_task, context=context)
-    row.update({k: v for k, v in val.items() if k.startswith("val_")})
-    weights = fold.net
-    if step.ema is not None:  # the average competes with the raw weights for best.pth
-        ema_val = evaluate(step.ema.module, fold.val.loader, step.criterion, fold.device, step.precision,
-                           num_classes, fold.views, per_task=per_task, context=context)
+    weights = step.ema.module if step.ema is not None and not fold.validates else fold.net
+    val = validate(fold, fold.model, context) if validating else None
+    row.update({k: v for k, v in (val or NO_VALIDATION).items() if k.startswith("val_")})
+    if val is not None and step.ema is not None:  # the average competes with the raw weights for best.pth
+        ema_val = validate(fold, step.ema.module, context)
         row.update(ema_val_loss=ema_val["val_loss"], ema_val_f1=ema_val["val_f1"])
         if is_better(ema_val, val):
             val, weights = ema_val, step.ema.module
+    step.scheduler.step(epoch, val["val_f1"] if val is not None else None)  # the next epoch's lr
     return row, val, weights
 
 
@@ -643,77 +656,128 @@ class BestFigures:
             self.draw(output, epoch)
 
 
-def fit(fold, state, checkpoint, log, epochs, patience, context):
-    """The epoch loop: train, validate, keep the best (best.pth), save last.pth, stop early.
-    Updates `state` (epoch, best, bad_epochs) and returns the best epoch's validation output
-    (None when no epoch improved on the resumed best)."""
+def record_best(fold, checkpoint, val, weights, state, run_dir):
+    """Rank 0, a new best epoch: best.pth, val_predictions.csv, and the top-K checkpoints."""
+    checkpoint.save_best(weights, state["best"])
+    if val is not None:
+        write_val_predictions(os.path.join(run_dir, "val_predictions.csv"), fold.val.rows, val["labels"].tolist(),
+                              val["probs"], fold.config["classes"])
+
+
+def fit(fold, state, checkpoint, log, args, run_dir, context):
+    """The epoch loop: train, validate (every --val_every epochs and the last), keep the best
+    (best.pth; without validation, the last epoch), the top K (--checkpoint_hist), save last.pth,
+    stop early (--patience). Updates `state` and returns the best epoch's validation output (None
+    when no epoch improved on the resumed best)."""
     best_output, figures = None, BestFigures(fold, log) if context.is_main else None
-    for epoch in range(state["epoch"] + 1, epochs + 1):
+    top = TopCheckpoints(run_dir, max(args.checkpoint_hist, args.average_top)) if context.is_main else None
+    for epoch in range(state["epoch"] + 1, args.epochs + 1):
         tic = time.time()
-        row, val, weights = run_epoch(fold, epoch, epochs, context)
-        is_best = is_better(val, state["best"])  # every rank holds the same gathered metrics
+        validating = fold.validates and (epoch % args.val_every == 0 or epoch == args.epochs)
+        row, val, weights = run_epoch(fold, epoch, args.epochs, validating, context)
+        is_best = not fold.validates or (val is not None and is_better(val, state["best"]))
         if is_best:
-            state["best"] = {"val_f1": val["val_f1"], "val_loss": val["val_loss"], "val_acc": val["val_acc"],
+            scores = val or NO_VALIDATION
+            state["best"] = {"val_f1": scores["val_f1"], "val_loss": scores["val_loss"], "val_acc": scores["val_acc"],
                              "epoch": epoch, "ema": weights is not fold.net}
             best_output = val
-        state["bad_epochs"] = 0 if is_best else state["bad_epochs"] + 1
+        if validating:
+            state["bad_epochs"] = 0 if is_best else state["bad_epochs"] + args.val_every
         state["epoch"] = epoch
         if context.is_main:  # metrics row first: a crash after it is redone on --resume
             log.epoch({**row, "seconds": time.time() - tic}, is_best)
             if is_best:
-                checkpoint.save_best(weights, state["best"])
+                record_best(fold, checkpoint, val, weights, state, run_dir)
+            if val is not None:
+                top.consider(epoch, val["val_f1"], weights)
             checkpoint.save_last(state)
-            if is_best:  # after last.pth: an interrupt while drawing (~2 s) loses no epoch
+            if is_best and val is not None:  # after last.pth: an interrupt while drawing (~2 s) loses no epoch
                 figures.maybe_draw(val, epoch)
-        if patience and state["bad_epochs"] >= patience:
+        if args.patience and validating and state["bad_epochs"] >= args.patience:
             print(f"early stop: no better val F1 for {state['bad_epochs']} epochs")
             break
-    if context.is_main and best_output is not None and figures.drawn_epoch != state["best"]["epoch"]:
-        figures.draw(best_output, state["best"]["epoch"])
+    state["finished"] = True
+    if context.is_main:
+        checkpoint.save_last(state)
+        if best_output is not None and figures.drawn_epoch != state["best"]["epoch"]:
+            figures.draw(best_output, state["best"]["epoch"])
     return best_output
 
 
-def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resize, context=distributed.Context()):
-    """Train one model on one split into `run_dir` (or continue it: --resume); returns the best
-    epoch's validation output."""
-    fold = build_fold(args, data, train_idx, val_idx, device, precision, resize, context)
+def fresh_state():
+    return {"epoch": 0, "best": {"val_f1": -1.0, "val_loss": math.inf, "epoch": 0}, "bad_epochs": 0,
+            "finished": False}
+
+
+def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resize, context=distributed.Context(),
+               resume=False):
+    """Train one model on one split into `run_dir` (or continue it: `resume`)."""
+    fold = build_fold(args, data, train_idx, val_idx, device, precision, resize, context, resume)
     checkpoint = Checkpoint(run_dir, fold.checkpoint_parts(), args.model)
-    state = {"epoch": 0, "best": {"val_f1": -1.0, "val_loss": math.inf, "epoch": 0}, "bad_epochs": 0}
-    if args.resume:
-        state = checkpoint.resume()
+    state = fresh_state()
+    if resume:
+        state = {**state, **checkpoint.resume()}
         print(f"resuming {run_dir} after epoch {state['epoch']} (best {state['best']['val_f1']:.4f} at epoch "
               f"{state['best']['epoch']})")
-    log = start_run_folder(fold, data, train_idx, val_idx, checkpoint, state, args, run_dir) \
+    log = start_run_folder(fold, data, train_idx, val_idx, checkpoint, state, args, run_dir, resume) \
         if context.is_main else None
     print(f"run {run_dir}: {args.model} at {resize[0]}x{resize[1]}, {len(fold.train.paths)} train / "
           f"{len(fold.val.paths)} val images, {fold.config['num_classes']} classes, {device} {precision.name}"
           f"{' channels_last' if precision.channels_last else ''}", flush=True)
+    if not fold.validates:
+        print(f"no validation (--val_ratio 0): every epoch replaces best.pth, so it holds the last epoch's "
+              f"{'EMA ' if args.ema else ''}weights; that is the result")
     started = time.time()
     try:
-        best_output = fit(fold, state, checkpoint, log, args.epochs, args.patience, context)
+        fit(fold, state, checkpoint, log, args, run_dir, context)
     except KeyboardInterrupt:
         if context.is_main:
             print(f"\ninterrupted in epoch {state['epoch'] + 1}: {checkpoint.last} holds epoch "
-                  f"{checkpoint.saved_epoch}; "
-                  f"continue with: python train.py --resume {run_dir}", flush=True)
+                  f"{checkpoint.saved_epoch}; continue with: python train.py --resume {args.resume or run_dir}",
+                  flush=True)
             log.close()
         raise SystemExit(130) from None
     if context.is_main:
-        finish_run_folder(fold, checkpoint, log)
+        finish_run_folder(fold, checkpoint, log, args, run_dir, context)
     best = state["best"]
     print(f"done in {(time.time() - started) / 60:.1f} min: best epoch {best['epoch']} "
           f"val_f1 {best['val_f1']:.4f} val_acc {best.get('val_acc', 0):.3f} -> {checkpoint.best}")
-    return {**best, "probs": best_output["probs"] if best_output is not None else None}
 
 
-def finish_run_folder(fold, checkpoint, log):
-    """The best weights back into the model, then curves.png and gradcam.png."""
+def finish_run_folder(fold, checkpoint, log, args, run_dir, context):
+    """--average_top's averaged.pth (scored on validation), the best weights back into the model,
+    then curves.png and gradcam.png."""
+    if args.average_top:
+        average_best(fold, args.average_top, run_dir, context)
     if os.path.exists(checkpoint.best):
         load_weights(fold.net, checkpoint.best, fold.config["model"])
     val = fold.val
-    final_figures(log, fold.net, val.paths, val.labels, val.transform, fold.config["classes"], fold.device,
-                  val.regions, val.dataset.prepare_to)
+    if fold.validates:
+        final_figures(log, fold.net, val.paths, val.labels, val.transform, fold.config["classes"], fold.device,
+                      val.regions, val.dataset.prepare_to)
+    else:
+        final_figures(log, None, [], [], None, fold.config["classes"], fold.device)
     log.close()
+
+
+def average_best(fold, k, run_dir, context):
+    """averaged.pth: the mean of the K best epochs' weights (TopCheckpoints), scored on validation."""
+    top = TopCheckpoints(run_dir, k)
+    averaged = top.average(k)
+    if averaged is None:
+        print("average_top: no validated epoch to average")
+        return
+    state, epochs = averaged
+    model = copy.deepcopy(fold.net)
+    model.load_state_dict(state)
+    scores = {}
+    if fold.validates:
+        result = validate(fold, model, distributed.Context())
+        scores = {k: result[k] for k in ("val_f1", "val_loss", "val_acc")}
+    save_checkpoint({"model": model.state_dict(), "epochs": epochs, **scores}, os.path.join(run_dir, "averaged.pth"))
+    f1 = f" val_f1 {scores['val_f1']:.4f}" if scores else ""
+    print(f"averaged.pth: the mean of epochs {', '.join(map(str, epochs))}{f1} "
+          f"(python inference.py --checkpoint averaged.pth)")
 
 
 # ---------------------------------------------------------------- main
@@ -728,34 +792,43 @@ def main(args):
 def check_flags(args):
     """Fail on a typo or an impossible value before any work, and before the run folder exists;
     names are taken in any case and recorded in their registered spelling."""
-    for registry, dest in ((DATASETS, "dataset"), (AUGMENTATIONS, "augmentation"), (CRITERIONS, "criterion"),
-                           (OPTIMIZERS, "optimizer")):
+    for registry, dest in ((DATASETS, "dataset"), (CRITERIONS, "criterion"), (OPTIMIZERS, "optimizer")):
         setattr(args, dest, registry.canonical(getattr(args, dest)))
+    if args.augmentation is not None:
+        args.augmentation = AUGMENTATIONS.canonical(args.augmentation)
     args.model = check_model_name(args.model)
     parse_tta(args.val_tta)
+    if args.aa:
+        auto_augment_policy(args.aa, (224, 224), (0.5, 0.5, 0.5))
+    for flag, value in (("--scale", args.scale), ("--ratio", args.ratio), ("--opt_betas", args.opt_betas)):
+        if value is not None and len(value) != 2:
+            raise cli.UserError(f"{flag} takes two numbers, MIN,MAX, got {','.join(map(str, value))}")
     if args.kfold == 1:
         raise cli.UserError(f"--kfold needs K >= 2 (or 0 for one split), got {args.kfold}")
+    if args.folds and (not args.kfold or not all(1 <= f <= args.kfold for f in args.folds)):
+        raise cli.UserError(f"--folds {','.join(map(str, args.folds))}: fold numbers 1..K of --kfold K")
     if args.amp is False and args.precision not in ("auto", "fp32"):
         raise cli.UserError(f"--amp False asks for fp32, --precision {args.precision} for {args.precision}: "
                             f"give one of the two")
     if args.amp is True and args.precision == "fp32":
         raise cli.UserError("--amp True asks for mixed precision, --precision fp32 for none: give one of the two")
+    if args.val_ratio == 0 and args.scheduler == "plateau":
+        raise cli.UserError("--scheduler plateau follows val F1: it needs validation (--val_ratio > 0)")
     if args.wandb:
         require_wandb()
-    build_optimizer(args.optimizer, [torch.nn.Parameter(torch.zeros(2, 2))], args.lr, args.weight_decay)
+    probe = torch.nn.Linear(2, 2)
+    scheduler_for(args, optimizer_for(args, probe), 1)  # the optimizer's and schedule's arguments
     if args.resume:
         check_resume(args)
 
 
 def check_resume(args):
-    """--resume RUN: a single run with a last.pth; a new --epochs only where the schedule does not
-    depend on the length (a cosine schedule built for 25 epochs cannot become an 8-epoch one)."""
-    if args.kfold:
-        raise cli.UserError("--resume continues a single run; for k-fold, resume each fold folder's run "
-                            "is not supported: start the k-fold run again")
-    if not os.path.isfile(os.path.join(args.resume, "last.pth")):
-        raise cli.UserError(f"--resume {args.resume}: no last.pth to continue from")
+    """--resume RUN: a run with a last.pth, or a k-fold parent; a new --epochs only where the
+    schedule does not depend on the length (a cosine schedule built for 25 epochs cannot become
+    an 8-epoch one)."""
     saved = read_options_of(args.resume)
+    if not saved.get("kfold") and not os.path.isfile(os.path.join(args.resume, "last.pth")):
+        raise cli.UserError(f"--resume {args.resume}: no last.pth to continue from")
     if saved.get("epochs") not in (None, args.epochs) and args.scheduler in LENGTH_SCHEDULES:
         raise cli.UserError(f"--resume {args.resume} --epochs {args.epochs}: its {args.scheduler} schedule spans "
                             f"{saved['epochs']} epochs and cannot be stretched; resume without --epochs, or "
@@ -768,11 +841,15 @@ def read_options_of(run_dir):
 
 
 def record_new_length(run_dir, epochs):
-    """--resume with another --epochs (a schedule that allows it): config.json says so."""
-    config = read_options_of(run_dir)
-    if config.get("epochs") != epochs:
-        print(f"note: {run_dir} now runs to epoch {epochs} (was {config.get('epochs')}); config.json updated")
-        write_json(os.path.join(run_dir, "config.json"), {**config, "epochs": epochs})
+    """--resume with another --epochs (a schedule that allows it): every config.json of the run
+    (a k-fold run's folds too) says so."""
+    for folder, _, files in os.walk(run_dir):
+        if "config.json" not in files:
+            continue
+        config = read_options_of(folder)
+        if config.get("epochs") != epochs:
+            print(f"note: {folder} now runs to epoch {epochs} (was {config.get('epochs')}); config.json updated")
+            write_json(os.path.join(folder, "config.json"), {**config, "epochs": epochs})
 
 
 def open_run_dir(args, context):
@@ -804,6 +881,9 @@ def run_training(args, context, device):
     seed_everything(args.seed)
     resize = tuple(args.resize or input_size_of(args.model))
     data = load_training_data(args, context)
+    args.augmentation = args.augmentation or data.source.default_augmentation
+    if args.sync_bn and context.enabled and device.type != "cuda":
+        raise cli.UserError("--sync_bn needs CUDA (NCCL); on the CPU, batch norms stay per process")
     folds = data.source.folds(args.kfold) if args.kfold else [data.source.split()]
     run_dir, lock = open_run_dir(args, context)
     try:
@@ -812,7 +892,7 @@ def run_training(args, context, device):
             attach_cache(data, args.cache, data.prepared, run_dir)
         try:
             if not args.kfold:
-                train_fold(args, data, *folds[0], run_dir, device, precision, resize, context)
+                train_fold(args, data, *folds[0], run_dir, device, precision, resize, context, bool(args.resume))
             else:
                 train_kfold(args, data, folds, run_dir, device, precision, resize, context)
         finally:
@@ -828,22 +908,36 @@ def run_training(args, context, device):
     return run_dir
 
 
+def fold_status(fold_path):
+    """'new', 'unfinished' or 'done': where a fold of a k-fold run stands (--resume of the parent)."""
+    last = os.path.join(fold_path, "last.pth")
+    if not os.path.isfile(last):
+        return "new"
+    return "done" if read_checkpoint(last).get("finished") else "unfinished"
+
+
 def train_kfold(args, data, folds, run_dir, device, precision, resize, context):
-    """--kfold K: one run folder per fold (fold1..foldK) under `run_dir`, then oof.csv and kfold.json."""
-    fold_dirs = [f"fold{i}" for i in range(1, len(folds) + 1)]
+    """--kfold K: one run folder per fold (fold1..foldK, or the --folds chosen) under `run_dir`, then
+    oof.csv and kfold.json. --resume of the parent skips finished folds and continues the rest."""
+    chosen = args.folds or list(range(1, len(folds) + 1))
+    fold_dirs = [f"fold{i}" for i in chosen]
     if context.is_main:
-        write_json(os.path.join(run_dir, "config.json"), {**vars(args), "folds": fold_dirs,
+        write_json(os.path.join(run_dir, "config.json"), {**vars(args), "resume": None, "fold_dirs": fold_dirs,
                                                           "classes": data.source.classes})
-    results = []
-    for fold_dir, (train_idx, val_idx) in zip(fold_dirs, folds):
-        if context.is_main:
-            os.mkdir(os.path.join(run_dir, fold_dir))
+    for number, fold_dir in zip(chosen, fold_dirs):
+        path = os.path.join(run_dir, fold_dir)
+        status = distributed.broadcast(context, fold_status(path) if context.is_main else None)
+        if status == "done":
+            print(f"--- {fold_dir} of {len(folds)}: finished earlier")
+            continue
+        if context.is_main and status == "new":
+            os.makedirs(path, exist_ok=True)
         distributed.barrier(context)
-        print(f"--- {fold_dir} of {len(folds)}")
-        results.append(train_fold(args, data, train_idx, val_idx, os.path.join(run_dir, fold_dir), device,
-                                  precision, resize, context))
+        print(f"--- {fold_dir} of {len(folds)}{' (resumed)' if status == 'unfinished' else ''}")
+        train_fold(args, data, *folds[number - 1], path, device, precision, resize, context,
+                   resume=status == "unfinished")
     if context.is_main:
-        summary = write_oof(run_dir, data.source, folds, results)
+        summary = write_oof(run_dir, data.source, fold_dirs)
         print(f"k-fold: out-of-fold macro F1 {summary['oof_f1']:.4f}, per fold "
               f"{', '.join(f'{f:.4f}' for f in summary['fold_f1'])} -> {run_dir}")
 

@@ -173,7 +173,7 @@ def test_image_folder_training_and_weights(work, base_run, tmp_path):
     ("--dataset", "nosuchset", "datasetSplitByClasses"),
     ("--criterion", "nosuchloss", "new_focal"),
     ("--augmentation", "nosuchaug", "AlbuAugmentation"),
-    ("--optimizer", "nosuchopt", "AdamW"),
+    ("--optimizer", "nosuchopt", "adamw"),
 ])
 def test_unknown_registry_name_is_one_line(work, flag, value, valid, tmp_path):
     result = run_cli("train.py", flag, value, "--model_dir", tmp_path / "runs", cwd=work, check=False)
@@ -198,18 +198,19 @@ def test_bad_flag_values_are_one_line(work, args, needle, tmp_path):
 
 
 def test_best_epoch_rule():
-    from train import is_better
+    from engine import is_better
     best = {"val_f1": 0.8, "val_loss": 0.5}
     assert is_better({"val_f1": 0.81, "val_loss": 9.0}, best)
-    assert is_better({"val_f1": 0.8, "val_loss": 0.4}, best)  # tie in F1: lower loss wins
-    assert not is_better({"val_f1": 0.8, "val_loss": 0.5}, best)
+    assert is_better({"val_f1": 0.8, "val_loss": 0.9}, best)  # tie in F1: the later epoch wins, whatever its loss
+    assert is_better({"val_f1": 0.8, "val_loss": 0.4}, best)
     assert not is_better({"val_f1": 0.79, "val_loss": 0.0}, best)  # accuracy or loss never beat F1
 
 
 def test_early_stopping_counts_epochs_without_a_better_f1(work, monkeypatch, tmp_path):
-    """--patience 2 stops after the second epoch in a row without a better val F1 (not the third)."""
+    """--patience 2 stops after the second epoch in a row without a better val F1 (not the third); a
+    tie is not worse (the later epoch becomes best)."""
     import train
-    scores = iter([(0.5, 1.0), (0.6, 0.9), (0.6, 0.95), (0.55, 0.8), (0.9, 0.1), (0.95, 0.1)])
+    scores = iter([(0.5, 1.0), (0.6, 0.9), (0.6, 0.95), (0.55, 0.8), (0.58, 0.1), (0.95, 0.1)])
 
     def fake_evaluate(model, loader, *args, **kwargs):
         f1, loss = next(scores)
@@ -222,9 +223,9 @@ def test_early_stopping_counts_epochs_without_a_better_f1(work, monkeypatch, tmp
                                                "--model_dir", str(tmp_path), "--name", "patience"])
     run_dir = train.main(args)
     metrics = _metrics(run_dir)
-    assert metrics["epoch"].tolist() == [1, 2, 3, 4]  # epoch 2 best, 3 (tie, higher loss) and 4 worse
-    assert metrics["val_f1"].tolist() == [0.5, 0.6, 0.6, 0.55]
-    assert torch.load(os.path.join(run_dir, "best.pth"), weights_only=True)["epoch"] == 2
+    assert metrics["epoch"].tolist() == [1, 2, 3, 4, 5]  # epoch 3 ties epoch 2 and is best; 4 and 5 worse
+    assert metrics["val_f1"].tolist() == [0.5, 0.6, 0.6, 0.55, 0.58]
+    assert torch.load(os.path.join(run_dir, "best.pth"), weights_only=True)["epoch"] == 3
     config = json.loads(open(os.path.join(run_dir, "config.json")).read())
     assert config["cutmix"] is False and config["mixup"] is False
 

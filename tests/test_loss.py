@@ -129,11 +129,12 @@ def test_new_focal_is_continuous_at_the_threshold():
     assert criterion(probs.log(), target).item() == pytest.approx(math.log(2), rel=1e-6)
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
-def test_label_smoothing_matches_torch(smoothing):
+@pytest.mark.parametrize("smoothing,applied", [(0.0, 0.1), (0.1, 0.1), (0.3, 0.3)])
+def test_label_smoothing_matches_torch(smoothing, applied):
+    # --smoothing's default is 0 (none, for every criterion); the one named for it smooths by 0.1 then
     logits, target = batch()
     loss = build("label_smoothing", smoothing=smoothing)(logits, target)
-    assert torch.allclose(loss, F.cross_entropy(logits, target, label_smoothing=smoothing))
+    assert torch.allclose(loss, F.cross_entropy(logits, target, label_smoothing=applied))
 
 
 def test_weighted_cross_entropy_matches_torch_with_inverse_frequency():

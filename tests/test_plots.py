@@ -91,7 +91,7 @@ def metrics_frame(tasks=True):
     return frame
 
 
-def test_best_epoch_ties_go_to_lower_val_loss():
+def test_best_epoch_ties_go_to_the_later_epoch():
     assert plots.best_epoch(metrics_frame())["epoch"] == 3
 
 

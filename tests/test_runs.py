@@ -47,8 +47,7 @@ def test_ema_competes_for_best(figure_run):
     best = torch.load(figure_run / "best.pth", weights_only=True)
     row = metrics[metrics["epoch"] == best["epoch"]].iloc[0]
     assert best["val_f1"] == pytest.approx(max(row["val_f1"], row["ema_val_f1"]), abs=1e-5)
-    assert best["ema"] == (row["ema_val_f1"] > row["val_f1"] or
-                           (row["ema_val_f1"] == row["val_f1"] and row["ema_val_loss"] < row["val_loss"]))
+    assert best["ema"] == (row["ema_val_f1"] >= row["val_f1"])  # a tie goes to the average
 
 
 @pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it

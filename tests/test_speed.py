@@ -104,7 +104,10 @@ def test_torchrun_two_cpu_processes(work, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
          os.path.join(ROOT, "train.py"), *FAST, "--epochs", "1", "--device", "cpu",
-         "--model_dir", str(tmp_path / "runs"), "--name", "ddp"],
+         "--model_dir", str(tmp_path / "runs"), "--name", "ddp",
+         # the recipe's controls under DDP: accumulation skips the all-reduce between updates
+         "--grad_accum_steps", "2", "--clip_grad", "1", "--smoothing", "0.1", "--ema", "0.9",
+         "--cutmix_alpha", "1", "--mixup_alpha", "0.2", "--warmup_epochs", "1", "--sched_on_updates", "True"],
         cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert os.listdir(tmp_path / "runs") == ["ddp"]
@@ -113,6 +116,7 @@ def test_torchrun_two_cpu_processes(work, tmp_path):
     assert len(metrics) == 1 and not metrics.isna().any().any()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["world_size"] == 2
+    assert (config["grad_accum_steps"], config["clip_grad"], config["smoothing"]) == (2, 1.0, 0.1)
     assert result.stdout.count("epoch 1/1") == 1  # rank 0 alone prints
 
 
@@ -121,7 +125,7 @@ def _evaluate_on_two_ranks(rank, world_size, port, out_dir):
     import torch.distributed as dist
 
     import distributed
-    from train import evaluate
+    from engine import evaluate
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.manual_seed(0)
