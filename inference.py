@@ -205,7 +205,6 @@ def score(answers_path, image_ids, preds, num_classes):
 
 def main(args):
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device, args.channels_last)
     views = parse_tta(args.tta)
     if args.output_dir:
         args.output = os.path.join(args.output_dir, os.path.basename(args.output))
@@ -218,6 +217,8 @@ def main(args):
             raise cli.UserError(f"cannot ensemble {run_dirs[0]} and {run_dir}: their classes differ")
     eval_set = read_eval_dir(args.data_dir)  # checks every image exists
     classes = configs[0]["classes"]
+    largest = max((tuple(c["input_size"]) for c in configs), key=lambda size: size[0] * size[1])
+    precision = resolve_precision(args.precision, device, args.channels_last, largest)
 
     probs = ensemble_probs(run_dirs, configs, args.checkpoint, eval_set.paths, views, args.batch_size,
                            args.num_workers, device, precision)

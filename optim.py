@@ -44,12 +44,30 @@ def build_optimizer(name, model, lr, weight_decay=0.0, momentum=0.9, betas=None,
     decay on norm and bias, `layer_decay`). A keyword the optimizer does not take is one line."""
     kwargs = {k: v for k, v in (("betas", tuple(betas) if betas else None), ("eps", eps)) if v is not None}
     kwargs.update(extra or {})
+    factory = functools.partial(OPTIMIZERS.get(name), model, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                layer_decay=layer_decay)
     try:
-        return OPTIMIZERS.get(name)(model, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                    layer_decay=layer_decay, **kwargs)
+        optimizer = factory(**kwargs)
     except TypeError as err:
         raise UserError(f"optimizer {name} refused its arguments ({err}); check --opt_betas, --opt_eps, "
                         f"--opt_kwargs") from None
+    return fused_if_possible(optimizer, factory, kwargs)
+
+
+def fused_if_possible(optimizer, factory, kwargs):
+    """torch's Adam, AdamW, SGD and Adagrad have a fused kernel (one call per step instead of
+    several per parameter tensor), on the CPU too, where torch does not pick it by itself: an
+    AdamW step of resnet18 takes 10 ms instead of 61 here, the same update to float precision.
+    Used unless --opt_kwargs sets fused or foreach, and where the parameters allow it."""
+    if optimizer.defaults.get("fused", False) is not None or {"fused", "foreach"} & set(kwargs):
+        return optimizer
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not params or not all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params):
+        return optimizer
+    try:
+        return factory(**kwargs, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # a torch without that fused kernel: the loop
+        return optimizer
 
 
 def build_scheduler(optimizer, sched, epochs, updates_per_epoch, on_updates=False, warmup_epochs=0, warmup_lr=1e-5,
@@ -63,6 +81,31 @@ def build_scheduler(optimizer, sched, epochs, updates_per_epoch, on_updates=Fals
         warmup_epochs=warmup_epochs, patience_epochs=patience_epochs, plateau_mode="max",
         step_on_epochs=not on_updates, updates_per_epoch=updates_per_epoch)
     return scheduler
+
+
+class SchedulerState:
+    """A timm scheduler's state for last.pth, plus what timm's plateau scheduler leaves out of
+    its own (the bad-epoch and cooldown counters of the torch ReduceLROnPlateau inside it), so a
+    resumed plateau run decays at the epoch an uninterrupted one would."""
+
+    COUNTERS = ("num_bad_epochs", "cooldown_counter")
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def state_dict(self):
+        state = self.scheduler.state_dict()
+        inner = getattr(self.scheduler, "lr_scheduler", None)
+        if inner is not None:
+            state["plateau_counters"] = {k: getattr(inner, k) for k in self.COUNTERS}
+        return state
+
+    def load_state_dict(self, state):
+        state = dict(state)
+        counters = state.pop("plateau_counters", None)
+        self.scheduler.load_state_dict(state)
+        for key, value in (counters or {}).items():
+            setattr(self.scheduler.lr_scheduler, key, value)
 
 
 def head_parameters(model):

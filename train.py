@@ -45,7 +45,8 @@ from labels import TASKS, training_label
 from loss import CRITERIONS, MultiTaskLoss, build_criterion
 from model import (HEADS, MODELS, MSD_P, build_from_config, check_model_name, compile_model, input_size_of,
                    load_weights, read_checkpoint, resolve_device, resolve_precision, save_checkpoint)
-from optim import LENGTH_SCHEDULES, OPTIMIZERS, SCHEDULERS, Freezer, build_optimizer, build_scheduler
+from optim import (LENGTH_SCHEDULES, OPTIMIZERS, SCHEDULERS, Freezer, SchedulerState, build_optimizer,
+                   build_scheduler)
 from runfolder import (PREVIEW_IMAGES, Checkpoint, RunLock, RunLog, TopCheckpoints, best_epoch_figures,
                        clear_leftovers, discard_unstarted, final_figures, make_run_dir, require_wandb, spread)
 
@@ -56,6 +57,8 @@ DEFAULT_LR = 1e-3               # Adam-family's usual rate at batch 64
 DEFAULT_WEIGHT_DECAY = 0.05     # decoupled, not on norm and bias (timm's param groups)
 DEFAULT_SCHEDULER = "cosine"    # anneals to --min_lr over --epochs: the last epochs are the best-trained
 DEFAULT_WARMUP_EPOCHS = 0       # none: Adam-family needs little, and short runs would spend their start on it
+DEFAULT_BATCH = 64               # images per step, unless the training side has under 4 batches of it
+MIN_UPDATES_PER_EPOCH = 4        # a small dataset gets smaller batches instead of 1-2 updates an epoch
 DEFAULT_SMOOTHING = 0.0         # off: it caps confidence, which --pseudo_threshold and TTA read
 
 FIGURE_REFRESH_SECONDS = 60  # best-epoch figures take ~2 s: redrawn on a new best at most once a minute
@@ -184,8 +187,9 @@ def add_loss_flags(loss):
 
 def add_optimizer_flags(optim):
     optim.add_argument("--epochs", type=cli.positive_int, default=10, help="epochs to train")
-    optim.add_argument("--batch_size", "-b", type=cli.positive_int, default=64,
-                       help="training images per step (per process under torchrun)")
+    optim.add_argument("--batch_size", "-b", type=cli.positive_int, default=None,
+                       help=f"training images per step (per process under torchrun); default: {DEFAULT_BATCH}, or "
+                            f"1/{MIN_UPDATES_PER_EPOCH} of the training images when that is fewer")
     optim.add_argument("--valid_batch_size", type=cli.positive_int, default=128, help="validation images per batch")
     optim.add_argument("--grad_accum_steps", type=cli.positive_int, default=1, help="batches per optimizer update")
     optim.add_argument("--optimizer", "--opt", default=DEFAULT_OPTIMIZER, help="timm's: " + OPTIMIZERS.help())
@@ -477,8 +481,9 @@ class Fold:
     def checkpoint_parts(self):
         """What last.pth holds besides the progress (its keys are the format of last.pth)."""
         step = self.step
-        return {"model": self.net, "optimizer": step.optimizer, "scheduler": step.scheduler, "scaler": step.scaler,
-                "ema": step.ema.module if step.ema is not None else None, "mixer_rng": step.mixer}
+        return {"model": self.net, "optimizer": step.optimizer, "scheduler": SchedulerState(step.scheduler),
+                "scaler": step.scaler, "ema": step.ema.module if step.ema is not None else None,
+                "mixer_rng": step.mixer}
 
 
 def fold_config(args, data, train_count, val_count, resize, precision, context):
@@ -639,11 +644,12 @@ def run_epoch(fold, epoch, epochs, validating, context):
 
 @dataclasses.dataclass
 class BestFigures:
-    """The best epoch's figures (confusion matrices, mistakes), redrawn on a new best at most
-    every FIGURE_REFRESH_SECONDS, and once more at the end for the final best."""
+    """The best epoch's figures (confusion matrices, mistakes), drawn on a new best at most every
+    FIGURE_REFRESH_SECONDS (the first a minute into the run: a short run draws them once), and
+    once more at the end for the final best."""
     fold: Fold
     log: RunLog
-    drawn_at: float = 0.0
+    drawn_at: float = dataclasses.field(default_factory=time.time)  # the first refresh a minute in
     drawn_epoch: int = 0
 
     def draw(self, output, epoch):
@@ -877,14 +883,17 @@ def run_training(args, context, device):
     cache the images, train each split. A user error before an epoch finished in a new run
     folder removes the folder: nothing half-made is left, and the next run takes its name."""
     check_flags(args)
-    precision = resolve_precision("fp32" if args.amp is False else args.precision, device, args.channels_last)
-    seed_everything(args.seed)
     resize = tuple(args.resize or input_size_of(args.model))
+    precision = resolve_precision("fp32" if args.amp is False else args.precision, device, args.channels_last,
+                                  resize)
+    seed_everything(args.seed)
     data = load_training_data(args, context)
     args.augmentation = args.augmentation or data.source.default_augmentation
     if args.sync_bn and context.enabled and device.type != "cuda":
         raise cli.UserError("--sync_bn needs CUDA (NCCL); on the CPU, batch norms stay per process")
     folds = data.source.folds(args.kfold) if args.kfold else [data.source.split()]
+    if args.batch_size is None:
+        args.batch_size = default_batch_size(len(folds[0][0]) + len(data.extra), context.world_size)
     run_dir, lock = open_run_dir(args, context)
     try:
         choose_prepared_sizes(data, args, resize, context)
@@ -906,6 +915,19 @@ def run_training(args, context, device):
         if lock is not None:
             lock.release()
     return run_dir
+
+
+def default_batch_size(train_images, world_size=1):
+    """DEFAULT_BATCH, or less on a small training side so that an epoch has at least
+    MIN_UPDATES_PER_EPOCH updates: 120 images (lfw_subset's training side) in batches of 64
+    gave one update an epoch, and 30 epochs trained 30 steps (test accuracy over 3 seeds: batch
+    64 0.900, batch 32 0.933)."""
+    per_process = max(1, train_images // world_size)
+    batch = min(DEFAULT_BATCH, max(1, per_process // MIN_UPDATES_PER_EPOCH))
+    if batch < DEFAULT_BATCH:
+        print(f"batch size {batch}: {per_process} training images make at least {MIN_UPDATES_PER_EPOCH} updates "
+              f"an epoch (--batch_size sets it)")
+    return batch
 
 
 def fold_status(fold_path):

@@ -22,7 +22,7 @@ from cutmix import BatchMixer
 from dataset import MASK_MEAN, MASK_STD
 from loss import CRITERIONS, build_criterion
 from model import Precision, build_from_config, create_model
-from optim import Freezer, build_optimizer, build_scheduler
+from optim import Freezer, SchedulerState, build_optimizer, build_scheduler
 
 NEW_FLAGS = ["--grad_accum_steps", "--clip_grad", "--clip_mode", "--warmup_epochs", "--warmup_lr", "--min_lr",
              "--sched_on_updates", "--scheduler", "--decay_milestones", "--momentum", "--opt_betas", "--opt_eps",
@@ -142,6 +142,40 @@ def test_step_multistep_and_plateau():
     assert optimizer.param_groups[0]["lr"] < 0.1  # no better F1 for longer than the patience: decayed
     optimizer = build_optimizer("sgd", model, lr=0.1)
     assert _lrs(build_scheduler(optimizer, "none", 3, 1), optimizer, 3) == pytest.approx([0.1] * 3)
+
+
+def test_a_resumed_plateau_schedule_decays_when_an_uninterrupted_one_does():
+    scores = [0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]
+
+    def plateau():
+        optimizer = build_optimizer("sgd", torch.nn.Linear(4, 2), lr=0.1)
+        return optimizer, build_scheduler(optimizer, "plateau", 10, 1, decay_rate=0.5, patience_epochs=2)
+
+    optimizer, scheduler = plateau()
+    whole = []
+    for epoch, f1 in enumerate(scores, start=1):
+        scheduler.step(epoch, f1)
+        whole.append(optimizer.param_groups[0]["lr"])
+    optimizer, scheduler = plateau()
+    for epoch, f1 in enumerate(scores[:4], start=1):  # killed after epoch 4, a bad-epoch count of 2
+        scheduler.step(epoch, f1)
+    saved = torch.load(_roundtrip(SchedulerState(scheduler).state_dict()), weights_only=True)
+    optimizer, scheduler = plateau()
+    SchedulerState(scheduler).load_state_dict(saved)
+    optimizer.param_groups[0]["lr"] = whole[3]  # last.pth's optimizer carries the lr
+    resumed = whole[:4]
+    for epoch, f1 in enumerate(scores[4:], start=5):
+        scheduler.step(epoch, f1)
+        resumed.append(optimizer.param_groups[0]["lr"])
+    assert resumed == pytest.approx(whole) and min(whole) < 0.1
+
+
+def _roundtrip(state):
+    import io
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def test_optimizer_arguments_and_param_groups():
@@ -327,3 +361,11 @@ def test_chosen_folds_then_resuming_the_kfold_run(work, tmp_path):
     assert sorted(oof["fold"].unique()) == [1, 2, 3]
     assert len(oof) == 7 * len(pd.read_csv(work / "data" / "train" / "train.csv"))  # every image once
     run_cli("inference.py", "--model_dir", run_dir, "--output", tmp_path / "kf.csv", cwd=work)
+
+
+def test_default_batch_size_keeps_four_updates_an_epoch(capsys):
+    assert train.default_batch_size(718) == 64 and capsys.readouterr().out == ""  # no note at the default
+    assert train.default_batch_size(120) == 30 and "batch size 30: 120 training images" in capsys.readouterr().out
+    assert train.default_batch_size(240, world_size=2) == 30  # per process under torchrun
+    assert train.default_batch_size(3) == 1
+    assert _args().batch_size == 32 and train.get_args_parser().parse_args([]).batch_size is None  # given: kept

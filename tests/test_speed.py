@@ -22,6 +22,10 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: True)
     auto = resolve_precision("auto", "cpu")
     assert auto.name == "bf16" and auto.channels_last and not auto.scaler().is_enabled()
+    # small inputs: casting the weights costs more than bf16 kernels save on a CPU
+    assert resolve_precision("auto", "cpu", input_size=(32, 32)).name == "fp32"
+    assert resolve_precision("auto", "cpu", input_size=(64, 64)).name == "bf16"
+    assert resolve_precision("bf16", "cpu", input_size=(32, 32)).name == "bf16"  # asked for: kept
     monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", "cpu").name == "fp32"
     assert not resolve_precision("fp32", "cpu").channels_last
