@@ -61,7 +61,7 @@ DEFAULT_BATCH = 64               # images per step, unless the training side has
 MIN_UPDATES_PER_EPOCH = 4        # a small dataset gets smaller batches instead of 1-2 updates an epoch
 DEFAULT_SMOOTHING = 0.0         # off: it caps confidence, which --pseudo_threshold and TTA read
 
-FIGURE_REFRESH_SECONDS = 60  # best-epoch figures take ~2 s: redrawn on a new best at most once a minute
+FIGURE_REFRESH_SECONDS = 300  # best-epoch figures take ~2 s: redrawn on a new best at most every 5 minutes
 # what config.json records beside the flags: skipped when it is read back with --config / --resume
 DERIVED_KEYS = ("input_size", "prepared_size", "num_classes", "classes", "mean", "std", "label_scheme", "tasks",
                 "train_images", "val_images", "world_size", "fold_dirs")
@@ -645,11 +645,11 @@ def run_epoch(fold, epoch, epochs, validating, context):
 @dataclasses.dataclass
 class BestFigures:
     """The best epoch's figures (confusion matrices, mistakes), drawn on a new best at most every
-    FIGURE_REFRESH_SECONDS (the first a minute into the run: a short run draws them once), and
+    FIGURE_REFRESH_SECONDS (the first 5 minutes into the run: a short run draws them once), and
     once more at the end for the final best."""
     fold: Fold
     log: RunLog
-    drawn_at: float = dataclasses.field(default_factory=time.time)  # the first refresh a minute in
+    drawn_at: float = dataclasses.field(default_factory=time.time)  # the first refresh 5 minutes in
     drawn_epoch: int = 0
 
     def draw(self, output, epoch):
