@@ -24,8 +24,8 @@ range of those ratios, `others CPU` the share of the machine other processes use
 - train_vs_ceiling, train_vs_fp32: engine.train_one_epoch over the training loader as train.py's
   defaults build it (precision "auto" with its channels_last default, --cache auto, which holds
   these images in RAM: the warm-up pass is the first epoch, the timed ones are later epochs;
-  Adam, cross_entropy, no mixing) against the same step on a batch already in memory (the
-  ceiling) and against a plain fp32 NCHW step in memory. The real step is timed over whole
+  its optimizer, fused AdamW; cross_entropy, no mixing) against the same step on a batch already
+  in memory (the ceiling) and against a plain fp32 NCHW step in memory with torch's Adam. The real step is timed over whole
   epochs, the wait for the first batch included.
 - infer_vs_ceiling, infer_vs_fp32: inference.predict over the eval loader against the forward
   pass on in-memory batches (inference_mode), at the same precision and in plain fp32.
@@ -273,9 +273,11 @@ def section_loader(args, plan, device):
 
 
 def section_train(args, plan, device):
-    from loss import build_criterion
     from engine import Step, train_one_epoch
-    precision = resolve_precision("auto", device)
+    from loss import build_criterion
+    from optim import build_optimizer
+    from train import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_WEIGHT_DECAY
+    precision = resolve_precision("auto", device, input_size=args.resize)
     paths, labels = training_images(args.data, plan["train"], args.batch_size)
     augment = AUGMENTATIONS.build(args.augmentation, resize=args.resize, mean=MASK_MEAN, std=MASK_STD)
     # train.py's default --cache auto keeps decoded images in RAM where they fit, as they do here:
@@ -288,7 +290,7 @@ def section_train(args, plan, device):
     torch.manual_seed(0)
     model = precision.model(create_model(args.model, NUM_CLASSES).to(device))
     criterion = build_criterion("cross_entropy", NUM_CLASSES).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = build_optimizer(DEFAULT_OPTIMIZER, model, DEFAULT_LR, DEFAULT_WEIGHT_DECAY)  # train.py's default
     plain = create_model(args.model, NUM_CLASSES).to(device)
     step = Step(criterion, optimizer, precision.scaler(), precision)
 
