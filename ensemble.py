@@ -20,8 +20,17 @@ the combined probabilities as `<output stem>_probs.csv` in the input format (for
 class's share of the votes), so an ensemble can itself be ensembled. An existing output is
 kept unless `--overwrite` is given; an input file is never overwritten.
 
+`--fit RUN RUN ...` fits the ensemble instead, on the runs' held-out predictions (oof.csv of
+--kfold runs: every training image, so runs with different folds still align): greedy forward
+selection with replacement (Caruana et al. 2004) adds, step by step, the member whose addition
+raises the mean's macro F1 most, until no addition helps or --fit_steps; a member's weight is
+its share of the picks. The gain is cross-fitted (the selection is redone on 4/5 of the persons
+and scored on the rest), like tune_bias.py's. The result is a recipe (--recipe, JSON: members and
+weights) that `inference.py --recipe FILE` follows.
+
 Examples:
     python ensemble.py output/a_probs.csv output/b_probs.csv --info data/eval/info.csv
+    python ensemble.py --fit runs/kf runs/kf2 runs/kf3 && python inference.py --recipe output/ensemble_recipe.json
     python ensemble.py a_probs.csv b_probs.csv c_probs.csv --weights 2,1,1 --output output/w.csv
 """
 import os
@@ -40,7 +49,13 @@ def get_args_parser():
     parser = cli.ArgumentParser(description="Combine saved probability files into one submission.",
                                 epilog="Every flag also has a kebab-case spelling (--save-probs).")
     parser.add_argument("files", nargs="+", metavar="PROBS_CSV",
-                        help="two or more probability files from inference.py --save_probs")
+                        help="two or more probability files from inference.py --save_probs (with --fit: run folders)")
+    parser.add_argument("--fit", action="store_true",
+                        help="the arguments are run folders: fit members and weights on their out-of-fold "
+                             "predictions and write --recipe")
+    parser.add_argument("--recipe", default=os.path.join("output", "ensemble_recipe.json"), metavar="JSON",
+                        help="with --fit: the recipe to write (inference.py --recipe reads it)")
+    parser.add_argument("--fit_steps", type=cli.positive_int, default=25, help="with --fit: greedy picks at most")
     parser.add_argument("--method", choices=sorted(COMBINERS), default="soft",
                         help="soft: mean; weighted: weighted mean; hard: majority vote of the argmaxes")
     parser.add_argument("--weights", type=cli.parse_floats, default=None, metavar="W1,W2,...",
@@ -203,7 +218,80 @@ def probs_path_for(output):
     return os.path.splitext(output)[0] + "_probs.csv"
 
 
+def greedy_fit(prob_list, labels, steps=25):
+    """Pick counts per member: forward selection with replacement on macro F1 of the running mean
+    (ties: the lower log-loss). Starts from the best single member."""
+    from heldout import macro_f1
+    num_classes = prob_list[0].shape[1]
+    rows = np.arange(len(labels))
+
+    def quality(mean):
+        return macro_f1(labels, mean.argmax(1), num_classes), -np.log(np.clip(mean[rows, labels], 1e-12, None)).mean()
+
+    counts = np.zeros(len(prob_list), dtype=int)
+    total = np.zeros_like(prob_list[0])
+    best = (-1.0, 0.0)
+    for _ in range(steps):
+        trials = [quality((total + p) / (counts.sum() + 1)) for p in prob_list]
+        pick = max(range(len(prob_list)), key=lambda k: (trials[k][0], -trials[k][1]))
+        f1, loss = trials[pick]
+        if counts.sum() and (f1, -loss) <= (best[0], -best[1]):
+            break
+        counts[pick] += 1
+        total += prob_list[pick]
+        best = (f1, loss)
+    return counts
+
+
+def fit_recipe(run_dirs, steps=25, cv=5):
+    """Members, weights and the report of a greedy ensemble fitted on the runs' held-out predictions."""
+    from heldout import macro_f1, read_heldout
+    from tune_bias import parts
+    helds = [read_heldout(r) for r in run_dirs]
+    for run_dir, held in zip(run_dirs[1:], helds[1:]):
+        if held.classes != helds[0].classes:
+            raise cli.UserError(f"cannot ensemble {run_dirs[0]} and {run_dir}: their classes differ")
+        if held.paths != helds[0].paths or not (held.labels == helds[0].labels).all():
+            raise cli.UserError(f"{helds[0].source} and {held.source} do not hold the same images with the same "
+                                f"labels: fit on --kfold runs of the same data (their oof.csv covers every image)")
+    labels, probs = helds[0].labels, [h.probs for h in helds]
+    n = len(helds[0].classes)
+    counts = greedy_fit(probs, labels, steps)
+    weights = counts / counts.sum()
+    crossed = np.zeros(len(labels), dtype=int)
+    for val in parts(helds[0].persons, cv):
+        train = np.setdiff1d(np.arange(len(labels)), val)
+        fold_counts = greedy_fit([p[train] for p in probs], labels[train], steps)
+        crossed[val] = sum(c * p[val] for c, p in zip(fold_counts, probs)).argmax(1)
+    report = {"rows": len(labels), "fitted_on": [os.path.basename(h.source) for h in helds],
+              "f1_members": [round(macro_f1(labels, p.argmax(1), n), 5) for p in probs],
+              "f1_mean": round(macro_f1(labels, np.mean(probs, 0).argmax(1), n), 5),
+              "f1_fitted_in_sample": round(macro_f1(labels, sum(w * p for w, p in zip(weights, probs)).argmax(1), n), 5),
+              "f1_cross_fitted": round(macro_f1(labels, crossed, n), 5)}
+    kept = [(r, float(w)) for r, w in zip(run_dirs, weights) if w > 0]
+    return {"members": [r for r, _ in kept], "weights": [round(w, 6) for _, w in kept],
+            "classes": helds[0].classes, **report}
+
+
+def fit_main(args):
+    from atomic import write_json
+    check_outputs([args.recipe], overwrite=args.overwrite)
+    recipe = fit_recipe(args.files, args.fit_steps)
+    os.makedirs(os.path.dirname(os.path.abspath(args.recipe)), exist_ok=True)
+    write_json(args.recipe, recipe)
+    for run_dir, f1 in zip(args.files, recipe["f1_members"]):
+        weight = dict(zip(recipe["members"], recipe["weights"])).get(run_dir, 0.0)
+        print(f"  {run_dir}: held-out macro F1 {f1:.4f}, weight {weight:.3f}")
+    print(f"held-out macro F1 over {recipe['rows']} images: best member {max(recipe['f1_members']):.4f}, equal mean "
+          f"{recipe['f1_mean']:.4f}, fitted {recipe['f1_fitted_in_sample']:.4f} in-sample, "
+          f"{recipe['f1_cross_fitted']:.4f} cross-fitted")
+    print(f"wrote {args.recipe}: python inference.py --recipe {args.recipe}")
+    return args.recipe
+
+
 def main(args):
+    if args.fit:
+        return fit_main(args)
     if len(args.files) < 2:
         raise cli.UserError(f"an ensemble needs at least 2 probability files, got {len(args.files)}")
     method = "weighted" if args.weights is not None and args.method == "soft" else args.method

@@ -26,6 +26,9 @@ from augmentation import TTA_VIEWS, eval_transform, parse_tta, tta_logits, with_
 from dataset import read_csv_columns, read_eval_dir
 from ensemble import probs_path_for
 from facecrop import FACE_MARGIN, face_regions
+from heldout import BIAS_FILE, apply_bias, load_bias
+from labels import MASK_CLASSES
+from persons import group_photos, pool
 from images import ImageDataset, make_loader
 from model import build_from_config, load_weights, resolve_device, resolve_precision
 
@@ -41,6 +44,8 @@ def get_args_parser():
                         help="eval folder: info.csv + images/, or any folder of images")
     parser.add_argument("--model_dir", action="append", default=None, metavar="RUN",
                         help="a run folder; repeat for an ensemble (default: the newest run under --runs)")
+    parser.add_argument("--recipe", default=None, metavar="JSON",
+                        help="an ensemble recipe from ensemble.py --fit: its members with their weights")
     parser.add_argument("--runs", default="runs", help="where to look for the newest run")
     parser.add_argument("--checkpoint", default="best.pth", help="which checkpoint of each run folder")
     parser.add_argument("--output", default=os.path.join("output", "submission.csv"), help="the submission to write")
@@ -54,6 +59,12 @@ def get_args_parser():
                              f"({TTA_VIEWS.help()})")
     cli.bool_flag(parser, "--save_probs", help="also write per-class probabilities to <output>_probs.csv "
                                                "(the input of ensemble.py and --pseudo_labels)")
+    cli.bool_flag(parser, "--person_pool", help="group the photos into persons by their content (7 each) and pool "
+                                                "gender and age within a group; mask stays per photo")
+    parser.add_argument("--photos_per_person", type=cli.positive_int, default=7,
+                        help="with --person_pool: photos per person (groups = images / this)")
+    cli.bool_flag(parser, "--no_bias", help=f"ignore the run's {BIAS_FILE} (the per-class offsets tune_bias.py "
+                                            f"fitted for macro F1)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="auto: bf16 where the CPU/GPU has native bf16, fp16 on older GPUs, else fp32")
     cli.bool_flag(parser, "--channels_last", default=None, help="NHWC memory format (default: on with bf16/fp16)")
@@ -105,13 +116,31 @@ def fold_dirs(config):
     return list(dirs or [])
 
 
-def expand_runs(run_dirs):
-    """Run folders with a k-fold parent replaced by its fold folders (an ensemble of the folds)."""
-    expanded = []
-    for run_dir in run_dirs:
+def expand_runs(run_dirs, weights=None):
+    """Run folders with a k-fold parent replaced by its fold folders (an ensemble of the folds), and
+    each one's weight (a parent's weight is shared by its folds)."""
+    expanded, expanded_weights = [], []
+    for run_dir, weight in zip(run_dirs, weights or [1.0] * len(run_dirs)):
         config = read_config(run_dir)
-        expanded += [os.path.join(run_dir, fold) for fold in fold_dirs(config)] or [run_dir]
-    return expanded
+        members = [os.path.join(run_dir, fold) for fold in fold_dirs(config)] or [run_dir]
+        expanded += members
+        expanded_weights += [weight / len(members)] * len(members)
+    return expanded, expanded_weights
+
+
+def read_recipe(path):
+    """(members, weights) of an ensemble.py --fit recipe."""
+    try:
+        with open(path) as f:
+            recipe = json.load(f)
+        members, weights = list(recipe["members"]), [float(w) for w in recipe["weights"]]
+    except FileNotFoundError:
+        raise cli.UserError(f"recipe {path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise cli.UserError(f"{path} is not an ensemble recipe ({err}): write one with ensemble.py --fit") from None
+    if not members or len(members) != len(weights) or min(weights) <= 0:
+        raise cli.UserError(f"{path}: needs members and one positive weight each")
+    return members, weights
 
 
 def load_run(run_dir, config, checkpoint, device):
@@ -158,20 +187,22 @@ def weight_bytes(model):
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def ensemble_probs(run_dirs, configs, checkpoint, paths, views, batch_size, num_workers, device, precision):
-    """The mean of the runs' softmax probabilities on `paths` (float64).
+def ensemble_probs(run_dirs, configs, checkpoint, paths, views, batch_size, num_workers, device, precision,
+                   weights=None):
+    """The (weighted) mean of the runs' softmax probabilities on `paths` (float64).
 
     Each run gets its own input size, normalization and face crop from its config. Runs whose
     preprocessing agrees share one pass over the images: each batch is decoded once and goes
     through all their models (held together while their weights stay under SHARED_WEIGHTS_BYTES;
     past that, another pass).
     """
+    weights = list(weights or [1.0] * len(run_dirs))
     groups = {}
-    for run_dir, config in zip(run_dirs, configs):
-        groups.setdefault(preprocessing(config), []).append((run_dir, config))
+    for k, (run_dir, config) in enumerate(zip(run_dirs, configs)):
+        groups.setdefault(preprocessing(config), []).append((k, run_dir, config))
     total = np.zeros((len(paths), len(configs[0]["classes"])), dtype=np.float64)
     for members in groups.values():
-        config = members[0][1]
+        config = members[0][2]
         size = tuple(config["input_size"])
         regions = None
         if config.get("facecrop"):
@@ -180,16 +211,17 @@ def ensemble_probs(run_dirs, configs, checkpoint, paths, views, batch_size, num_
         dataset = ImageDataset(paths, [-1] * len(paths), eval_transform(size, config["mean"], config["std"]),
                                prepare_to=run_prepared_size(config), regions=regions)
         loader = make_loader(dataset, batch_size, num_workers, device)
-        models, names, held = [], [], 0
-        for i, (run_dir, run_config) in enumerate(members):
-            models.append(precision.model(load_run(run_dir, run_config, checkpoint, device)))
-            names.append(os.path.basename(os.path.normpath(run_dir)))
-            held += weight_bytes(models[-1])
+        models, held = [], 0
+        for i, (k, run_dir, run_config) in enumerate(members):
+            models.append((k, run_dir, precision.model(load_run(run_dir, run_config, checkpoint, device))))
+            held += weight_bytes(models[-1][2])
             if i + 1 == len(members) or held >= SHARED_WEIGHTS_BYTES:
-                for probs in predict_many(models, loader, device, precision, views, desc="+".join(names)):
-                    total += probs
-                models, names, held = [], [], 0
-    return total / len(run_dirs)
+                short = "+".join(os.path.basename(os.path.normpath(d)) for _, d, _ in models)
+                outs = predict_many([m for _, _, m in models], loader, device, precision, views, desc=short)
+                for (index, _, _), probs in zip(models, outs):
+                    total += weights[index] * probs
+                models, held = [], 0
+    return total / sum(weights)
 
 
 def score(answers_path, image_ids, preds, num_classes):
@@ -203,6 +235,26 @@ def score(answers_path, image_ids, preds, num_classes):
                                                           labels=list(range(num_classes)), zero_division=0))
 
 
+def maybe_bias(probs, given, classes, off):
+    """Apply the bias.json of the one run folder given (a k-fold parent's applies to its folds'
+    mean); an ensemble of several runs gets none (its members' biases were fitted apart)."""
+    found = [(run, *load_bias(run, classes)) for run in given if os.path.isfile(os.path.join(run, BIAS_FILE))]
+    if not found:
+        return probs
+    if off:
+        print(f"per-class bias of {', '.join(r for r, _, _ in found)} not applied (--no_bias)")
+        return probs
+    if len(given) > 1:
+        print(f"per-class bias of {', '.join(r for r, _, _ in found)} not applied: it was fitted for one run, "
+              f"not for this ensemble of {len(given)}")
+        return probs
+    run, bias, saved = found[0]
+    print(f"applying the per-class bias of {os.path.join(run, BIAS_FILE)} (cross-fitted macro F1 "
+          f"{saved.get('f1_before', float('nan')):.4f} -> {saved.get('f1_cross_fitted', float('nan')):.4f} on "
+          f"{saved.get('fitted_on', '?')}; --no_bias: off)")
+    return apply_bias(probs, bias)
+
+
 def main(args):
     device = resolve_device(args.device)
     views = parse_tta(args.tta)
@@ -210,18 +262,30 @@ def main(args):
         args.output = os.path.join(args.output_dir, os.path.basename(args.output))
     outputs = [args.output] + ([probs_path_for(args.output)] if args.save_probs else [])
     check_outputs(outputs, overwrite=args.overwrite)
-    run_dirs = expand_runs(args.model_dir or [newest_run(args.runs, args.checkpoint)])
+    if args.recipe and args.model_dir:
+        raise cli.UserError("--recipe names its own runs: give it or --model_dir, not both")
+    given, weights = read_recipe(args.recipe) if args.recipe else (args.model_dir or [newest_run(args.runs, args.checkpoint)], None)
+    run_dirs, run_weights = expand_runs(given, weights)
     configs = [read_config(r) for r in run_dirs]  # fail on a bad run folder before any work
     for run_dir, config in zip(run_dirs[1:], configs[1:]):
         if config["classes"] != configs[0]["classes"]:
             raise cli.UserError(f"cannot ensemble {run_dirs[0]} and {run_dir}: their classes differ")
-    eval_set = read_eval_dir(args.data_dir)  # checks every image exists
     classes = configs[0]["classes"]
+    if args.person_pool and classes != MASK_CLASSES:
+        raise cli.UserError("--person_pool needs the competition's 18 classes (mask x gender x age band)")
+    eval_set = read_eval_dir(args.data_dir)  # checks every image exists
     largest = max((tuple(c["input_size"]) for c in configs), key=lambda size: size[0] * size[1])
     precision = resolve_precision(args.precision, device, args.channels_last, largest)
 
     probs = ensemble_probs(run_dirs, configs, args.checkpoint, eval_set.paths, views, args.batch_size,
-                           args.num_workers, device, precision)
+                           args.num_workers, device, precision, run_weights)
+    if args.person_pool:
+        groups = group_photos(eval_set.paths, args.photos_per_person)
+        sizes = np.bincount(np.bincount(groups))
+        print(f"person pool: {len(eval_set.paths)} photos in {groups.max() + 1} groups (sizes: "
+              f"{', '.join(f'{n}x{size}' for size, n in enumerate(sizes) if n)}); gender and age pooled per group")
+        probs = pool(probs, groups)
+    probs = maybe_bias(probs, given, classes, args.no_bias)
     preds = probs.argmax(1)
     assert preds.min() >= 0 and preds.max() < len(classes), "prediction outside the class range"
 

@@ -13,6 +13,16 @@ The photos carry visible, learnable cues for the three sub-labels:
   overlap, even after the brightness jitter) and forehead wrinkles (none / 2 / 3 lines).
 Edit the constants below to change the distribution or the look.
 
+`--difficulty real` draws the same layout and shares as hard as the real task is: age is a
+continuous cue (hair greys and wrinkles deepen year by year, with a per-person spread of
+REAL_AGE_SD years, so a 58-year-old looks like a 60-year-old), gender cues overlap (some women
+wear short hair, some men long; eyebrow widths overlap), an incorrect mask may only bare the tip
+of the nose, each person has their own face shape, lighting, clothes and background (a model can
+memorize people), the pose varies more between photos, and about 1% of the training labels are
+wrong (whole persons with the wrong gender or age band, persons whose incorrect_mask and normal
+photos are swapped), as in the real train set. The wrong labels are listed in
+train/label_noise.csv (path under images/, the written label, the true one); eval answers are true.
+
 Example: `python make_sample_data.py --out data --persons 300 --eval-persons 150 --seed 0`
 """
 import csv
@@ -51,6 +61,14 @@ MASK_COLOURS = [(242, 242, 242), (168, 202, 236), (36, 36, 42), (236, 182, 198),
 HAIR_VALUE = ((15, 55), (122, 158), (218, 245))
 WRINKLES = (0, 2, 3)                # forehead lines per age band
 FACE_ASPECT = 1.3                   # face half-height / half-width
+DIFFICULTIES = ("easy", "real")
+# --difficulty real (see the module docstring):
+REAL_AGE_SD = 3.5                   # years: per-person spread of each age cue around the true age
+REAL_APPARENT_60 = (60, 80)         # the 60+ band is written 60; its people look 60..80
+REAL_HAIR = (22, 236)               # hair value at apparent age 18 and at 80 (linear between)
+REAL_LONG_HAIR = {"female": 0.92, "male": 0.06}  # share with hair to the shoulders
+REAL_BROW = {"female": (3.5, 1.0), "male": (6.5, 1.0)}  # eyebrow width: mean, sd (pixels)
+REAL_NOISE = {"gender": 0.005, "age": 0.003, "mask": 0.01}  # shares of persons with a wrong label
 
 
 def age_band(age):
@@ -135,21 +153,84 @@ def sample_look(rng, gender, age):
     }
 
 
+def sample_real_look(rng, gender, age):
+    """sample_look() with the real task's difficulty: continuous age cues, overlapping gender cues,
+    per-person face shape and lighting, more pose variation, subtle incorrect masks."""
+    look = sample_look(rng, gender, age)
+    apparent = age if age < 60 else rng.uniform(*REAL_APPARENT_60)
+    grey = np.clip((apparent + rng.normal(0, REAL_AGE_SD) - 18) / (REAL_APPARENT_60[1] - 18), 0, 1)
+    v = REAL_HAIR[0] + grey * (REAL_HAIR[1] - REAL_HAIR[0])
+    tint = np.array([14, 6, 0]) * (1 - grey) + rng.uniform(-4, 4, 3)
+    lines = apparent + rng.normal(0, REAL_AGE_SD)  # the wrinkles' own draw: two cues, two errors
+    mean, sd = REAL_BROW[gender]
+    look.update({
+        "hair": tuple(int(np.clip(v + t, 0, 255)) for t in tint),
+        "long_hair": bool(rng.random() < REAL_LONG_HAIR[gender]),
+        "brow": float(np.clip(rng.normal(mean, sd), 2, 9)),
+        "wrinkles": int(np.clip(np.round((lines - 28) / 9), 0, 4)),
+        "wrinkle_shade": float(np.clip(0.9 - 0.007 * (lines - 28), 0.55, 0.9)),
+        "aspect": rng.uniform(1.15, 1.45), "fw": rng.uniform(62, 92),
+        "light": rng.uniform(0.85, 1.08) * rng.uniform(0.94, 1.06, 3),  # exposure and colour cast
+        "scale_jitter": (0.9, 1.1), "shift": 9.0, "subtle_masks": True,
+    })
+    return look
+
+
 def _shade(colour, f):
     return tuple(int(min(255, c * f)) for c in colour)
 
 
+def _mask_box(rng, mask, cy, fw, fh):
+    """(top, bottom, half width) of a mask: worn over nose and mouth, or clearly below the nose."""
+    if mask == 0:  # over nose and mouth
+        return cy + rng.uniform(-0.06, 0.02) * fh, cy + 0.95 * fh, 0.95 * fw
+    if rng.random() < 0.7:  # pulled below the nose: nostrils show, mouth hidden
+        return cy + rng.uniform(0.36, 0.44) * fh, cy + 1.05 * fh, 0.85 * fw
+    return cy + rng.uniform(0.70, 0.76) * fh, cy + 1.14 * fh, 0.75 * fw  # on the chin: mouth shows too
+
+
+def _subtle_mask_box(rng, mask, cy, fw, fh):
+    """--difficulty real: worn masks sit a little higher or lower; most incorrect ones bare only
+    the tip of the nose, the rest sit on the chin."""
+    if mask == 0:
+        return cy + rng.uniform(-0.08, 0.1) * fh, cy + rng.uniform(0.9, 1.0) * fh, rng.uniform(0.88, 0.98) * fw
+    if rng.random() < 0.75:
+        return cy + rng.uniform(0.16, 0.4) * fh, cy + rng.uniform(1.0, 1.08) * fh, rng.uniform(0.82, 0.95) * fw
+    return cy + rng.uniform(0.62, 0.76) * fh, cy + 1.14 * fh, 0.75 * fw
+
+
+def _draw_mask(d, rng, cx, cy, fw, fh, top, bottom, half):
+    colour = MASK_COLOURS[rng.integers(len(MASK_COLOURS))]
+    edge = _shade(colour, 0.7) if sum(colour) > 200 else (90, 90, 100)
+    for side in (-1, 1):  # ear loops
+        d.line([cx + side * half, top + 0.25 * (bottom - top), cx + side * fw, cy - 0.05 * fh],
+               fill=edge, width=3)
+    d.rounded_rectangle([cx - half, top, cx + half, bottom], radius=int(0.3 * (bottom - top)),
+                        fill=colour, outline=edge, width=2)
+    if rng.random() < 0.3:  # patterned mask: stripes or dots in a second colour
+        ink = tuple(int(c) for c in rng.integers(0, 256, 3))
+        for i in range(1, 5):
+            y = top + i * (bottom - top) / 5
+            if rng.random() < 0.5:
+                d.line([cx - half + 12, y, cx + half - 12, y], fill=ink, width=3)
+            else:
+                for x in np.linspace(cx - half + 20, cx + half - 20, 6):
+                    d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=ink)
+
+
 def draw_person_photo(look, mask, rng):
     """A 384x512 RGB cartoon photo of `look` with mask state `mask` (0 wear, 1 incorrect, 2 none)."""
-    s = rng.uniform(0.97, 1.03)  # small pose jitter between the 7 photos
-    cx, cy = look["cx"] + rng.normal(0, 4), look["cy"] + rng.normal(0, 4)
+    s = rng.uniform(*look.get("scale_jitter", (0.97, 1.03)))  # pose jitter between the 7 photos
+    shift = look.get("shift", 4)
+    cx, cy = look["cx"] + rng.normal(0, shift), look["cy"] + rng.normal(0, shift)
     fw = look["fw"] * s
-    fh = fw * FACE_ASPECT
+    fh = fw * look.get("aspect", FACE_ASPECT)
+    long_hair = look.get("long_hair", look["female"])
     hair, skin = look["hair"], look["skin"]
     img = look["background"].copy()
     d = ImageDraw.Draw(img)
     d.ellipse([cx - 175 * s, cy + fh + 30 * s, cx + 175 * s, cy + fh + 330 * s], fill=look["clothes"])
-    if look["female"]:  # long hair behind the head, falling onto both shoulders
+    if long_hair:  # long hair behind the head, falling onto both shoulders
         d.ellipse([cx - fw - 20 * s, cy - fh - 22 * s, cx + fw + 20 * s, cy + 0.4 * fh], fill=hair)
         d.rounded_rectangle([cx - fw - 28 * s, cy - 0.3 * fh, cx + fw + 28 * s, cy + fh + 95 * s],
                             radius=int(30 * s), fill=hair)
@@ -160,10 +241,10 @@ def draw_person_photo(look, mask, rng):
         d.ellipse([cx + side * fw - 14 * s, cy - 0.2 * fh, cx + side * fw + 14 * s, cy + 0.2 * fh], fill=skin)
     d.ellipse([cx - fw, cy - fh, cx + fw, cy + fh], fill=skin)
     d.chord([cx - fw, cy - 1.08 * fh, cx + fw, cy - 0.2 * fh], 180, 360, fill=hair)  # fringe
-    for i in range(WRINKLES[look["band"]]):
+    for i in range(look.get("wrinkles", WRINKLES[look["band"]])):
         y = cy - (0.38 + 0.08 * i) * fh
-        d.line([cx - 0.45 * fw, y, cx + 0.45 * fw, y], fill=_shade(skin, 0.62), width=3)
-    brow = 7 if not look["female"] else 3
+        d.line([cx - 0.45 * fw, y, cx + 0.45 * fw, y], fill=_shade(skin, look.get("wrinkle_shade", 0.62)), width=3)
+    brow = round(look.get("brow", 7 if not look["female"] else 3))
     for side in (-1, 1):
         ex, ey = cx + side * 0.4 * fw, cy - 0.12 * fh
         d.line([cx + side * 0.2 * fw, ey - 0.15 * fh, cx + side * 0.62 * fw, ey - 0.17 * fh],
@@ -175,35 +256,17 @@ def draw_person_photo(look, mask, rng):
     d.polygon([(cx, cy - 0.02 * fh), (cx - 0.14 * fw, cy + 0.28 * fh), (cx + 0.14 * fw, cy + 0.28 * fh)],
               fill=_shade(skin, 0.82))
     d.ellipse([cx - 0.26 * fw, cy + 0.52 * fh, cx + 0.26 * fw, cy + 0.64 * fh], fill=(155, 55, 60))
-    if look["female"]:  # thin side locks over the face edges frame the face down to the shoulders
+    if long_hair:  # thin side locks over the face edges frame the face down to the shoulders
         for side in (-1, 1):
             d.chord([cx + side * fw - 16 * s, cy - 0.8 * fh, cx + side * fw + 16 * s, cy + 0.9 * fh],
                     180 - side * 90, 360 - side * 90, fill=hair)  # the half that lies on the face
     if mask < 2:
-        if mask == 0:  # over nose and mouth
-            top, bottom, half = cy + rng.uniform(-0.06, 0.02) * fh, cy + 0.95 * fh, 0.95 * fw
-        elif rng.random() < 0.7:  # pulled below the nose: nostrils show, mouth hidden
-            top, bottom, half = cy + rng.uniform(0.36, 0.44) * fh, cy + 1.05 * fh, 0.85 * fw
-        else:  # down on the chin: mouth shows too
-            top, bottom, half = cy + rng.uniform(0.70, 0.76) * fh, cy + 1.14 * fh, 0.75 * fw
-        colour = MASK_COLOURS[rng.integers(len(MASK_COLOURS))]
-        edge = _shade(colour, 0.7) if sum(colour) > 200 else (90, 90, 100)
-        for side in (-1, 1):  # ear loops
-            d.line([cx + side * half, top + 0.25 * (bottom - top), cx + side * fw, cy - 0.05 * fh],
-                   fill=edge, width=3)
-        d.rounded_rectangle([cx - half, top, cx + half, bottom], radius=int(0.3 * (bottom - top)),
-                            fill=colour, outline=edge, width=2)
-        if rng.random() < 0.3:  # patterned mask: stripes or dots in a second colour
-            ink = tuple(int(c) for c in rng.integers(0, 256, 3))
-            for i in range(1, 5):
-                y = top + i * (bottom - top) / 5
-                if rng.random() < 0.5:
-                    d.line([cx - half + 12, y, cx + half - 12, y], fill=ink, width=3)
-                else:
-                    for x in np.linspace(cx - half + 20, cx + half - 20, 6):
-                        d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=ink)
-    # Camera differences: a slight gain change and sensor noise.
+        box = _subtle_mask_box if look.get("subtle_masks") else _mask_box
+        _draw_mask(d, rng, cx, cy, fw, fh, *box(rng, mask, cy, fw, fh))
+    # Camera differences: a slight gain change and sensor noise (and the person's lighting).
     pixels = np.asarray(img, dtype=np.float32) * rng.uniform(0.92, 1.08)
+    if "light" in look:
+        pixels *= look["light"].astype(np.float32)
     y, x = rng.integers(NOISE_MARGIN, size=2)
     pixels += look["noise"][y:y + HEIGHT, x:x + WIDTH] * rng.uniform(2, 6)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -211,9 +274,9 @@ def draw_person_photo(look, mask, rng):
 
 def _write_person(job):
     """Draw and save one person's photos; its own seed keeps the output independent of workers."""
-    seed_seq, gender, age, files = job
+    seed_seq, gender, age, files, difficulty = job
     rng = np.random.default_rng(seed_seq)
-    look = sample_look(rng, gender, age)
+    look = (sample_real_look if difficulty == "real" else sample_look)(rng, gender, age)
     for path, mask in files:
         fmt = "PNG" if path.suffix == ".png" else "JPEG"
         options = {"quality": JPEG_QUALITY} if fmt == "JPEG" else {"compress_level": PNG_LEVEL}
@@ -227,10 +290,54 @@ def _write_csv(path, header, rows):
         writer.writerows(rows)
 
 
-def _train_jobs(folder, n, seq):
+def plant_label_noise(persons, rng):
+    """--difficulty real: give REAL_NOISE's shares of persons a wrong gender, a wrong age band or
+    swapped incorrect_mask/normal photos. Sets `true_gender`/`true_age` (what the photos show)
+    and `swap_masks`; `gender`/`age` become what train.csv says."""
+    for person in persons:
+        person.update(true_gender=person["gender"], true_age=person["age"], swap_masks=False)
+    n = len(persons)
+    picks = rng.permutation(n)
+    counts = {kind: int(round(n * share)) for kind, share in REAL_NOISE.items()}
+    start = 0
+    for kind, count in counts.items():
+        for k in picks[start:start + count]:
+            person = persons[k]
+            if kind == "gender":
+                person["gender"] = GENDERS[1 - GENDERS.index(person["gender"])]
+            elif kind == "age":  # into a neighbouring band
+                person["age"] = _neighbour_band_age(person["age"], rng)
+            else:
+                person["swap_masks"] = True
+        start += count
+    return persons
+
+
+def _neighbour_band_age(age, rng):
+    band = age_band(age)
+    if band == 1:
+        return 60 if rng.random() < 0.5 else int(rng.integers(22, 30))
+    return int(rng.integers(30, 40)) if band == 0 else int(rng.integers(50, 60))
+
+
+def _noise_rows(person, files):
+    """label_noise.csv's rows for one person: path under images/, label written, true label."""
+    rows = []
+    for path, mask in files:
+        shown = 3 - mask if person["swap_masks"] and mask > 0 else mask  # swapped photos show the other state
+        written, true = label(mask, person["gender"], person["age"]), label(shown, person["true_gender"], person["true_age"])
+        if written != true:
+            rows.append((f"{path.parent.name}/{path.name}", written, true))
+    return rows
+
+
+def _train_jobs(folder, n, seq, difficulty="easy"):
     meta_seq, *person_seqs = seq.spawn(n + 1)
     rng = np.random.default_rng(meta_seq)
-    persons = assign_ids(sample_persons(n, rng), rng)
+    persons = sample_persons(n, rng)
+    if difficulty == "real":
+        persons = plant_label_noise(persons, rng)
+    persons = assign_ids(persons, rng)
     exts = rng.choice(list(EXT_WEIGHTS), size=n, p=list(EXT_WEIGHTS.values()))
     photo_exts = [[e] * len(PHOTOS) for e in exts]
     if n >= 20:  # make sure jpeg folders, png folders and one mixed folder all exist
@@ -238,39 +345,51 @@ def _train_jobs(folder, n, seq):
         photo_exts[a], photo_exts[b] = ["jpeg"] * len(PHOTOS), ["png"] * len(PHOTOS)
         photo_exts[c] = [list(EXT_WEIGHTS)[i % 3] for i in range(len(PHOTOS))]
     images = folder / "images"
-    jobs = []
+    jobs, noise = [], []
     for person, ext, seed_seq in zip(persons, photo_exts, person_seqs):
         (images / person["path"]).mkdir(parents=True)
         files = [(images / person["path"] / f"{stem}.{e}", mask) for (stem, mask), e in zip(PHOTOS, ext)]
-        jobs.append((seed_seq, person["gender"], person["age"], files))
+        if difficulty == "real":
+            noise += _noise_rows(person, files)
+            drawn = [(path, 3 - mask if person["swap_masks"] and mask > 0 else mask) for path, mask in files]
+            jobs.append((seed_seq, person["true_gender"], person["true_age"], drawn, difficulty))
+        else:
+            jobs.append((seed_seq, person["gender"], person["age"], files, difficulty))
     # macOS archive junk that readers must skip (names starting with ".").
     junk_folder = images / persons[int(rng.integers(n))]["path"]
     (junk_folder / "._mask1.jpg").write_bytes(b"\x00\x05\x16\x07" + rng.bytes(28))
     (images / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + rng.bytes(24))
     _write_csv(folder / "train.csv", ["id", "gender", "race", "age", "path"],
                [(p["id"], p["gender"], "Asian", p["age"], p["path"]) for p in persons])
+    if difficulty == "real":
+        _write_csv(folder / "label_noise.csv", ["path", "label", "true_label"], noise)
     return jobs
 
 
-def _eval_jobs(folder, n, seq):
+def _eval_jobs(folder, n, seq, difficulty="easy"):
     meta_seq, *person_seqs = seq.spawn(n + 1)
     rng = np.random.default_rng(meta_seq)
     (folder / "images").mkdir(parents=True)
-    jobs, rows = [], []
-    for person, seed_seq in zip(sample_persons(n, rng), person_seqs):
+    jobs, rows, owners = [], [], []
+    for k, (person, seed_seq) in enumerate(zip(sample_persons(n, rng), person_seqs)):
         names = [rng.bytes(20).hex() + ".jpg" for _ in PHOTOS]  # sha1-like, as in the competition
         rows += [(name, label(mask, person["gender"], person["age"])) for name, (_, mask) in zip(names, PHOTOS)]
+        owners += [(name, f"eval{k:05d}") for name in names]
         jobs.append((seed_seq, person["gender"], person["age"],
-                     [(folder / "images" / name, mask) for name, (_, mask) in zip(names, PHOTOS)]))
+                     [(folder / "images" / name, mask) for name, (_, mask) in zip(names, PHOTOS)], difficulty))
     rows = [rows[i] for i in rng.permutation(len(rows))]  # the order must not give persons away
     _write_csv(folder / "info.csv", ["ImageID", "ans"], [(name, 0) for name, _ in rows])
     _write_csv(folder / "answers.csv", ["ImageID", "ans"], rows)
+    # who is on each photo (the competition does not say; persons.py and the tests measure grouping with it)
+    _write_csv(folder / "persons.csv", ["ImageID", "person"], sorted(owners))
     return jobs
 
 
-def generate(out, persons=300, eval_persons=150, seed=0, overwrite=False, workers=2):
+def generate(out, persons=300, eval_persons=150, seed=0, overwrite=False, workers=2, difficulty="easy"):
     """Write OUT/train and OUT/eval; replace them only with `overwrite`. Returns the two paths."""
     out = Path(out)
+    if difficulty not in DIFFICULTIES:
+        raise cli.UserError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty}")
     if persons < 1 or eval_persons < 1:
         raise cli.UserError(f"persons and eval persons must be >= 1, got {persons} and {eval_persons}")
     if seed < 0:
@@ -284,7 +403,8 @@ def generate(out, persons=300, eval_persons=150, seed=0, overwrite=False, worker
     tmp = Path(tempfile.mkdtemp(prefix=".make_sample_data-", dir=out))
     try:
         train_seq, eval_seq = np.random.SeedSequence(seed).spawn(2)  # disjoint streams: disjoint identities
-        jobs = _train_jobs(tmp / "train", persons, train_seq) + _eval_jobs(tmp / "eval", eval_persons, eval_seq)
+        jobs = (_train_jobs(tmp / "train", persons, train_seq, difficulty)
+                + _eval_jobs(tmp / "eval", eval_persons, eval_seq, difficulty))
         bar = cli.progress(total=len(jobs), desc="persons", unit="person")
         if workers > 1:
             with multiprocessing.Pool(workers) as pool:
@@ -314,6 +434,9 @@ def get_args_parser():
                         help="eval persons; half of train, enough for a stable macro F1 over 18 classes")
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files")
     cli.bool_flag(parser, "--overwrite", help="replace existing OUT/train and OUT/eval (off: never lose data silently)")
+    parser.add_argument("--difficulty", choices=DIFFICULTIES, default="easy",
+                        help="easy: clear cues (fast tests, the demo); real: as hard as the real task "
+                             "(continuous age, subtle masks, memorable persons, ~1%% wrong train labels)")
     parser.add_argument("--workers", type=cli.positive_int, default=2,
                         help="drawing processes (2: the small dev machines); the output does not depend on it")
     return parser
@@ -321,7 +444,8 @@ def get_args_parser():
 
 def main(args):
     start = time.perf_counter()
-    train, eval_ = generate(args.out, args.persons, args.eval_persons, args.seed, args.overwrite, args.workers)
+    train, eval_ = generate(args.out, args.persons, args.eval_persons, args.seed, args.overwrite, args.workers,
+                            args.difficulty)
     n_photos = len(PHOTOS)
     print(f"wrote {args.persons} train persons ({args.persons * n_photos} images) to {train} and "
           f"{args.eval_persons} eval persons ({args.eval_persons * n_photos} images) to {eval_} "

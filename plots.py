@@ -6,6 +6,7 @@ the caller can also log it with `writer.add_figure(tag, fig)`.
     curves_png            -> curves.png            loss, F1, accuracy, learning rate per epoch
     aug_preview_png       -> aug_preview.png       originals, augmented draws, a mixed batch
     mistakes_png          -> mistakes.png          the most confident wrong predictions
+    captioned_grid_png    -> suspects.png          audit.py's label suspects
     gradcam_png           -> gradcam.png           Grad-CAM of the predicted class (or None)
 
 `path` is the PNG to write, or a folder (the run folder) to write the default name into.
@@ -278,6 +279,22 @@ def mistakes_png(path, image_paths, labels, preds, probs, class_names, n=16, reg
         ax.set_title(f"true {class_names[labels[i]]}\npred {class_names[preds[i]]} (p={probs[i][preds[i]]:.2f})",
                      fontsize=SMALL_FONT)
     return _save(fig, path, "mistakes.png")
+
+
+def captioned_grid_png(path, items, title):
+    """An image grid: items are (image path or None, caption); audit.py's suspects.png."""
+    if not items:
+        return _message_figure(path, "suspects.png", "nothing to show")
+    cols = min(len(items), math.ceil(math.sqrt(len(items) * 1.5)))
+    fig, axes = _grid(math.ceil(len(items) / cols), cols, 4 / 3, extra_inch=0.45)
+    for ax, (image_path, caption) in zip(axes.ravel(), items):
+        if image_path is not None and os.path.isfile(image_path):
+            image = Image.fromarray(load_image(image_path))
+            image.thumbnail((THUMB_PX, THUMB_PX))
+            ax.imshow(image)
+        ax.set_title(caption, fontsize=SMALL_FONT - 1)
+    fig.suptitle(title, fontsize=TITLE_FONT)
+    return _save(fig, path, "suspects.png")
 
 
 # ---------------------------------------------------------------- Grad-CAM
