@@ -44,6 +44,9 @@ def get_args_parser():
     parser.add_argument("--data_dir", default=None,
                         help="the training folder the run's paths refer to (default: the run's config.json)")
     parser.add_argument("--output_dir", default=None, metavar="DIR", help="where to write (default: RUN/audit)")
+    parser.add_argument("--planted", default=None, metavar="CSV",
+                        help="label_noise.csv of make_sample_data.py --difficulty real: say how many of its "
+                             "wrong labels are among the top suspects")
     cli.bool_flag(parser, "--overwrite", help="replace an earlier audit's files")
     return parser
 
@@ -141,6 +144,21 @@ def suspect_images(suspects, root, top):
     return shown
 
 
+def planted_recall(suspects, planted_csv, held_paths, top):
+    """(found, total): planted wrong images on the held-out side that a top-`top` suspect covers
+    (an image suspect names the image; a person suspect covers the person's photos)."""
+    planted = pd.read_csv(planted_csv, dtype=str, keep_default_na=False)
+    if "path" not in planted.columns:
+        raise cli.UserError(f"{planted_csv}: no path column (expected make_sample_data.py's label_noise.csv)")
+    held = {p[len("images/"):] if p.startswith("images/") else p for p in held_paths}
+    wrong = [p for p in planted["path"] if p in held]
+    covered = set()
+    for s in suspects.head(top).itertuples():
+        name = s.path[len("images/"):] if s.path.startswith("images/") else s.path
+        covered |= {p for p in wrong if p == name or p.startswith(name + "/")}
+    return len(covered), len(wrong)
+
+
 def training_root(run_dir, data_dir):
     if data_dir is None:
         try:
@@ -172,6 +190,10 @@ def main(args):
     for s in suspects.head(min(args.top, 10)).itertuples():
         print(f"  #{s.rank} {s.kind:6s} {s.path}: labelled {s.labelled}, predicted {s.suggested} "
               f"(p {s.p_labelled:.3f})")
+    if args.planted:
+        found, total = planted_recall(suspects, args.planted, held.paths, args.top)
+        print(f"planted errors: {found} of the {total} wrong images on the held-out side are covered by the top "
+              f"{args.top} suspects ({args.planted})")
     print(f"wrote {outputs[0]}, {outputs[1]} ({len(fixes)} draft fixes: review before "
           f"train.py --relabel {outputs[1]}) and {outputs[2]}")
 

@@ -54,6 +54,7 @@ class Sample:
     label: int
     person: str   # the person's folder; "" where the layout has no persons
     age: int = -1  # the person's age (competition layout), for --age_bins
+    soft: tuple = None  # --pseudo_soft: the class probabilities a label is drawn from each epoch
 
 
 def resolve_train_dir(data_dir):
@@ -386,9 +387,10 @@ def read_extra(data_dir):
             for rel in list_images(os.path.join(data_dir, f))]
 
 
-def read_pseudo_labels(probs_csv, eval_dir, threshold, classes):
+def read_pseudo_labels(probs_csv, eval_dir, threshold, classes, soft=False):
     """--pseudo_labels: eval images whose saved top probability is >= threshold, labelled by
-    their argmax, as Samples with full paths (for the training side only)."""
+    their argmax, as Samples with full paths (for the training side only). With `soft`
+    (--pseudo_soft) each keeps its probabilities (below SOFT_FLOOR dropped, renormalized)."""
     frame = read_csv_columns(probs_csv, ["ImageID", *classes])
     if list(frame.columns[1:]) != list(classes):
         raise UserError(f"{probs_csv}: probability columns do not match this dataset's classes")
@@ -399,7 +401,15 @@ def read_pseudo_labels(probs_csv, eval_dir, threshold, classes):
     if missing:
         raise UserError(f"{probs_csv}: ImageID {missing[0]!r} is not in {eval_dir}")
     keep = probs.max(1) >= threshold
-    return [Sample(where[i], int(p), "pseudo:") for i, p in zip(frame["ImageID"][keep], probs[keep].argmax(1))]
+    if not soft:
+        return [Sample(where[i], int(p), "pseudo:") for i, p in zip(frame["ImageID"][keep], probs[keep].argmax(1))]
+    kept = np.where(probs[keep] >= SOFT_FLOOR, probs[keep], 0.0)
+    kept /= kept.sum(1, keepdims=True)
+    return [Sample(where[i], int(p.argmax()), "pseudo:", soft=tuple(np.round(p, 6).tolist()))
+            for i, p in zip(frame["ImageID"][keep], kept)]
+
+
+SOFT_FLOOR = 1e-3  # --pseudo_soft: smaller saved probabilities are never drawn
 
 
 # ---------------------------------------------------------------- eval / test images

@@ -29,6 +29,7 @@ from cli import UserError
 # inside a forked worker after the parent has used the pool deadlocks.
 cv2.setNumThreads(1)
 
+SOFT_STREAM = 0x50534F  # the random stream of --pseudo_soft's label draws, apart from the augmentation's
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -215,8 +216,10 @@ class ImageDataset(torch.utils.data.Dataset):
     None: the transform gets the decoded photo as it is.
     """
 
-    def __init__(self, paths, labels, transform, prepare_to=None, regions=None, cache=None, cache_slots=None):
+    def __init__(self, paths, labels, transform, prepare_to=None, regions=None, cache=None, cache_slots=None,
+                 soft=None):
         assert len(paths) == len(labels), "one label per image"
+        assert soft is None or len(soft) == len(paths), "one soft label (or None) per image"
         assert regions is None or len(regions) == len(paths), "one crop region per image"
         assert cache is None or prepare_to is not None, "a cache holds prepared images: give prepare_to"
         self.paths, self.labels = list(paths), list(labels)
@@ -225,6 +228,12 @@ class ImageDataset(torch.utils.data.Dataset):
         self.regions = regions  # face crops, or None for the whole photo
         self.cache = cache      # an ImageCache, or None
         self.cache_slots = list(range(len(self.paths))) if cache_slots is None else list(cache_slots)
+        # --pseudo_soft: per image None or class probabilities; in training (an augmentation seed
+        # given) the label is drawn from them with that seed, so the expected loss is the loss
+        # against the soft target, every criterion and mixer still gets a class index, and the
+        # draw depends on (seed, epoch, index) only, like the augmentation
+        self.soft = None if soft is None or all(p is None for p in soft) else \
+            [None if p is None else np.cumsum(p) for p in soft]
 
     def __len__(self):
         return len(self.paths)
@@ -245,9 +254,13 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         """`item` is an index, or (index, augmentation seed) from an EpochSampler."""
         index, seed = item if isinstance(item, tuple) else (item, None)
+        label = self.labels[index]
         if seed is not None:
             seed_transform(self.transform, seed)
-        return self.transform(image=self.read(index))["image"], self.labels[index]
+            if self.soft is not None and self.soft[index] is not None:
+                draw = np.random.default_rng([int(seed) % 2**32, SOFT_STREAM]).random() * self.soft[index][-1]
+                label = int(np.searchsorted(self.soft[index], draw, side="right"))
+        return self.transform(image=self.read(index))["image"], label
 
 
 # ---------------------------------------------------------------- loaders

@@ -15,7 +15,10 @@ its own mask probabilities (the 18-class probability is the product of the three
 persons are known, on the run's held-out images (oof.csv or val_predictions.csv): the grouping's
 purity and the macro F1 of the unpooled, truly-pooled and group-pooled predictions.
 
-Example: python persons.py runs/kf
+`--eval_dir data/eval` measures the purity on generated eval data too (its persons.csv says
+who is on each photo).
+
+Example: python persons.py runs/kf --eval_dir data/eval
 """
 import json
 import os
@@ -111,7 +114,22 @@ def measure(run_dir, data_dir=None):
             "f1_grouped": round(macro_f1(held.labels, pool(held.probs, groups).argmax(1), n), 4)}
 
 
+def eval_purity(eval_dir, per_person=PHOTOS_PER_PERSON):
+    """Grouping purity on an eval folder whose persons.csv (make_sample_data.py) says who is on each photo."""
+    from dataset import read_csv_columns
+    owners = read_csv_columns(os.path.join(eval_dir, "persons.csv"), ("ImageID", "person"))
+    groups = group_photos([os.path.join(eval_dir, "images", i) for i in owners["ImageID"]], per_person)
+    return purity(groups, owners["person"].to_numpy(dtype=str)), int(groups.max() + 1)
+
+
 def main(args):
+    if args.eval_dir:
+        value, groups = eval_purity(args.eval_dir)
+        print(f"{args.eval_dir}: {groups} groups, purity {value:.3f}")
+        if not args.run:
+            return
+    if not args.run:
+        raise cli.UserError("give a run folder (RUN) or --eval_dir")
     result = measure(args.run, args.data_dir)
     print(f"{result['images']} held-out images of {result['persons']} persons -> {result['groups']} groups, "
           f"purity {result['purity']:.3f} ({result['grouping_seconds']}s)")
@@ -123,8 +141,10 @@ def main(args):
 
 def get_args_parser():
     parser = cli.ArgumentParser(description="Measure person grouping and pooling on a run's held-out images.")
-    parser.add_argument("run", metavar="RUN", help="a run folder with oof.csv (--kfold) or val_predictions.csv")
+    parser.add_argument("run", metavar="RUN", nargs="?", help="a run folder with oof.csv (--kfold) or val_predictions.csv")
     parser.add_argument("--data_dir", default=None, help="the training folder (default: the run's config.json)")
+    parser.add_argument("--eval_dir", default=None, metavar="DIR",
+                        help="also measure the grouping on an eval folder with persons.csv (generated data)")
     cli.bool_flag(parser, "--json", help="also print the numbers as one JSON line")
     return parser
 

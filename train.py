@@ -121,6 +121,8 @@ def add_data_flags(data):
     data.add_argument("--pseudo_labels", default=None, metavar="PROBS_CSV",
                       help="eval probabilities (inference.py --save_probs): confident images join training")
     data.add_argument("--pseudo_threshold", type=cli.ratio, default=0.9, help="top probability needed")
+    cli.bool_flag(data, "--pseudo_soft", help="train on the pseudo-labels' probabilities (a label drawn from them "
+                                              "each epoch) instead of their argmax")
     data.add_argument("--pseudo_data_dir", default=os.path.join("data", "eval"),
                       help="the eval folder the pseudo-label ImageIDs refer to")
     DATASETS.add_arguments(data)
@@ -312,14 +314,14 @@ class TrainingData:
         """Every image the folds use: the data folder's, then the extra training images."""
         return self.source.all_paths() + [s.path for s in self.extra]
 
-    def dataset(self, paths, labels, transform, prepare_to):
+    def dataset(self, paths, labels, transform, prepare_to, soft=None):
         """An ImageDataset over `paths` with this data's face crops and cache. prepare_to None: the
         transform gets full-size photos (a pipeline that does not resize first), never cached."""
         regions = [self.regions[p] for p in paths] if self.regions else None
         cache = self.cache if prepare_to is not None else None
         slots = [self.slots[p] for p in paths] if cache is not None else None
         return ImageDataset(paths, labels, transform, prepare_to=prepare_to, regions=regions, cache=cache,
-                            cache_slots=slots)
+                            cache_slots=slots, soft=soft)
 
 
 def drop_unreadable(source, extra):
@@ -365,8 +367,10 @@ def load_training_data(args, context=distributed.Context()):
         extra += found
         groups.append((folder, [s.path for s in found]))
     if args.pseudo_labels:
-        pseudo = read_pseudo_labels(args.pseudo_labels, args.pseudo_data_dir, args.pseudo_threshold, source.classes)
-        print(f"pseudo labels: {len(pseudo)} eval images at top probability >= {args.pseudo_threshold}")
+        pseudo = read_pseudo_labels(args.pseudo_labels, args.pseudo_data_dir, args.pseudo_threshold, source.classes,
+                                    soft=args.pseudo_soft)
+        soft = ", soft (each epoch a label drawn from an image's probabilities)" if args.pseudo_soft else ""
+        print(f"pseudo labels: {len(pseudo)} eval images at top probability >= {args.pseudo_threshold}{soft}")
         extra += pseudo
         groups.append((args.pseudo_data_dir, [s.path for s in pseudo]))
     if args.skip_bad_images:
@@ -507,7 +511,8 @@ def build_sides(args, data, train_idx, val_idx, resize, device, context):
     val_paths, val_labels = source.paths(val_idx), source.labels(val_idx)
     train_tf = train_transform(args.augmentation, resize, source.mean, source.std, vars(args))
     val_tf = eval_transform(resize, source.mean, source.std)
-    train_set = data.dataset(train_paths, train_labels, train_tf, data.train_prepared)
+    train_set = data.dataset(train_paths, train_labels, train_tf, data.train_prepared,
+                             soft=[s.soft for s in train_samples])
     val_set = data.dataset(val_paths, val_labels, val_tf, data.prepared)
     counts = class_counts(train_labels, source.num_classes)
     # --sampler weighted: each image drawn with weight 1/count of its class, so classes come up about equally
@@ -818,6 +823,8 @@ def check_flags(args):
                             f"give one of the two")
     if args.amp is True and args.precision == "fp32":
         raise cli.UserError("--amp True asks for mixed precision, --precision fp32 for none: give one of the two")
+    if args.pseudo_soft and not args.pseudo_labels:
+        raise cli.UserError("--pseudo_soft needs --pseudo_labels PROBS_CSV")
     if args.val_ratio == 0 and args.scheduler == "plateau":
         raise cli.UserError("--scheduler plateau follows val F1: it needs validation (--val_ratio > 0)")
     if args.wandb:

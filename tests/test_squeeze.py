@@ -9,12 +9,14 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
+import dataset
 import ensemble
 import make_sample_data as msd
 import persons as persons_mod
 import tune_bias
 from conftest import FAST, run_cli
 from heldout import apply_bias, read_heldout
+from images import ImageDataset
 from dataset import DATASETS
 from labels import MASK_CLASSES, decode_label, encode_label
 
@@ -267,3 +269,33 @@ def test_greedy_fit_keeps_the_useful_members_and_drops_noise():
     noise = rng.dirichlet(np.ones(18), len(labels))
     counts = ensemble.greedy_fit([noise, good, other], labels, steps=10)
     assert counts[1] >= 1 and counts[0] == 0, counts
+
+
+# ---------------------------------------------------------------- --pseudo_soft
+def test_soft_pseudo_labels_are_drawn_from_their_probabilities(work):
+    eval_dir = work / "data" / "eval"
+    info = pd.read_csv(eval_dir / "info.csv")
+    probs = np.full((len(info), 18), 0.0)
+    probs[:, 4], probs[:, 10], probs[:, 0] = 0.7, 0.3, 0.0
+    frame = pd.DataFrame(probs, columns=MASK_CLASSES)
+    frame.insert(0, "ImageID", info["ImageID"])
+    path = work / "soft_probs.csv"
+    frame.to_csv(path, index=False)
+    hard = dataset.read_pseudo_labels(str(path), str(eval_dir), 0.6, MASK_CLASSES)
+    soft = dataset.read_pseudo_labels(str(path), str(eval_dir), 0.6, MASK_CLASSES, soft=True)
+    assert [s.label for s in hard] == [s.label for s in soft] == [4] * len(info) and hard[0].soft is None
+    assert soft[0].soft[4] == pytest.approx(0.7) and soft[0].soft[10] == pytest.approx(0.3)
+    ds = ImageDataset([s.path for s in soft[:1]], [4], lambda image: {"image": 0}, soft=[soft[0].soft])
+    draws = [ds[(0, seed)][1] for seed in range(400)]
+    assert set(draws) == {4, 10} and 0.6 < draws.count(4) / 400 < 0.8
+    assert draws == [ds[(0, seed)][1] for seed in range(400)], "a pure function of the seed"
+    assert ds[0][1] == 4, "no seed (validation, previews): the argmax"
+
+
+def test_pseudo_soft_trains_and_needs_pseudo_labels(work, tmp_path):
+    result = run_cli("train.py", *FAST, "--epochs", "1", "--pseudo_soft", "--model_dir", tmp_path, cwd=work, check=False)
+    assert result.returncode == 2 and "--pseudo_soft needs --pseudo_labels" in result.stderr
+    assert not any(tmp_path.iterdir())
+    result = run_cli("train.py", *FAST, "--epochs", "1", "--model_dir", tmp_path, "--pseudo_labels",
+                     work / "soft_probs.csv", "--pseudo_threshold", "0.6", "--pseudo_soft", cwd=work)
+    assert "pseudo labels: 70 eval images at top probability >= 0.6, soft" in result.stdout
