@@ -389,16 +389,22 @@ def test_baseline_and_timm_spellings(work, small_run, tmp_path, run_here):
 def test_help_shows_each_default_once():
     import argparse
 
+    import audit
+    import ensemble
     import inference
+    import make_sample_data
+    import persons
     import train
-    for parser in (train.get_args_parser(), inference.get_args_parser()):
+    import tune_bias
+    for module in (train, inference, ensemble, tune_bias, audit, persons, make_sample_data):
+        parser = module.get_args_parser()
         for action in parser._actions:
             if not action.option_strings or action.help == argparse.SUPPRESS:
                 continue
             text = parser._get_formatter()._expand_help(action) if action.help else ""
-            assert text.count("default") <= 1, (action.dest, text)
+            assert text.count("default") <= 1, (module.__name__, action.dest, text)
             if action.default not in (None, False, argparse.SUPPRESS) and action.dest != "help":
-                assert "default" in text, (action.dest, text)
+                assert "default" in text, (module.__name__, action.dest, text)
 
 
 def test_progress_in_a_log(monkeypatch, capsys):

@@ -175,3 +175,15 @@ def test_cli_overwrite_and_bad_values(tmp_path):
     bad = cli_run("--out", str(tmp_path / "e"), "--persons", "0")
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "--persons" in bad.stderr
     assert not (tmp_path / "e").exists()
+
+
+def test_eval_persons_file(data):
+    owners = read_csv(data / "eval" / "persons.csv")[1]
+    answers = {r["ImageID"]: int(r["ans"]) for r in read_csv(data / "eval" / "answers.csv")[1]}
+    assert sorted(r["ImageID"] for r in owners) == sorted(answers)
+    by_person = defaultdict(list)
+    for row in owners:
+        by_person[row["person"]].append(answers[row["ImageID"]])
+    assert len(by_person) == EVAL_PERSONS
+    for labels in by_person.values():  # 7 photos: 5 worn, 1 incorrect, 1 without; one gender and age band
+        assert sorted(y // 6 for y in labels) == [0, 0, 0, 0, 0, 1, 2] and len({y % 6 for y in labels}) == 1
