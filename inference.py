@@ -28,7 +28,7 @@ from ensemble import probs_path_for
 from facecrop import FACE_MARGIN, face_regions
 from heldout import BIAS_FILE, apply_bias, load_bias
 from labels import MASK_CLASSES
-from persons import group_photos, pool
+from persons import complete_groups, group_photos, pool, pooled_groups
 from images import ImageDataset, make_loader
 from model import build_from_config, load_weights, resolve_device, resolve_precision
 
@@ -235,6 +235,15 @@ def score(answers_path, image_ids, preds, num_classes):
                                                           labels=list(range(num_classes)), zero_division=0))
 
 
+def person_pooled(probs, paths, per_person):
+    """--person_pool: gender and age pooled within the content groups that hold one person's mask states."""
+    groups = complete_groups(group_photos(paths, per_person), probs, per_person)
+    pooled = pooled_groups(groups)
+    print(f"person pool: {len(paths)} photos, {pooled} groups of one person's {per_person} mask states pooled "
+          f"({len(paths) - int(np.bincount(groups)[np.bincount(groups) > 1].sum())} photos left as they were)")
+    return pool(probs, groups)
+
+
 def maybe_bias(probs, given, classes, off):
     """Apply the bias.json of the one run folder given (a k-fold parent's applies to its folds'
     mean); an ensemble of several runs gets none (its members' biases were fitted apart)."""
@@ -280,11 +289,7 @@ def main(args):
     probs = ensemble_probs(run_dirs, configs, args.checkpoint, eval_set.paths, views, args.batch_size,
                            args.num_workers, device, precision, run_weights)
     if args.person_pool:
-        groups = group_photos(eval_set.paths, args.photos_per_person)
-        sizes = np.bincount(np.bincount(groups))
-        print(f"person pool: {len(eval_set.paths)} photos in {groups.max() + 1} groups (sizes: "
-              f"{', '.join(f'{n}x{size}' for size, n in enumerate(sizes) if n)}); gender and age pooled per group")
-        probs = pool(probs, groups)
+        probs = person_pooled(probs, eval_set.paths, args.photos_per_person)
     probs = maybe_bias(probs, given, classes, args.no_bias)
     preds = probs.argmax(1)
     assert preds.min() >= 0 and preds.max() < len(classes), "prediction outside the class range"

@@ -2,6 +2,7 @@
 per-class bias tuning, and inference applying the bias."""
 import csv
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -155,7 +156,7 @@ def test_inference_bias_person_pool_and_recipe(work, tmp_path):
     # --person_pool: groups of 7 from the photos' content; gender and age agree within a group
     result = run_cli("inference.py", "--model_dir", run, "--output", tmp_path / "p.csv", "--person_pool", "--no_bias",
                      "--answers", work / "data" / "eval" / "answers.csv", cwd=work)
-    assert "person pool: 70 photos in 10 groups" in result.stdout
+    assert re.search(r"person pool: 70 photos, \d+ groups of one person's 7 mask states pooled", result.stdout)
     # a fitted recipe (here two members: the run and itself) is followed by inference --recipe
     recipe = tmp_path / "recipe.json"
     result = run_cli("ensemble.py", "--fit", run, run, "--recipe", recipe, cwd=work)
@@ -259,6 +260,16 @@ def test_pool_shares_gender_and_age_in_a_group_and_keeps_each_mask():
     for task in (1, 2):
         assert np.allclose(after[task][:7], after[task][0]) and np.allclose(after[task][7:], after[task][7])
         assert np.allclose(after[task][0], before[task][:7].mean(0))
+
+
+def test_only_groups_holding_one_persons_mask_states_are_pooled():
+    probs = np.full((15, 18), 1e-3)
+    masks = [0, 0, 0, 0, 0, 1, 2] + [0, 0, 0, 0, 1, 1, 2] + [0]  # a person; a merged group; a stray photo
+    for i, m in enumerate(masks):
+        probs[i, encode_label(m, i % 2, 0)] = 1.0
+    groups = persons_mod.complete_groups(np.array([0] * 7 + [1] * 7 + [2]), probs)
+    assert len(set(groups[:7])) == 1 and len(set(groups[7:])) == 8
+    assert persons_mod.pooled_groups(groups) == 1
 
 
 # ---------------------------------------------------------------- ensemble.py --fit
