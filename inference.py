@@ -238,9 +238,9 @@ def score(answers_path, image_ids, preds, num_classes):
 def person_pooled(probs, paths, per_person):
     """--person_pool: gender and age pooled within the content groups that hold one person's mask states."""
     groups = complete_groups(group_photos(paths, per_person), probs, per_person)
-    pooled = pooled_groups(groups)
-    print(f"person pool: {len(paths)} photos, {pooled} groups of one person's {per_person} mask states pooled "
-          f"({len(paths) - int(np.bincount(groups)[np.bincount(groups) > 1].sum())} photos left as they were)")
+    sizes = np.bincount(groups)
+    print(f"person pool: {len(paths)} photos, {pooled_groups(groups)} groups of one person's {per_person} mask "
+          f"states pooled ({len(paths) - int(sizes[sizes > 1].sum())} photos left as they were)")
     return pool(probs, groups)
 
 
