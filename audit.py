@@ -28,7 +28,7 @@ import cli
 from atomic import check_outputs, write_csv
 from dataset import resolve_train_dir
 from heldout import read_heldout
-from labels import AGE_NAMES, GENDER_NAMES, MASK_CLASSES, MASK_NAMES, TASKS, decode_label
+from labels import AGE_NAMES, GENDER_NAMES, MASK_CLASSES, MASK_NAMES, TASKS, decode_label, task_marginals
 
 TYPICAL_AGE = (25, 45, 60)  # years written for a suggested age band in the draft (review them)
 GENDER_WORDS = ("male", "female")
@@ -51,15 +51,6 @@ def get_args_parser():
     return parser
 
 
-def task_probs(probs, task):
-    """[N, values] probabilities of one sub-task (mask, gender or age band) from 18-class ones."""
-    index = list(TASKS).index(task)
-    out = np.zeros((len(probs), TASKS[task]))
-    for c in range(probs.shape[1]):
-        out[:, decode_label(c)[index]] += probs[:, c]
-    return out
-
-
 def _score(p):
     return -np.log(np.clip(p, 1e-9, None))
 
@@ -68,9 +59,10 @@ def person_suspects(held):
     """One row per person and task (gender, age): the pooled probability of the labelled value."""
     rows = []
     frame = pd.DataFrame({"person": held.persons, "i": np.arange(len(held.persons))})
+    marginals = task_marginals(held.probs)
     for task, names in (("gender", GENDER_NAMES), ("age", AGE_NAMES)):
-        probs = task_probs(held.probs, task)
         index = list(TASKS).index(task)
+        probs = marginals[index]
         labelled = np.array([decode_label(y)[index] for y in held.labels])
         for person, members in frame.groupby("person")["i"]:
             members = members.to_numpy()
@@ -86,7 +78,7 @@ def image_suspects(held):
     """One row per image: the mask state (competition layout) or the whole label (other layouts)."""
     rows = []
     mask_scheme = held.classes == MASK_CLASSES
-    probs = task_probs(held.probs, "mask") if mask_scheme else held.probs
+    probs = task_marginals(held.probs)[0] if mask_scheme else held.probs
     for i, (path, label) in enumerate(zip(held.paths, held.labels)):
         value = decode_label(label)[0] if mask_scheme else int(label)
         names = MASK_NAMES if mask_scheme else held.classes

@@ -51,6 +51,16 @@ MASK_CLASSES = [f"{MASK_NAMES[m]}/{GENDER_NAMES[g]}/{AGE_NAMES[a]}"
 TASKS = {"mask": len(MASK_NAMES), "gender": len(GENDER_NAMES), "age": len(AGE_NAMES)}  # label's factors
 
 
+def task_marginals(probs):
+    """[N, 18] class probabilities -> [mask [N, 3], gender [N, 2], age [N, 3]] sub-task probabilities."""
+    probs = np.asarray(probs)
+    parts = [np.zeros((len(probs), size)) for size in TASKS.values()]
+    for c in range(probs.shape[1]):
+        for task, value in enumerate(decode_label(c)):
+            parts[task][:, value] += probs[:, c]
+    return parts
+
+
 def task_f1(labels, preds):
     """Macro F1 of each sub-task (mask, gender, age), decomposed from 18-class labels."""
     true, pred = np.array([decode_label(x) for x in labels]), np.array([decode_label(x) for x in preds])

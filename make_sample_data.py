@@ -320,11 +320,16 @@ def _neighbour_band_age(age, rng):
     return int(rng.integers(30, 40)) if band == 0 else int(rng.integers(50, 60))
 
 
+def _shown_mask(person, mask):
+    """The mask state a photo shows: a swapped person's incorrect_mask and normal photos trade places."""
+    return 3 - mask if person["swap_masks"] and mask > 0 else mask
+
+
 def _noise_rows(person, files):
     """label_noise.csv's rows for one person: path under images/, label written, true label."""
     rows = []
     for path, mask in files:
-        shown = 3 - mask if person["swap_masks"] and mask > 0 else mask  # swapped photos show the other state
+        shown = _shown_mask(person, mask)
         written, true = label(mask, person["gender"], person["age"]), label(shown, person["true_gender"], person["true_age"])
         if written != true:
             rows.append((f"{path.parent.name}/{path.name}", written, true))
@@ -351,7 +356,7 @@ def _train_jobs(folder, n, seq, difficulty="easy"):
         files = [(images / person["path"] / f"{stem}.{e}", mask) for (stem, mask), e in zip(PHOTOS, ext)]
         if difficulty == "real":
             noise += _noise_rows(person, files)
-            drawn = [(path, 3 - mask if person["swap_masks"] and mask > 0 else mask) for path, mask in files]
+            drawn = [(path, _shown_mask(person, mask)) for path, mask in files]
             jobs.append((seed_seq, person["true_gender"], person["true_age"], drawn, difficulty))
         else:
             jobs.append((seed_seq, person["gender"], person["age"], files, difficulty))

@@ -34,7 +34,7 @@ from sklearn.cluster import AgglomerativeClustering
 
 import cli
 from heldout import macro_f1, read_heldout
-from labels import MASK_CLASSES, PHOTO_MASK, TASKS, decode_label
+from labels import MASK_CLASSES, PHOTO_MASK, decode_label, task_marginals
 
 PHOTOS_PER_PERSON = 7
 THUMB = (24, 32)  # (width, height) of the content descriptor: background, clothes, hair survive it
@@ -74,7 +74,7 @@ def complete_groups(groups, probs, per_person=PHOTOS_PER_PERSON):
     incorrect, 1 not worn; with another --photos_per_person: only groups of that size); every
     other photo becomes a group of its own (not pooled). A merged or split cluster almost never
     has that composition, so what is pooled is nearly pure."""
-    masks = _marginals(probs)[0].argmax(1)
+    masks = task_marginals(probs)[0].argmax(1)
     out = np.asarray(groups).copy()
     spare = out.max() + 1
     for g in np.unique(out):
@@ -100,18 +100,9 @@ def purity(groups, persons):
     return right / len(groups)
 
 
-def _marginals(probs):
-    """[N, size] probabilities of each sub-task (mask, gender, age band) of 18-class probabilities."""
-    parts = [np.zeros((len(probs), size)) for size in TASKS.values()]
-    for c in range(probs.shape[1]):
-        for task, value in enumerate(decode_label(c)):
-            parts[task][:, value] += probs[:, c]
-    return parts
-
-
 def pool(probs, groups):
     """18-class probabilities with gender and age band pooled (mean) within each group."""
-    mask, gender, age = _marginals(probs)
+    mask, gender, age = task_marginals(probs)
     for g in np.unique(groups):
         members = groups == g
         gender[members] = gender[members].mean(0)

@@ -19,7 +19,7 @@ from conftest import FAST, run_cli
 from heldout import apply_bias, read_heldout
 from images import ImageDataset
 from dataset import DATASETS
-from labels import MASK_CLASSES, decode_label, encode_label
+from labels import MASK_CLASSES, decode_label, encode_label, task_marginals
 
 
 # ---------------------------------------------------------------- --difficulty real
@@ -255,7 +255,7 @@ def test_pool_shares_gender_and_age_in_a_group_and_keeps_each_mask():
     groups = np.repeat([0, 1], 7)
     pooled = persons_mod.pool(probs, groups)
     assert np.allclose(pooled.sum(1), 1)
-    before, after = persons_mod._marginals(probs), persons_mod._marginals(pooled)
+    before, after = task_marginals(probs), task_marginals(pooled)
     assert np.allclose(before[0], after[0])  # mask: per image
     for task in (1, 2):
         assert np.allclose(after[task][:7], after[task][0]) and np.allclose(after[task][7:], after[task][7])
