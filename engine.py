@@ -21,7 +21,7 @@ import distributed
 from augmentation import tta_logits
 from cutmix import BatchMixer, mixed_loss
 from labels import task_f1
-from model import unwrap
+from model import regressed_ages, unwrap
 
 NOT_FINITE = "training loss is not finite (NaN or inf): lower --lr, or check the data; best.pth is left as it was"
 
@@ -115,6 +115,8 @@ def train_one_epoch(model, loader, step, device, desc, context=distributed.Conte
         loss_sum += loss * len(labels)
         seen += len(labels)
         if lam == 1.0:  # accuracy of a mixed batch means nothing: count unmixed batches only
+            if labels.dim() == 2:  # --age_head regression: (label, age) targets, the age output last
+                logits, labels = logits[:, :-1], labels[:, 0]
             correct += (logits.argmax(1) == labels).sum()
             unmixed += len(labels)
         if i % 10 == 0:  # a sync every 10 steps, not every step
@@ -136,25 +138,27 @@ def evaluate(model, loader, criterion, device, precision, num_classes, views=(),
     first (and gathered from every rank under torchrun, the sampler's padding dropped).
 
     With TTA `views`, predictions come from the softmax averaged over the views; the loss stays
-    that of the plain images. `per_task` adds the macro F1 of mask, gender and age.
+    that of the plain images. `per_task` adds the macro F1 of mask, gender and age. A model with
+    an age head adds "ages": its regressed age per image (averaged over the views).
     """
     model.eval()
-    logits_all, logp_all, labels_all = [], [], []
+    logits_all, logp_all, labels_all, ages_all = [], [], [], []
     for images, labels in loader:
         images = precision.batch(images.to(device, non_blocking=True))
-        with precision.autocast():
+        with precision.autocast(), regressed_ages(model) as ages:
             logits, logp = tta_logits(model, images, views)
         logits_all.append(logits.float().cpu())
         logp_all.append(logp.cpu())
         labels_all.append(labels)
-    logits, logp, labels = torch.cat(logits_all), torch.cat(logp_all), torch.cat(labels_all)
+        ages_all.append(torch.stack(ages).mean(0).cpu() if ages else torch.full((len(labels),), float("nan")))
+    logits, logp, labels, ages = torch.cat(logits_all), torch.cat(logp_all), torch.cat(labels_all), torch.cat(ages_all)
     if context.enabled:  # each rank saw a padded shard: merge by dataset index
-        shards = distributed.gather(context, (list(loader.sampler), logits, logp, labels))
+        shards = distributed.gather(context, (list(loader.sampler), logits, logp, labels, ages))
         merged = {}
         for order, *rows in shards:
             for position, index in enumerate(order):
                 merged.setdefault(index, [r[position] for r in rows])
-        logits, logp, labels = (torch.stack(column) for column in zip(*(merged[i] for i in sorted(merged))))
+        logits, logp, labels, ages = (torch.stack(column) for column in zip(*(merged[i] for i in sorted(merged))))
     preds = logp.argmax(1)
     result = {
         "val_loss": criterion(logits.to(device), labels.to(device)).item(),
@@ -162,6 +166,7 @@ def evaluate(model, loader, criterion, device, precision, num_classes, views=(),
         "val_f1": f1_score(labels.numpy(), preds.numpy(), average="macro",
                            labels=list(range(num_classes)), zero_division=0),
         "probs": logp.exp().numpy(), "preds": preds, "labels": labels,
+        "ages": None if torch.isnan(ages).all() else ages.numpy(),
     }
     if per_task:
         result.update({f"val_f1_{task}": f1 for task, f1 in task_f1(labels.tolist(), preds.tolist()).items()})

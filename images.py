@@ -217,8 +217,9 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths, labels, transform, prepare_to=None, regions=None, cache=None, cache_slots=None,
-                 soft=None):
+                 soft=None, ages=None):
         assert len(paths) == len(labels), "one label per image"
+        assert ages is None or len(ages) == len(paths), "one age (or -1) per image"
         assert soft is None or len(soft) == len(paths), "one soft label (or None) per image"
         assert regions is None or len(regions) == len(paths), "one crop region per image"
         assert cache is None or prepare_to is not None, "a cache holds prepared images: give prepare_to"
@@ -234,6 +235,8 @@ class ImageDataset(torch.utils.data.Dataset):
         # draw depends on (seed, epoch, index) only, like the augmentation
         self.soft = None if soft is None or all(p is None for p in soft) else \
             [None if p is None else np.cumsum(p) for p in soft]
+        # --age_head regression: the target is (label, age in years or -1), a [2] tensor
+        self.ages = None if ages is None else [int(a) for a in ages]
 
     def __len__(self):
         return len(self.paths)
@@ -260,6 +263,8 @@ class ImageDataset(torch.utils.data.Dataset):
             if self.soft is not None and self.soft[index] is not None:
                 draw = np.random.default_rng([int(seed) % 2**32, SOFT_STREAM]).random() * self.soft[index][-1]
                 label = int(np.searchsorted(self.soft[index], draw, side="right"))
+        if self.ages is not None:
+            label = torch.tensor([label, self.ages[index]])
         return self.transform(image=self.read(index))["image"], label
 
 

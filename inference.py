@@ -26,11 +26,11 @@ from augmentation import TTA_VIEWS, eval_transform, parse_tta, tta_logits, with_
 from dataset import read_csv_columns, read_eval_dir
 from ensemble import probs_path_for
 from facecrop import FACE_MARGIN, face_regions
-from heldout import BIAS_FILE, apply_bias, load_bias
+from heldout import BIAS_FILE, apply_bias, load_bias, load_cuts
 from labels import MASK_CLASSES
 from persons import complete_groups, group_photos, pool, pooled_groups
 from images import ImageDataset, make_loader
-from model import build_from_config, load_weights, resolve_device, resolve_precision
+from model import build_from_config, load_weights, resolve_device, resolve_precision, set_age_cuts
 
 # Runs with the same preprocessing predict in one pass over the images while their weights
 # together stay under this; past it the next pass starts (bounds device memory for big ensembles).
@@ -144,10 +144,25 @@ def read_recipe(path):
 
 
 def load_run(run_dir, config, checkpoint, device):
-    """The model of a run folder, rebuilt from its config.json alone, in eval mode."""
+    """The model of a run folder, rebuilt from its config.json alone, in eval mode (an age head with
+    the run's fitted cut points)."""
     model = build_from_config(config)
     load_weights(model, os.path.join(run_dir, checkpoint), config["model"])
+    if config.get("age_head") == "regression":
+        set_age_cuts(model, *load_cuts(run_dir)[:2])
     return model.to(device).eval()
+
+
+def report_age_cuts(run_dirs, configs):
+    """One line per age cut file the runs use (--age_head regression)."""
+    seen = set()
+    for run_dir, config in zip(run_dirs, configs):
+        if config.get("age_head") == "regression":
+            cuts, width, path = load_cuts(run_dir)
+            if path not in seen:
+                seen.add(path)
+                print(f"age bands of {run_dir} from its regressed age: cut points {cuts[0]:g}, {cuts[1]:g}, width "
+                      f"{width:g} years ({path or 'training defaults: no age_cuts.json'})")
 
 
 @torch.inference_mode()
@@ -285,7 +300,7 @@ def main(args):
     eval_set = read_eval_dir(args.data_dir)  # checks every image exists
     largest = max((tuple(c["input_size"]) for c in configs), key=lambda size: size[0] * size[1])
     precision = resolve_precision(args.precision, device, args.channels_last, largest)
-
+    report_age_cuts(run_dirs, configs)
     probs = ensemble_probs(run_dirs, configs, args.checkpoint, eval_set.paths, views, args.batch_size,
                            args.num_workers, device, precision, run_weights)
     if args.person_pool:

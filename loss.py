@@ -290,3 +290,33 @@ class MultiTaskLoss(nn.Module):
 
     def forward(self, logits, target):
         return sum(w * l for w, l in zip(self.weights, self.task_losses(logits, target)))
+
+
+AGE_BETA = 1.0  # smooth L1's switch from squared to absolute error, in units of model.AGE_UNIT years
+
+
+class AgeRegressionLoss(nn.Module):
+    """--age_head regression: the criterion on the class logits plus `weight` x smooth L1 of the
+    regressed age against the person's age, in units of `unit` years (images of unknown age,
+    -1, e.g. pseudo-labelled ones, add no age term).
+
+    In training the model gives [N, C + 1] outputs (the age last) and the loader [N, 2] targets
+    (label, age); mixing keeps its contract, as both terms are per-target losses. At validation the
+    model gives C folded logits and the loader plain labels: the criterion alone."""
+
+    def __init__(self, criterion, num_classes, weight=1.0, unit=10.0):
+        super().__init__()
+        if weight < 0:
+            raise UserError(f"--age_weight must be >= 0, got {weight}")
+        self.criterion, self.num_classes, self.weight, self.unit = criterion, num_classes, float(weight), float(unit)
+
+    def forward(self, outputs, target):
+        if target.dim() == 1:
+            return self.criterion(outputs[:, :self.num_classes], target)
+        labels, ages = target[:, 0], target[:, 1].float()
+        loss = self.criterion(outputs[:, :self.num_classes], labels)
+        known = ages >= 0
+        residual = (outputs[:, self.num_classes].float() - ages) / self.unit
+        age_loss = F.smooth_l1_loss(residual[known], torch.zeros_like(residual[known]), beta=AGE_BETA,
+                                    reduction="sum") / known.sum().clamp(min=1)
+        return loss + self.weight * age_loss

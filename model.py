@@ -21,6 +21,7 @@ are read with `torch.load(weights_only=True)`: a file that would run code is ref
 
 Example: python train.py --model efficientNet_b3 --pretrained True
 """
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -36,6 +37,7 @@ from torch import nn
 
 from atomic import replacing
 from cli import UserError
+from labels import AGE_BINS
 from registry import Registry
 
 MODELS = Registry("model")
@@ -148,6 +150,83 @@ class MultiSampleDropout(nn.Module):
         return torch.stack([self.head(self.dropout(features)) for _ in range(self.samples)]).mean(0)
 
 
+# --age_head regression: the regressed age in years is AGE_CENTER + AGE_UNIT * (the head's output)
+AGE_CENTER, AGE_UNIT = 40.0, 10.0
+AGE_WIDTH = 4.0  # years: how soft the age band of a regressed age is, before it is fitted on held-out data
+
+
+def age_band_logits(years, cuts, width):
+    """[N] regressed ages -> [N, bands] logits: minus the distance in years from the age to each band
+    (edges `cuts`), over `width`. The band holding the age scores 0 and wins; how close the age is
+    to an edge sets how sure the band is."""
+    inf = years.new_tensor([float("inf")])
+    edges = torch.cat([-inf, cuts.to(years.dtype), inf])
+    low, high = edges[:-1], edges[1:]
+    years = years.unsqueeze(-1)
+    return -((low - years).clamp(min=0) + (years - high).clamp(min=0)) / width
+
+
+def fold_age(logits, years, cuts, width, tasks):
+    """Joint logits whose age factor (the last of `tasks`) comes from the regressed age: the
+    softmax is p(the other factors) from `logits` times p(age band) from `age_band_logits`."""
+    joint = torch.log_softmax(logits.float(), dim=-1)
+    rest = torch.logsumexp(joint.unflatten(-1, (-1, tasks[-1])), dim=-1)
+    band = torch.log_softmax(age_band_logits(years.float(), cuts, width), dim=-1)
+    return (rest.unsqueeze(-1) + band.unsqueeze(-2)).flatten(-2)
+
+
+class AgeRegressionHead(nn.Module):
+    """--age_head regression: the classifier plus a linear layer regressing the age in years.
+
+    In training the output is [N, C + 1]: the classifier's C logits and the age
+    (`loss.AgeRegressionLoss` splits them). In eval it is the C joint logits with the age band
+    taken from the regressed age and the cut points `cuts` (`fold_age`), so validation,
+    inference, TTA and ensembles see ordinary logits. The cut points and `width` are set after
+    training from held-out predictions (`set_age_cuts`, agecuts.py); the age itself passes
+    through `self.years`, where `regressed_ages` reads it."""
+
+    def __init__(self, classifier, in_features, tasks, cuts=AGE_BINS, width=AGE_WIDTH):
+        super().__init__()
+        self.classifier, self.tasks = classifier, tuple(tasks)
+        self.age = nn.Linear(in_features, 1)
+        self.years = nn.Identity()
+        self.register_buffer("cuts", torch.tensor(cuts, dtype=torch.float32), persistent=False)
+        self.register_buffer("width", torch.tensor(float(width)), persistent=False)
+
+    def forward(self, features):
+        logits = self.classifier(features)
+        years = self.years(AGE_CENTER + AGE_UNIT * self.age(features).squeeze(-1).float())
+        if self.training:
+            return torch.cat([logits.float(), years.unsqueeze(-1)], dim=-1)
+        return fold_age(logits, years, self.cuts, self.width, self.tasks)
+
+
+def age_heads(model):
+    return [m for m in model.modules() if isinstance(m, AgeRegressionHead)]
+
+
+def set_age_cuts(model, cuts, width):
+    """Age band edges (years) and softness for every age head of `model`."""
+    for head in age_heads(model):
+        head.cuts.copy_(torch.as_tensor(cuts, dtype=torch.float32))
+        head.width.fill_(float(width))
+    return model
+
+
+@contextlib.contextmanager
+def regressed_ages(model):
+    """Collect the regressed ages (years) of every forward pass of `model` inside the block: yields
+    a list that gets one [N] tensor per pass (empty for a model without an age head)."""
+    found, hooks = [], []
+    for head in age_heads(model):
+        hooks.append(head.years.register_forward_hook(lambda module, args, out: found.append(out.detach().float())))
+    try:
+        yield found
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def replace_classifier(model, build):
     """Swap the model's classifier (any depth, e.g. `head.fc`) for `build(old_classifier)`."""
     old = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -174,13 +253,15 @@ def check_model_name(name):
 
 
 HEADS = ("linear", "multitask")
+AGE_HEADS = ("none", "regression")
 
 
 def create_model(name, num_classes, pretrained=False, head="linear", tasks=None, msd=0, msd_p=MSD_P, drop=None,
-                 drop_path=None, **options):
+                 drop_path=None, age_head="none", **options):
     """A registered model, or a timm model by its own name, with a num_classes-way output.
 
     head="multitask": a FactorizedHead over `tasks` (their product must be num_classes);
+    age_head="regression": an AgeRegressionHead around the classifier (the competition's tasks);
     msd > 1: multi-sample dropout with `msd` samples of rate `msd_p` around the head;
     drop / drop_path: timm's dropout and stochastic-depth rates (None: the model's own);
     `options`: the entry's own (see MODELS.register's `options`).
@@ -201,13 +282,19 @@ def create_model(name, num_classes, pretrained=False, head="linear", tasks=None,
             raise UserError(f"--head multitask needs the competition's label scheme (tasks {tasks} for "
                             f"{num_classes} classes)")
         replace_classifier(model, lambda old: FactorizedHead(old.in_features, tasks))
+    if age_head == "regression":
+        if not tasks or int(np.prod(tasks)) != num_classes:
+            raise UserError(f"--age_head regression needs the competition's label scheme (tasks {tasks} for "
+                            f"{num_classes} classes)")
+        replace_classifier(model, lambda old: AgeRegressionHead(old, getattr(old, "in_features", None)
+                                                                or old.fc.in_features, tasks))
     if msd and msd > 1:
         replace_classifier(model, lambda old: MultiSampleDropout(old, msd, msd_p))
     return model
 
 
 # what config.json holds about the model, besides the entry's own options
-MODEL_KEYS = ("head", "tasks", "msd", "msd_p", "drop", "drop_path")
+MODEL_KEYS = ("head", "tasks", "msd", "msd_p", "drop", "drop_path", "age_head")
 
 
 def build_from_config(config, pretrained=False):

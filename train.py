@@ -30,6 +30,7 @@ import timm.utils
 import torch
 from sklearn.metrics import f1_score
 
+import agecuts
 import cli
 import distributed
 import plots
@@ -40,10 +41,11 @@ from cutmix import MODES as CUTMIX_MODES, BatchMixer
 from dataset import DATASETS, class_counts, read_extra, read_pseudo_labels, write_split_csv
 from engine import Step, evaluate, is_better, train_one_epoch, updates_per_epoch
 from facecrop import FACE_MARGIN, face_regions
+from heldout import AGE_COLUMNS
 from images import EpochSampler, ImageDataset, cache_shape, load_image, make_loader, open_cache, shared_memory_free
 from labels import TASKS, training_label
-from loss import CRITERIONS, MultiTaskLoss, build_criterion
-from model import (HEADS, MODELS, MSD_P, build_from_config, check_model_name, compile_model, input_size_of,
+from loss import CRITERIONS, AgeRegressionLoss, MultiTaskLoss, build_criterion
+from model import (AGE_HEADS, AGE_UNIT, HEADS, MODELS, MSD_P, build_from_config, check_model_name, compile_model, input_size_of,
                    load_weights, read_checkpoint, resolve_device, resolve_precision, save_checkpoint)
 from optim import (LENGTH_SCHEDULES, OPTIMIZERS, SCHEDULERS, Freezer, SchedulerState, build_optimizer,
                    build_scheduler)
@@ -138,6 +140,11 @@ def add_model_flags(model):
                        help="multitask: mask/gender/age heads combined into the 18 classes")
     model.add_argument("--task_weights", type=cli.parse_floats, default=None, metavar="M,G,A",
                        help="multitask: loss weight per head (default 1,1,1)")
+    model.add_argument("--age_head", choices=AGE_HEADS, default="none",
+                       help="regression: also regress the age in years; the age band comes from it and cut "
+                            "points fitted on held-out predictions (age_cuts.json)")
+    model.add_argument("--age_weight", type=cli.number(float, 0), default=1.0,
+                       help="age_head regression: loss weight of the age (smooth L1 in 10-year units)")
     model.add_argument("--msd", type=cli.number(int, 0), default=0, metavar="N",
                        help="multi-sample dropout: N samples (0: off)")
     model.add_argument("--msd_p", type=rate, default=MSD_P, help="multi-sample dropout rate")
@@ -314,14 +321,14 @@ class TrainingData:
         """Every image the folds use: the data folder's, then the extra training images."""
         return self.source.all_paths() + [s.path for s in self.extra]
 
-    def dataset(self, paths, labels, transform, prepare_to, soft=None):
+    def dataset(self, paths, labels, transform, prepare_to, soft=None, ages=None):
         """An ImageDataset over `paths` with this data's face crops and cache. prepare_to None: the
         transform gets full-size photos (a pipeline that does not resize first), never cached."""
         regions = [self.regions[p] for p in paths] if self.regions else None
         cache = self.cache if prepare_to is not None else None
         slots = [self.slots[p] for p in paths] if cache is not None else None
         return ImageDataset(paths, labels, transform, prepare_to=prepare_to, regions=regions, cache=cache,
-                            cache_slots=slots, soft=soft)
+                            cache_slots=slots, soft=soft, ages=ages)
 
 
 def drop_unreadable(source, extra):
@@ -350,6 +357,7 @@ def read_source(args):
         raise cli.UserError("--relabel applies to the competition layout only")
     if source.label_scheme != "mask":
         for flag, value in (("--head multitask", args.head == "multitask"), ("--age_bins", args.age_bins),
+                            ("--age_head regression", args.age_head == "regression"),
                             ("--extra_data", args.extra_data), ("--pseudo_labels", args.pseudo_labels)):
             if value:
                 raise cli.UserError(f"{flag} needs the competition's 18-class layout, not {args.dataset}")
@@ -416,14 +424,17 @@ def attach_cache(data, kind, size, run_dir):
     print(f"cache: {len(paths)} decoded images at {data.cache.shape[1]}x{data.cache.shape[2]} in {kind}")
 
 
-def write_val_predictions(path, rows, labels, probs, classes):
-    """val_predictions.csv of the best epoch: path, person, label, pred and one probability per class
-    (what the mistakes grid, bias tuning, the label audit and oof.csv read)."""
+def write_val_predictions(path, rows, labels, probs, classes, ages_pred=None):
+    """val_predictions.csv of the best epoch: path, person, label, pred, (with an age head: the age
+    and the regressed age) and one probability per class (what the mistakes grid, bias tuning, the
+    label audit, agecuts.py and oof.csv read)."""
     with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "person", "label", "pred", *classes])
-        for (image, person), label, p in zip(rows, labels, probs):
-            writer.writerow([image, person, int(label), int(p.argmax()), *p.round(6)])
+        writer.writerow(["path", "person", "label", "pred", *(AGE_COLUMNS if ages_pred is not None else ()),
+                         *classes])
+        for k, ((image, person, age), label, p) in enumerate(zip(rows, labels, probs)):
+            regressed = () if ages_pred is None else (age, round(float(ages_pred[k]), 2))
+            writer.writerow([image, person, int(label), int(p.argmax()), *regressed, *p.round(6)])
 
 
 def write_oof(run_dir, source, fold_dirs):
@@ -434,7 +445,7 @@ def write_oof(run_dir, source, fold_dirs):
         frame = pd.read_csv(os.path.join(run_dir, fold_dir, "val_predictions.csv"), keep_default_na=False)
         frames.append(frame.assign(fold=int(fold_dir[len("fold"):])))
     oof = pd.concat(frames).sort_values("path")
-    oof = oof[["path", "person", "fold", "label", "pred", *source.classes]]
+    oof = oof[["path", "person", "fold", "label", "pred", *[c for c in AGE_COLUMNS if c in oof], *source.classes]]
     with replacing(os.path.join(run_dir, "oof.csv")) as tmp:
         oof.to_csv(tmp, index=False)
 
@@ -512,7 +523,8 @@ def build_sides(args, data, train_idx, val_idx, resize, device, context):
     train_tf = train_transform(args.augmentation, resize, source.mean, source.std, vars(args))
     val_tf = eval_transform(resize, source.mean, source.std)
     train_set = data.dataset(train_paths, train_labels, train_tf, data.train_prepared,
-                             soft=[s.soft for s in train_samples])
+                             soft=[s.soft for s in train_samples],
+                             ages=[s.age for s in train_samples] if args.age_head == "regression" else None)
     val_set = data.dataset(val_paths, val_labels, val_tf, data.prepared)
     counts = class_counts(train_labels, source.num_classes)
     # --sampler weighted: each image drawn with weight 1/count of its class, so classes come up about equally
@@ -527,7 +539,7 @@ def build_sides(args, data, train_idx, val_idx, resize, device, context):
     regions = {"train": [data.regions[p] for p in train_paths], "val": [data.regions[p] for p in val_paths]} \
         if data.regions else {"train": None, "val": None}
     train = Side(train_paths, train_labels, regions["train"], train_tf, train_set, train_loader)
-    val_rows = [(source.samples[i].path, source.samples[i].person) for i in val_idx]
+    val_rows = [(source.samples[i].path, source.samples[i].person, source.samples[i].age) for i in val_idx]
     return train, Side(val_paths, val_labels, regions["val"], val_tf, val_set, val_loader, val_rows), sampler
 
 
@@ -562,6 +574,8 @@ def build_criterion_for(args, num_classes, tasks, counts, device):
         criterion = MultiTaskLoss(args.criterion, num_classes, tasks, args.task_weights, counts, **options)
     else:
         criterion = build_criterion(args.criterion, num_classes, class_counts=counts, **options)
+    if args.age_head == "regression":
+        criterion = AgeRegressionLoss(criterion, num_classes, args.age_weight, AGE_UNIT)
     return criterion.to(device)
 
 
@@ -672,7 +686,7 @@ def record_best(fold, checkpoint, val, weights, state, run_dir):
     checkpoint.save_best(weights, state["best"])
     if val is not None:
         write_val_predictions(os.path.join(run_dir, "val_predictions.csv"), fold.val.rows, val["labels"].tolist(),
-                              val["probs"], fold.config["classes"])
+                              val["probs"], fold.config["classes"], val["ages"])
 
 
 def fit(fold, state, checkpoint, log, args, run_dir, context):
@@ -911,6 +925,8 @@ def run_training(args, context, device):
                 train_fold(args, data, *folds[0], run_dir, device, precision, resize, context, bool(args.resume))
             else:
                 train_kfold(args, data, folds, run_dir, device, precision, resize, context)
+            if args.age_head == "regression" and context.is_main:
+                fit_age_cuts(run_dir)
         finally:
             if data.cache is not None:
                 data.cache.close()
@@ -922,6 +938,14 @@ def run_training(args, context, device):
         if lock is not None:
             lock.release()
     return run_dir
+
+
+def fit_age_cuts(run_dir):
+    """--age_head regression: the age cut points fitted on the run's held-out predictions (agecuts.py)."""
+    if any(os.path.isfile(os.path.join(run_dir, name)) for name in ("oof.csv", "val_predictions.csv")):
+        agecuts.fit_run(run_dir)
+    else:
+        print("age cut points: no held-out predictions (--val_ratio 0); inference uses 30, 60")
 
 
 def default_batch_size(train_images, world_size=1):
