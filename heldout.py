@@ -1,10 +1,12 @@
-"""A run's held-out predictions, and the per-class bias fitted on them.
+"""A run's held-out predictions, the per-class bias fitted on them, and an age head's cut points.
 
 Every run folder holds predictions for images its model did not train on: a k-fold parent's
 `oof.csv` (each training image once, from the fold that held it out) and a single run's
 `val_predictions.csv` (its validation side at the best epoch). `tune_bias.py`, `audit.py` and
 `ensemble.py --fit` read them through `read_heldout`; `inference.py` applies a run's `bias.json`
-through `load_bias` and `apply_bias`.
+through `load_bias` and `apply_bias`. An `--age_head regression` run's files also hold each
+image's age and regressed age (`age`, `age_pred`); agecuts.py fits its age_cuts.json on them,
+and `read_heldout` gives its probabilities with those cut points (`refold`), as inference does.
 
 Example: python tune_bias.py runs/kf     # then python inference.py --model_dir runs/kf
 """

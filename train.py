@@ -45,8 +45,8 @@ from heldout import AGE_COLUMNS
 from images import EpochSampler, ImageDataset, cache_shape, load_image, make_loader, open_cache, shared_memory_free
 from labels import TASKS, training_label
 from loss import CRITERIONS, AgeRegressionLoss, MultiTaskLoss, build_criterion
-from model import (AGE_HEADS, AGE_UNIT, HEADS, MODELS, MSD_P, build_from_config, check_model_name, compile_model, input_size_of,
-                   load_weights, read_checkpoint, resolve_device, resolve_precision, save_checkpoint)
+from model import (AGE_HEADS, AGE_UNIT, HEADS, MODELS, MSD_P, build_from_config, check_model_name, compile_model,
+                   input_size_of, load_weights, read_checkpoint, resolve_device, resolve_precision, save_checkpoint)
 from optim import (LENGTH_SCHEDULES, OPTIMIZERS, SCHEDULERS, Freezer, SchedulerState, build_optimizer,
                    build_scheduler)
 from runfolder import (PREVIEW_IMAGES, Checkpoint, RunLock, RunLog, TopCheckpoints, best_epoch_figures,

@@ -71,7 +71,8 @@ def test_age_loss_adds_smooth_l1_of_known_ages_and_keeps_the_mixing_contract():
     mixer = BatchMixer(mixup=True, prob=1.0, seed=1)
     mixed, y_a, y_b, lam = mixer(x, target)
     assert y_b.shape == (3, 2) and lam < 1.0
-    assert torch.isclose(mixed_loss(loss, outputs, y_a, y_b, lam), lam * loss(outputs, y_a) + (1 - lam) * loss(outputs, y_b))
+    assert torch.isclose(mixed_loss(loss, outputs, y_a, y_b, lam),
+                         lam * loss(outputs, y_a) + (1 - lam) * loss(outputs, y_b))
     with pytest.raises(Exception, match="age_weight"):
         AgeRegressionLoss(base, 18, weight=-1)
 
@@ -111,7 +112,7 @@ def _heldout_with_shrunk_ages(n_persons=300, seed=0):
     rng = np.random.default_rng(seed)
     ages = np.concatenate([rng.integers(18, 30, n_persons // 3), rng.integers(30, 60, n_persons // 3),
                            np.full(n_persons - 2 * (n_persons // 3), 60)])
-    rows, labels, regressed, persons, probs = [], [], [], [], []
+    labels, regressed, persons, probs = [], [], [], []
     for p, age in enumerate(ages):
         for mask in (0, 0, 0, 0, 0, 1, 2):
             gender = p % 2
