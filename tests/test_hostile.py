@@ -389,6 +389,7 @@ def test_baseline_and_timm_spellings(work, small_run, tmp_path, run_here):
 def test_help_shows_each_default_once():
     import argparse
 
+    import agecuts
     import audit
     import ensemble
     import inference
@@ -396,7 +397,7 @@ def test_help_shows_each_default_once():
     import persons
     import train
     import tune_bias
-    for module in (train, inference, ensemble, tune_bias, audit, persons, make_sample_data):
+    for module in (train, inference, ensemble, tune_bias, audit, persons, agecuts, make_sample_data):
         parser = module.get_args_parser()
         for action in parser._actions:
             if not action.option_strings or action.help == argparse.SUPPRESS:
