@@ -686,7 +686,7 @@ def record_best(fold, checkpoint, val, weights, state, run_dir):
     checkpoint.save_best(weights, state["best"])
     if val is not None:
         write_val_predictions(os.path.join(run_dir, "val_predictions.csv"), fold.val.rows, val["labels"].tolist(),
-                              val["probs"], fold.config["classes"], val["ages"])
+                              val["probs"], fold.config["classes"], val.get("ages"))
 
 
 def fit(fold, state, checkpoint, log, args, run_dir, context):
