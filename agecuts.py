@@ -75,14 +75,15 @@ def tune(held, cv=5):
         raise cli.UserError(f"{held.source} has {len(held.labels)} rows: too few for --cv {cv}")
     ages, labels = held.ages_pred, held.labels
     rest = held.probs.reshape(len(labels), -1, len(AGE_NAMES)).sum(-1).argmax(1)
-    before = fast_macro_f1(labels, cut_preds(rest, ages, *AGE_BINS), NUM_CLASSES)
-    preds, gains = cut_preds(rest, ages, *AGE_BINS), []
+    default = cut_preds(rest, ages, *AGE_BINS)
+    before = fast_macro_f1(labels, default, NUM_CLASSES)
+    preds, gains = default.copy(), []
     for val in parts(held.persons, cv):
         train = np.setdiff1d(np.arange(len(labels)), val)
         low, high, _ = fit_cuts(rest[train], ages[train], labels[train])
         preds[val] = cut_preds(rest[val], ages[val], low, high)
         gains.append(fast_macro_f1(labels[val], preds[val], NUM_CLASSES)
-                     - fast_macro_f1(labels[val], cut_preds(rest[val], ages[val], *AGE_BINS), NUM_CLASSES))
+                     - fast_macro_f1(labels[val], default[val], NUM_CLASSES))
     low, high, in_sample = fit_cuts(rest, ages, labels)
     cross_fitted = fast_macro_f1(labels, preds, NUM_CLASSES)
     cuts = [low, high] if cross_fitted > before else list(AGE_BINS)
@@ -105,7 +106,7 @@ def describe(cuts, report):
         f"{report['fitted_cuts'][0]:g}, {report['fitted_cuts'][1]:g} do not gain cross-fitted)"
     mae = f"; regressed age off by {report['age_mae']:.1f} years on average" if "age_mae" in report else ""
     return (f"age cut points {cuts[0]:g}, {cuts[1]:g} ({kept}): {report['fitted_on']} macro F1 "
-            f"{report['f1_default_cuts']:.4f} at 30, 60, {report['f1_cross_fitted']:.4f} cross-fitted, "
+            f"{report['f1_default_cuts']:.4f} at {AGE_BINS[0]:g}, {AGE_BINS[1]:g}, {report['f1_cross_fitted']:.4f} cross-fitted, "
             f"{report['f1_in_sample']:.4f} in-sample{mae}")
 
 
