@@ -18,16 +18,17 @@ top suspects' photos with their paths, labelled and suggested values).
 
 Example: python audit.py runs/kf --top 40
 """
-import json
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
 
 import cli
-from atomic import check_outputs, write_csv
+from atomic import check_outputs, write_csvs
 from dataset import resolve_train_dir
 from heldout import read_heldout
+from readers import data_path, read_config
 from labels import AGE_NAMES, GENDER_NAMES, MASK_CLASSES, MASK_NAMES, TASKS, decode_label, task_marginals
 
 TYPICAL_AGE = (25, 45, 60)  # years written for a suggested age band in the draft (review them)
@@ -152,14 +153,11 @@ def planted_recall(suspects, planted_csv, held_paths, top):
 
 
 def training_root(run_dir, data_dir):
+    """The training folder a run's held-out paths refer to: --data_dir, else its config.json's."""
     if data_dir is None:
-        try:
-            with open(os.path.join(run_dir, "config.json")) as f:
-                data_dir = json.load(f).get("data_dir")
-        except (OSError, json.JSONDecodeError):
-            data_dir = None
-    if not data_dir:
-        raise cli.UserError(f"{run_dir}/config.json names no data_dir; pass --data_dir")
+        data_dir = read_config(run_dir).get("data_dir")
+    if not isinstance(data_dir, str) or not data_dir:
+        raise cli.UserError(f"{os.path.join(run_dir, 'config.json')} names no data_dir; pass --data_dir")
     return resolve_train_dir(data_dir)
 
 
@@ -169,14 +167,21 @@ def main(args):
     outputs = [os.path.join(out, name) for name in ("suspects.csv", "fixes.csv", "suspects.png")]
     check_outputs(outputs, overwrite=args.overwrite)
     root = training_root(args.run, args.data_dir)
+    for path in held.paths:  # every image named is inside the data folder and there
+        data_path(root, path, held.source)
     suspects = rank_suspects(held)
     fixes = draft_fixes(suspects, args.top)
-    os.makedirs(out, exist_ok=True)
-    write_csv(suspects.round({"score": 4, "p_labelled": 4}), outputs[0])
-    write_csv(fixes, outputs[1])
     import plots  # matplotlib only when there is a picture to draw
-    plots.captioned_grid_png(outputs[2], suspect_images(suspects, root, args.top),
-                             f"top {min(args.top, len(suspects))} suspects of {os.path.basename(held.source)}")
+    made = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    try:
+        write_csvs([suspects.round({"score": 4, "p_labelled": 4}), fixes], outputs[:2], overwrite=True)
+        plots.captioned_grid_png(outputs[2], suspect_images(suspects, root, args.top),
+                                 f"top {min(args.top, len(suspects))} suspects of {os.path.basename(held.source)}")
+    except BaseException:
+        if made:  # a full disk (or Ctrl-C) leaves no empty or partial audit folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     coverage = "every training image" if held.source.endswith("oof.csv") else "the validation side only"
     print(f"{len(suspects)} suspects ranked from {held.source} ({coverage}); top {min(args.top, len(suspects))}:")
     for s in suspects.head(min(args.top, 10)).itertuples():

@@ -19,6 +19,7 @@ Example: python train.py --augmentation AlbuAugmentation --resize 256,192
 import inspect
 import math
 import random
+import re
 
 import albumentations as A
 import numpy as np
@@ -112,8 +113,37 @@ class TimmAutoAugment(A.ImageOnlyTransform):
         return ("config",)
 
 
+# --aa strings, checked part by part: timm skips a part it cannot read (rand-m9-x, augmix-foo,
+# original-mstd) without a word, so a typo trained without the augmentation it asked for
+AA_PARTS = {"rand": {"m": r"\d+", "n": r"\d+", "p": r"[\d.]+", "mstd": r"[\d.]+", "mmax": r"\d+",
+                     "inc": r"[01]", "t": r"[A-Za-z0-9]+"},
+            "augmix": {"m": r"\d+", "w": r"\d+", "d": r"-?\d+", "a": r"[\d.]+", "b": r"[01]",
+                       "mstd": r"[\d.]+"},
+            "auto": {"mstd": r"[\d.]+"}}
+AA_POLICIES = ("original", "originalr", "v0", "v0r", "3a")  # timm's AutoAugment policies
+
+
+def check_aa_policy(config):
+    """One line for a --aa string with an unknown or malformed part (timm ignores them)."""
+    family, *parts = config.split("-")
+    kind = family if family in ("rand", "augmix") else "auto" if family in AA_POLICIES else None
+    if config == "trivial":
+        return
+    if kind is None:
+        raise UserError(f"--aa {config!r}: starts with {family!r}; expected rand-..., augmix-..., "
+                        f"{', '.join(AA_POLICIES)} or trivial (e.g. rand-m9-mstd0.5, augmix-m5-w4-d2)")
+    allowed = AA_PARTS[kind]
+    for part in parts:
+        # the longest key first: mstd and mmax before m
+        key = next((k for k in sorted(allowed, key=len, reverse=True) if part.startswith(k)), None)
+        if key is None or not re.fullmatch(allowed[key], part[len(key):]):
+            raise UserError(f"--aa {config!r}: cannot read the part {part!r}; {family} takes "
+                            f"{', '.join(k + '<' + ('name' if k == 't' else 'number') + '>' for k in allowed)}")
+
+
 def auto_augment_policy(config, input_size, mean):
     """The PIL transform timm's create_transform would build for --aa `config`."""
+    check_aa_policy(config)
     from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
     hparams = {"translate_const": int(min(input_size) * 0.45),
                "img_mean": tuple(min(255, round(255 * x)) for x in mean)}

@@ -12,9 +12,12 @@
 Example: `python train.py --cutmix False --resize 299,299`
 """
 import argparse
+import dataclasses
 import errno
 import math
 import os
+import re
+import signal
 import sys
 import time
 
@@ -54,9 +57,12 @@ def parse_size(text):
 def parse_floats(text):
     """Parse a comma-separated list of floats, e.g. '0.9,1,1'."""
     try:
-        return [float(p) for p in str(text).split(",") if p.strip()]
+        values = [float(p) for p in str(text).split(",") if p.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        values = None
+    if values is None or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated (finite) numbers, got {text!r}")
+    return values
 
 
 def parse_ints(text):
@@ -133,38 +139,112 @@ def ratio(text):
     return value
 
 
-class SizeAction(argparse.Action):
-    """`--resize 128,96`, `--resize 128 96` (the public baseline's two words) or `--resize 224`."""
+class WordsAction(argparse.Action):
+    """A list flag in one word or several: `--resize 128,96` or `--resize 128 96` (the public
+    baseline's two words), `--opt_betas 0.9,0.999` or timm's `--opt-betas 0.9 0.999`. The words
+    are joined with commas and parsed by the flag's `parse`."""
+
+    def __init__(self, *args, parse=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parse = parse
 
     def __call__(self, parser, namespace, values, option_string=None):
         words = values if isinstance(values, list) else [values]
         try:
-            size = parse_size(",".join(words))
+            value = self.parse(",".join(words))
         except argparse.ArgumentTypeError as err:
             raise argparse.ArgumentError(self, str(err)) from None
-        setattr(namespace, self.dest, size)
+        setattr(namespace, self.dest, value)
+
+
+def words_flag(group, *names, parse, metavar, **kwargs):
+    """A flag whose value is a list given in one word (commas) or several."""
+    return group.add_argument(*names, action=WordsAction, parse=parse, nargs="+", metavar=metavar, **kwargs)
 
 
 def size_flag(group, *names, **kwargs):
-    return group.add_argument(*names, action=SizeAction, nargs="+", metavar="H,W", **kwargs)
+    return words_flag(group, *names, parse=parse_size, metavar="H,W", **kwargs)
 
 
-def bool_flag(group, *names, default=False, help=""):
-    """Add a boolean flag: `--x`, `--x True`, `--x no` all work."""
-    return group.add_argument(*names, type=str2bool, nargs="?", const=True, default=default,
-                              metavar="BOOL", help=help)
+def bool_flag(group, *names, default=False, help="", alpha=None):
+    """Add a boolean flag: `--x`, `--x True`, `--x no` all work. `alpha`: the flag that takes
+    the number timm's flag of the same name takes (`--mixup 0.2` is timm's MixUp alpha: here
+    `--mixup_alpha 0.2`), named when a number is given."""
+    return group.add_argument(*names, type=switch(alpha) if alpha else str2bool, nargs="?", const=True,
+                              default=default, metavar="BOOL", help=help)
+
+
+def switch(alpha_flag):
+    """str2bool that points a number (other than 0 and 1) at `alpha_flag`."""
+    def parse(text):
+        try:
+            return str2bool(text)
+        except argparse.ArgumentTypeError:
+            try:
+                float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected True/False/1/0/yes/no, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"a switch here (True/False), got {text!r}; timm's alpha is "
+                                             f"{alpha_flag} {text}") from None
+    parse.__name__ = "bool"
+    return parse
 
 
 def _snake_flags(argv):
-    """Rewrite `--kebab-case[=v]` option names to `--snake_case[=v]`; values are left alone."""
-    out, options_done = [], False
+    """Rewrite `--kebab-case[=v]` option names to `--snake_case[=v]`; values are left alone.
+    Returns (the rewritten argv, {snake name: the name as typed})."""
+    out, typed, options_done = [], {}, False
     for token in argv:
         if options_done or not token.startswith("--") or token == "--":
             options_done = options_done or token == "--"
             out.append(token)
             continue
         name, eq, value = token.partition("=")
-        out.append("--" + name[2:].replace("-", "_") + eq + value)
+        snake = "--" + name[2:].replace("-", "_")
+        typed.setdefault(snake, name)
+        out.append(snake + eq + value)
+    return out, typed
+
+
+@dataclasses.dataclass
+class Foreign:
+    """A flag of another tool (timm's train.py) that a parser does not have: `rewrite(words, argv)`
+    turns it and its `nargs` value words into this parser's words (it means the same), or `hint`
+    refuses it in one line naming what to use instead."""
+    nargs: object = 0          # value words: a count, "?" (0 or 1) or "+" (1 or more)
+    rewrite: object = None
+    hint: str = ""
+
+
+def _is_value(token):
+    return not token.startswith("-") or _NUMBER.match(token) is not None
+
+
+_NUMBER = re.compile(r"^-\d|^-\.\d")
+
+
+def _translate_foreign(argv, foreign, typed):
+    """argv with every flag of `foreign` rewritten, or a UserError naming it as typed."""
+    out, i = [], 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        spec = foreign.get(name[2:]) if name.startswith("--") else None
+        if spec is None:
+            out.append(argv[i])
+            i += 1
+            continue
+        words, i = ([value] if eq else []), i + 1
+        most = {0: 0, "?": 1, "+": len(argv)}.get(spec.nargs, spec.nargs)
+        while not eq and len(words) < most and i < len(argv) and _is_value(argv[i]):
+            words.append(argv[i])
+            i += 1
+        shown = typed.get(name, name)
+        if spec.rewrite is None:
+            raise UserError(f"{shown} is timm's flag, not this one's: {spec.hint}")
+        needs = {"?": 0, "+": 1}.get(spec.nargs, spec.nargs)
+        if len(words) < needs:
+            raise UserError(f"{shown} expects {needs} value(s), got {len(words)}")
+        out += spec.rewrite(words, argv)
     return out
 
 
@@ -201,16 +281,18 @@ class ArgumentParser(argparse.ArgumentParser):
     way. Keys in `derived_keys` (values a run records but nobody sets) are skipped.
     """
 
-    def __init__(self, *args, derived_keys=(), after_parse=None, **kwargs):
+    def __init__(self, *args, derived_keys=(), after_parse=None, foreign=None, **kwargs):
         kwargs.setdefault("allow_abbrev", False)  # a typo should not silently pick another flag
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.derived_keys = set(derived_keys)
         self.after_parse = after_parse  # fn(args, given): checks that need to know what was typed
-        self.given = set()
+        self.foreign = foreign or {}  # snake name -> Foreign: other tools' flags, translated or refused
+        self.given, self.typed = set(), {}
 
     def parse_args(self, args=None, namespace=None):
-        command_line = _snake_flags(sys.argv[1:] if args is None else list(args))
+        command_line, self.typed = _snake_flags(sys.argv[1:] if args is None else list(args))
+        command_line = _translate_foreign(command_line, self.foreign, self.typed)
         known, _ = self.parse_known_args(command_line)
         path = getattr(known, "config", None)
         if getattr(known, "resume", None):
@@ -258,22 +340,29 @@ class ArgumentParser(argparse.ArgumentParser):
         return argv
 
     def error(self, message):
+        """One line, naming each flag as the user typed it (`--batch-size`, not `--batch_size`)."""
+        for snake, typed in sorted(self.typed.items(), key=lambda item: -len(item[0])):
+            if typed != snake:
+                message = re.sub(re.escape(snake) + r"(?![\w-])", typed, message)
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
 # ---------------------------------------------------------------- progress
-LOG_EVERY_SHARE, LOG_EVERY_SECONDS = 0.1, 30.0  # in a log: a line per 10% done, or per 30 s,
-LOG_MIN_SECONDS = 2.0  # but not more often than this: a task of a few seconds prints nothing
+LOG_EVERY_SHARE, LOG_EVERY_SECONDS = 0.25, 60.0  # in a log: a line per quarter done, or per minute,
+LOG_MIN_SECONDS = 20.0  # but not more often than this: a task of under 20 s prints nothing (an
+# epoch's own row follows it: more lines only repeat a loss that has not moved)
 
 
 class LogProgress:
     """tqdm's interface for a log file: a line every LOG_EVERY_SHARE of the total (or every
-    LOG_EVERY_SECONDS where the total is unknown or slow), with the postfix tqdm would show."""
+    LOG_EVERY_SECONDS where the total is unknown or slow), with the time left and the postfix
+    tqdm would show. `live(fn)` gives a postfix computed when a line is printed (a running mean
+    read then, not a value set some steps before)."""
 
     def __init__(self, iterable=None, desc="", total=None, unit="it", file=None):
         self.iterable, self.desc, self.unit, self.file = iterable, desc, unit, file or sys.stderr
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.n, self.postfix, self.start = 0, "", time.time()
+        self.n, self.postfix, self.postfix_fn, self.start = 0, "", None, time.time()
         self.logged_at, self.logged_n = self.start, 0
 
     def __iter__(self):
@@ -291,6 +380,10 @@ class LogProgress:
     def set_postfix(self, **values):
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
+    def live(self, fn):
+        """fn() -> {name: text}: the postfix, evaluated at each printed line."""
+        self.postfix_fn = fn
+
     def update(self, n=1):
         self.n += n
         now = time.time()
@@ -301,14 +394,35 @@ class LogProgress:
 
     def log(self, now):
         done = f"{self.n}/{self.total} ({self.n / self.total:.0%})" if self.total else f"{self.n}"
-        rate = self.n / max(now - self.start, 1e-9)
-        print(f"{self.desc}: {done} {self.unit}, {now - self.start:.0f} s, {rate:.1f} {self.unit}/s"
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.n / elapsed
+        left = f", {duration((self.total - self.n) / rate)} left" if self.total and 0 < self.n < self.total else ""
+        if self.postfix_fn is not None:
+            self.set_postfix(**self.postfix_fn())
+        print(f"{self.desc}: {done} {self.unit}, {elapsed:.0f} s, {rate:.1f} {self.unit}/s{left}"
               f"{'; ' + self.postfix if self.postfix else ''}", file=self.file, flush=True)
         self.logged_at, self.logged_n = now, self.n
 
     def close(self):
         if self.logged_n and self.n != self.logged_n:  # a task that said anything says when it is done
             self.log(time.time())
+
+
+def live_postfix(bar, fn, step, every=10):
+    """Show fn()'s values beside a progress bar: in a log at each printed line (LogProgress.live),
+    on a terminal every `every` steps (each call may synchronise with the GPU)."""
+    if isinstance(bar, LogProgress):
+        if step == 0:
+            bar.live(fn)
+    elif step % every == 0:
+        bar.set_postfix(**fn())
+
+
+def duration(seconds):
+    """'42 s', '3.5 min' or '2.1 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def progress(iterable=None, desc="", total=None, unit="it", disable=False, leave=False):
@@ -327,20 +441,50 @@ def _disk_full_line(err):
     return f"disk full{where}: {os.strerror(err.errno)}; free some space and run again"
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler's time limit, torchrun stopping its workers), raised in
+    the main thread like Ctrl-C: a training stops the same way, its last.pth intact, and says how
+    to resume. `args[0]` is the signal number."""
+
+
+def stop_on_sigterm():
+    """From now on SIGTERM stops this process as Ctrl-C does (Stopped), in the main thread."""
+    def handler(signum, frame):
+        raise Stopped(signum)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def interrupt_status(err):
+    """The exit status of a process stopped by `err` (a KeyboardInterrupt): 128 + the signal."""
+    return 128 + (err.args[0] if isinstance(err, Stopped) and err.args else signal.SIGINT)
+
+
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def run(main, parser_fn, argv=None):
-    """Parse flags and call `main(args)`; a UserError becomes one line on stderr and exit 2."""
+    """Parse flags and call `main(args)`; a UserError becomes one line on stderr and exit 2, as
+    does a full disk or a folder this user cannot write; Ctrl-C (or SIGTERM) exits 130 (143)
+    with one line."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "error"
     try:
         args = parser_fn().parse_args(argv)
         return main(args)
+    except KeyboardInterrupt as err:
+        print(f"{prog}: stopped ({'SIGTERM' if isinstance(err, Stopped) else 'Ctrl-C'})", file=sys.stderr)
+        sys.exit(interrupt_status(err))
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            message = _disk_full_line(err)
+        elif err.errno in NOT_WRITABLE and getattr(err, "filename", None):
+            message = f"{err.filename}: {os.strerror(err.errno)}"
+        else:
             raise
-        print(f"{os.path.basename(sys.argv[0]) or 'error'}: error: {_disk_full_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
     except UserError as err:
         message = str(err).strip()
         if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original line
             message = message.splitlines()[-1].split("UserError: ", 1)[-1]
-        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "error"
         print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(2)

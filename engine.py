@@ -119,11 +119,10 @@ def train_one_epoch(model, loader, step, device, desc, context=distributed.Conte
                 logits, labels = logits[:, :-1], labels[:, 0]
             correct += (logits.argmax(1) == labels).sum()
             unmixed += len(labels)
-        if i % 10 == 0:  # a sync every 10 steps, not every step
-            running = loss_sum.item() / seen
-            if not math.isfinite(running):
-                raise cli.UserError(NOT_FINITE)
-            bar.set_postfix(loss=f"{running:.4f}", acc=f"{correct.item() / max(unmixed, 1):.3f}")
+        if i % 10 == 0 and not math.isfinite(loss_sum.item()):  # a sync every 10 steps, not every step
+            raise cli.UserError(NOT_FINITE)
+        cli.live_postfix(bar, lambda: {"loss": f"{loss_sum.item() / seen:.4f}",  # the running mean so far
+                                       "acc": f"{correct.item() / max(unmixed, 1):.3f}"}, i)
     loss_total, seen, correct_total, unmixed = distributed.sum_all(context, loss_sum.item(), seen, correct.item(),
                                                                    unmixed)
     if not math.isfinite(loss_total):

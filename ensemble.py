@@ -40,9 +40,8 @@ import pandas as pd
 
 import cli
 from atomic import check_outputs, write_csvs
+from readers import ID_COLUMN, read_probs, read_table
 
-ID_COLUMN = "ImageID"
-ROW_SUM_TOLERANCE = 0.01  # probabilities rounded in a CSV still sum to 1 within this; logits do not
 
 
 def get_args_parser():
@@ -67,54 +66,6 @@ def get_args_parser():
     cli.bool_flag(parser, "--save_probs", help="also write the combined probabilities to <output stem>_probs.csv")
     cli.bool_flag(parser, "--overwrite", help="replace an existing output file")
     return parser
-
-
-def _read_table(path):
-    """A CSV as strings, header row included as row 0 (so duplicate column names stay visible)."""
-    if not os.path.isfile(path):
-        raise cli.UserError(f"{path} not found" if not os.path.exists(path) else f"{path} is not a file")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, header=None)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise cli.UserError(f"cannot parse {path}: {str(err).strip().splitlines()[-1]}") from None
-    header = [str(name) for name in table.iloc[0]]
-    duplicated = sorted({name for name in header if header.count(name) > 1})
-    if duplicated:
-        raise cli.UserError(f"{path}: duplicate column(s) {', '.join(duplicated)}")
-    return header, table.iloc[1:].reset_index(drop=True).set_axis(header, axis=1)
-
-
-def read_probs(path):
-    """(image_ids, class_names, probs [N, C] float64) of one probability file, checked."""
-    header, table = _read_table(path)
-    if ID_COLUMN not in header:
-        raise cli.UserError(f"{path}: no {ID_COLUMN} column; expected {ID_COLUMN} then one column per class, "
-                            f"found {','.join(header)}")
-    class_names = [name for name in header if name != ID_COLUMN]
-    if not class_names:
-        raise cli.UserError(f"{path}: no class columns after {ID_COLUMN}")
-    if table.empty:
-        raise cli.UserError(f"{path}: no rows")
-    image_ids = table[ID_COLUMN].tolist()
-    seen = set()
-    for row, image_id in enumerate(image_ids, 1):
-        if image_id in seen:
-            raise cli.UserError(f"{path}: ImageID {image_id!r} appears twice (again at row {row})")
-        seen.add(image_id)
-
-    probs = table[class_names].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        raise cli.UserError(f"{path}: row {row + 1} (ImageID {image_ids[row]!r}), column {class_names[col]!r}: "
-                            f"{table[class_names[col]].iloc[row]!r} is not a probability between 0 and 1")
-    sums = probs.sum(1)
-    off = np.flatnonzero(np.abs(sums - 1) > ROW_SUM_TOLERANCE)
-    if off.size:
-        row = off[0]
-        raise cli.UserError(f"{path}: row {row + 1} (ImageID {image_ids[row]!r}) sums to {sums[row]:.4g}, "
-                            f"not 1: expected softmax probabilities, not logits")
-    return image_ids, class_names, probs
 
 
 def _first_difference(a, b):
@@ -204,9 +155,9 @@ def combine(prob_list, method="soft", weights=None):
 
 def read_info(path, image_ids):
     """info.csv's table, checked to list exactly `image_ids` in the same order."""
-    header, table = _read_table(path)
-    if ID_COLUMN not in header:
-        raise cli.UserError(f"{path}: no {ID_COLUMN} column; found {','.join(header)}")
+    table = read_table(path)
+    if ID_COLUMN not in table:
+        raise cli.UserError(f"{path}: no {ID_COLUMN} column; found {','.join(table.columns)}")
     info_ids = table[ID_COLUMN].tolist()
     if info_ids != image_ids:
         raise cli.UserError(f"{path} does not list the probability files' ImageIDs in their order: "
@@ -277,8 +228,11 @@ def fit_main(args):
     from atomic import write_json
     check_outputs([args.recipe], overwrite=args.overwrite)
     recipe = fit_recipe(args.files, args.fit_steps)
-    os.makedirs(os.path.dirname(os.path.abspath(args.recipe)), exist_ok=True)
-    write_json(args.recipe, recipe)
+    folder = os.path.dirname(os.path.abspath(args.recipe))
+    os.makedirs(folder, exist_ok=True)
+    # members relative to the recipe's own folder: it works from any working folder
+    write_json(args.recipe, {**recipe, "members": [os.path.relpath(os.path.abspath(m), folder)
+                                                   for m in recipe["members"]]})
     for run_dir, f1 in zip(args.files, recipe["f1_members"]):
         weight = dict(zip(recipe["members"], recipe["weights"])).get(run_dir, 0.0)
         print(f"  {run_dir}: held-out macro F1 {f1:.4f}, weight {weight:.3f}")

@@ -175,7 +175,7 @@ def load_cache(cache_path):
         raise UserError(f"face box cache {cache_path} is a folder; expected a file name")
     if not os.path.exists(cache_path):
         return {}
-    entries = {}
+    entries, bad = {}, 0
     try:
         with open(cache_path, newline="") as f:
             for row in csv.DictReader(f):
@@ -183,10 +183,17 @@ def load_cache(cache_path):
                     continue
                 corners = [row[k] for k in ("x1", "y1", "x2", "y2")]
                 box = None if not any(corners) else tuple(float(v) for v in corners)
-                entries[row["path"]] = CacheEntry(row["fingerprint"], (int(row["width"]), int(row["height"])), box)
+                size = (int(row["width"]), int(row["height"]))
+                if min(size) <= 0 or (box is not None and not all(map(math.isfinite, box))):
+                    bad += 1  # an edited or damaged row: that image is detected again
+                    continue
+                entries[row["path"]] = CacheEntry(row["fingerprint"], size, box)
     except (OSError, KeyError, TypeError, ValueError, csv.Error, UnicodeDecodeError) as err:
         print(f"note: ignoring the unreadable face box cache {cache_path} ({err!r}); detecting again")
         return {}
+    if bad:
+        print(f"note: {bad} row(s) of {cache_path} hold no usable box (not finite, or an empty image size); "
+              f"those images are detected again")
     return entries
 
 

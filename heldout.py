@@ -10,7 +10,6 @@ and `read_heldout` gives its probabilities with those cut points (`refold`), as 
 
 Example: python tune_bias.py runs/kf     # then python inference.py --model_dir runs/kf
 """
-import json
 import os
 from dataclasses import dataclass
 
@@ -21,7 +20,8 @@ from sklearn.metrics import f1_score
 
 import cli
 from atomic import write_json
-from labels import AGE_BINS, TASKS
+from readers import is_number, labels_in_range, numbers, probabilities, read_config, read_json, read_table
+from labels import AGE_BINS, MAX_AGE, TASKS
 from model import AGE_WIDTH, fold_age
 
 BIAS_FILE = "bias.json"
@@ -40,6 +40,7 @@ class Heldout:
     classes: list
     ages: np.ndarray = None       # --age_head regression: the person's age in years (-1: unknown) ...
     ages_pred: np.ndarray = None  # ... and the regressed one
+    preds: np.ndarray = None      # [N] int: the prediction the run recorded (argmax of its probabilities)
 
 
 def heldout_file(run_dir):
@@ -55,27 +56,42 @@ def heldout_file(run_dir):
 
 
 def read_heldout(run_dir, refolded=True):
-    """The run's held-out predictions. An --age_head regression run's probabilities are `refolded`
+    """The run's held-out predictions, every value checked (readers.py): a path per row, once; a
+    label and pred within the run's classes (config.json); a probability per class in [0, 1],
+    rows summing to 1; ages finite. An --age_head regression run's probabilities are `refolded`
     with its age_cuts.json (as inference predicts); without, as validation saw them (30, 60)."""
     path = heldout_file(run_dir)
-    try:
-        frame = pd.read_csv(path, dtype={"path": str, "person": str}, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise cli.UserError(f"cannot parse {path}: {str(err).strip().splitlines()[-1]}") from None
+    classes = read_config(run_dir)["classes"]
+    table = read_table(path)
     fixed = {"path", "person", "fold", "label", "pred", *AGE_COLUMNS}
-    classes = [c for c in frame.columns if c not in fixed]
-    if not {"path", "label"} <= set(frame.columns) or not classes:
-        raise cli.UserError(f"{path}: expected path, person, label, pred and one column per class")
-    frame = frame.sort_values("path", kind="stable")
-    probs = frame[classes].to_numpy(dtype=np.float64)
-    if len(frame) == 0:
-        raise cli.UserError(f"{path} has no rows")
-    persons = frame["person"].to_numpy(dtype=str) if "person" in frame else np.full(len(frame), "")
-    ages, ages_pred = (frame[c].to_numpy(dtype=np.float64) if c in frame else None for c in AGE_COLUMNS)
+    found = [c for c in table.columns if c not in fixed]
+    if "path" not in table or "label" not in table:
+        raise cli.UserError(f"{path}: expected columns path, person, label, pred and one per class; found "
+                            f"{', '.join(table.columns)}")
+    if found != list(classes):
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise cli.UserError(f"{path} has {len(found)} class column(s) ({shown}); the run has {len(classes)} "
+                            f"classes ({os.path.join(run_dir, 'config.json')}): "
+                            f"expected one column per class, in its order")
+    empty = (table["path"].str.strip() == "").to_numpy()
+    if empty.any():
+        raise cli.UserError(f"{path}: row {int(np.flatnonzero(empty)[0]) + 1} has no path")
+    twice = table["path"].duplicated().to_numpy()
+    if twice.any():
+        raise cli.UserError(f"{path}: {table['path'].iloc[int(np.flatnonzero(twice)[0])]!r} appears twice")
+    labels = labels_in_range(path, table, "label", len(classes))
+    probs = probabilities(path, table, classes)
+    preds = labels_in_range(path, table, "pred", len(classes)) if "pred" in table else probs.argmax(1)
+    ages = numbers(path, table, "age", low=-1, high=MAX_AGE) if "age" in table else None
+    ages_pred = numbers(path, table, "age_pred", low=-MAX_AGE, high=2 * MAX_AGE) if "age_pred" in table else None
+    order = np.argsort(table["path"].to_numpy(dtype=str), kind="stable")
+    persons = table["person"].to_numpy(dtype=str)[order] if "person" in table else np.full(len(table), "")
+    ages, ages_pred = (None if a is None else a[order] for a in (ages, ages_pred))
+    probs = probs[order]
     if ages_pred is not None and refolded and cuts_file(run_dir):
         probs = refold(probs, ages_pred, *load_cuts(run_dir)[:2])
-    return Heldout(path, frame["path"].tolist(), persons, frame["label"].to_numpy(dtype=int), probs, classes,
-                   ages, ages_pred)
+    return Heldout(path, table["path"].to_numpy(dtype=str)[order].tolist(), persons, labels[order], probs,
+                   list(classes), ages, ages_pred, preds[order])
 
 
 def macro_f1(labels, preds, num_classes):
@@ -100,19 +116,34 @@ def save_bias(run_dir, bias, classes, report):
                                                   **report})
 
 
+MAX_BIAS = 50.0  # logits: an offset beyond this overrides any model (tune_bias.py's grid stops at --max_bias)
+BIAS_REPORT = {"f1_before": "a macro F1 in [0, 1]", "f1_cross_fitted": "a macro F1 in [0, 1]",
+               "fitted_on": "a file name"}  # what inference prints of the report
+
+
 def load_bias(run_dir, classes):
-    """(bias array, the file's report) of a run folder, or (None, None) where it has no bias.json."""
+    """(bias array, the file's report) of a run folder, or (None, None) where it has no bias.json.
+    Every offset finite and within MAX_BIAS, fitted for the run's classes; the report's fields
+    that inference prints of the right type."""
     path = os.path.join(run_dir, BIAS_FILE)
     if not os.path.isfile(path):
         return None, None
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-        bias = np.asarray(saved["bias"], dtype=np.float64)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
-        raise cli.UserError(f"{path} is not a bias file ({err}); delete it or rerun tune_bias.py") from None
+    saved = read_json(path, "per-class offsets from tune_bias.py")
+    bias = saved.get("bias")
+    if not isinstance(bias, list) or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bias):
+        raise cli.UserError(f"{path}: bias is {bias!r}; expected a list of numbers (rerun tune_bias.py)")
+    bias = np.asarray(bias, dtype=np.float64)
     if saved.get("classes") != list(classes) or bias.shape != (len(classes),):
         raise cli.UserError(f"{path} was fitted for other classes than the run's; rerun tune_bias.py")
+    bad = np.flatnonzero(~np.isfinite(bias) | (np.abs(bias) > MAX_BIAS))
+    if bad.size:
+        raise cli.UserError(f"{path}: the offset of {classes[bad[0]]} is {bias[bad[0]]}; expected a finite number "
+                            f"of logits within +-{MAX_BIAS:g} (rerun tune_bias.py)")
+    for key, expected in BIAS_REPORT.items():
+        value = saved.get(key)
+        ok = value is None or (isinstance(value, str) if key == "fitted_on" else is_number(value) and 0 <= value <= 1)
+        if not ok:
+            raise cli.UserError(f"{path}: {key} is {value!r}; expected {expected}")
     return bias, saved
 
 
@@ -140,13 +171,13 @@ def load_cuts(run_dir):
     path = cuts_file(run_dir)
     if path is None:
         return list(AGE_BINS), AGE_WIDTH, None
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-        low, high = (float(c) for c in saved["cuts"])
-        width = float(saved["width"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
-        raise cli.UserError(f"{path} is not an age cut file ({err}); delete it or rerun agecuts.py") from None
-    if not (low < high and width > 0):
-        raise cli.UserError(f"{path}: needs cuts low < high and a positive width")
+    saved = read_json(path, "age cut points from agecuts.py")
+    cuts, width = saved.get("cuts"), saved.get("width")
+    if not (isinstance(cuts, list) and len(cuts) == 2 and all(map(is_number, [*cuts, width]))):
+        raise cli.UserError(f"{path}: expected cuts [low, high] and width, finite numbers of years; found cuts "
+                            f"{cuts!r}, width {width!r} (rerun agecuts.py)")
+    low, high, width = float(cuts[0]), float(cuts[1]), float(width)
+    if not (0 < low < high < MAX_AGE and 0 < width <= MAX_AGE):
+        raise cli.UserError(f"{path}: needs cuts 0 < low < high < {MAX_AGE} and a positive width, found {low:g}, "
+                            f"{high:g}, width {width:g}")
     return [low, high], width, path

@@ -13,8 +13,10 @@ torch Dataset of one side of a split, and the loaders.
 Example: python train.py --cache disk --num_workers 4
 """
 import contextlib
+import functools
 import os
 import random
+import signal
 
 import cv2
 import numpy as np
@@ -29,6 +31,7 @@ from cli import UserError
 # inside a forked worker after the parent has used the pool deadlocks.
 cv2.setNumThreads(1)
 
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal for this process when its parent dies
 SOFT_STREAM = 0x50534F  # the random stream of --pseudo_soft's label draws, apart from the augmentation's
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -303,10 +306,26 @@ class EpochSampler(torch.utils.data.Sampler):
             yield int(order[position]), int(sample_seeds[position])
 
 
-def seed_worker(worker_id):
+def die_with_parent(parent_pid):
+    """Linux: this process gets SIGKILL the moment its parent dies. A DataLoader worker
+    otherwise notices a killed parent only at its next status check (up to 5 s later), and
+    until then holds the dead run's resources (its shared memory, an open cache file)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the worker's own status check remains
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def seed_worker(worker_id, parent_pid=None):
     """Per DataLoader worker: one intra-op thread (workers would otherwise oversubscribe the
-    cores; OpenCV's count is set once at import, see above) and the global RNGs seeded from the
-    loader's seed."""
+    cores; OpenCV's count is set once at import, see above), the global RNGs seeded from the
+    loader's seed, and no life beyond its parent's (die_with_parent)."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32  # the loader's base seed + worker id
     np.random.seed(seed)
@@ -321,7 +340,8 @@ def make_loader(dataset, batch_size, num_workers, device, shuffle=False, drop_la
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last, sampler=sampler,
         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
-        worker_init_fn=seed_worker if num_workers > 0 else None, persistent_workers=num_workers > 0,
+        worker_init_fn=functools.partial(seed_worker, parent_pid=os.getpid()) if num_workers > 0 else None,
+        persistent_workers=num_workers > 0,
         # its own generator: starting workers must not draw from the global RNG (dropout's), or a
         # resumed run, whose workers start one epoch later, would drift from an uninterrupted one
         generator=torch.Generator().manual_seed(seed))

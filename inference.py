@@ -12,7 +12,6 @@ folder), ans (class index) and class_name.
 Example:
     python inference.py --model_dir runs/exp --model_dir runs/exp2 --answers data/eval/answers.csv
 """
-import json
 import os
 
 import numpy as np
@@ -28,6 +27,7 @@ from ensemble import probs_path_for
 from facecrop import FACE_MARGIN, face_regions
 from heldout import BIAS_FILE, apply_bias, load_bias, load_cuts
 from labels import MASK_CLASSES
+from readers import fold_dirs, is_number, labels_in_range, read_config, read_json
 from persons import complete_groups, group_photos, pool, pooled_groups
 from images import ImageDataset, make_loader
 from model import build_from_config, load_weights, resolve_device, resolve_precision, set_age_cuts
@@ -90,63 +90,53 @@ def newest_run(runs_root, checkpoint):
     return max(candidates)[1]
 
 
-def read_config(run_dir):
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise cli.UserError(f"{run_dir} is not a run folder: no config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise cli.UserError(f"{path} is not valid JSON: {err}") from None
-    if fold_dirs(config):  # a k-fold parent: its folds are checked one by one
-        return config
-    missing = [k for k in ("model", "num_classes", "classes", "input_size", "mean", "std") if k not in config]
-    if missing:
-        raise cli.UserError(f"{path} lacks {', '.join(missing)}")
-    return config
-
-
-def fold_dirs(config):
-    """The fold folders a k-fold parent's config.json lists ([] for any other run); runs from
-    before `fold_dirs` kept them under `folds`."""
-    dirs = config.get("fold_dirs")
-    if dirs is None and isinstance(config.get("folds"), list) and all(isinstance(f, str) for f in config["folds"]):
-        dirs = config["folds"]
-    return list(dirs or [])
-
-
 def expand_runs(run_dirs, weights=None):
     """Run folders with a k-fold parent replaced by its fold folders (an ensemble of the folds), and
     each one's weight (a parent's weight is shared by its folds)."""
     expanded, expanded_weights = [], []
     for run_dir, weight in zip(run_dirs, weights or [1.0] * len(run_dirs)):
         config = read_config(run_dir)
-        members = [os.path.join(run_dir, fold) for fold in fold_dirs(config)] or [run_dir]
+        folds = fold_dirs(config, os.path.join(run_dir, "config.json"))
+        members = [os.path.join(run_dir, fold) for fold in folds] or [run_dir]
         expanded += members
         expanded_weights += [weight / len(members)] * len(members)
     return expanded, expanded_weights
 
 
 def read_recipe(path):
-    """(members, weights) of an ensemble.py --fit recipe."""
-    try:
-        with open(path) as f:
-            recipe = json.load(f)
-        members, weights = list(recipe["members"]), [float(w) for w in recipe["weights"]]
-    except FileNotFoundError:
-        raise cli.UserError(f"recipe {path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
-        raise cli.UserError(f"{path} is not an ensemble recipe ({err}): write one with ensemble.py --fit") from None
-    if not members or len(members) != len(weights) or min(weights) <= 0:
-        raise cli.UserError(f"{path}: needs members and one positive weight each")
-    return members, weights
+    """(members, weights) of an ensemble.py --fit recipe. Members are stored relative to the
+    recipe's folder (recipes from before that: to where --fit ran, tried second); each weight a
+    finite positive number."""
+    if not os.path.isfile(path):
+        raise cli.UserError(f"recipe {path} not found")
+    recipe = read_json(path, "an ensemble recipe from ensemble.py --fit")
+    members, weights = recipe.get("members"), recipe.get("weights")
+    if not (isinstance(members, list) and members and all(isinstance(m, str) and m for m in members)):
+        raise cli.UserError(f"{path}: members is {members!r}; expected a list of run folders "
+                            f"(write one with ensemble.py --fit)")
+    if not (isinstance(weights, list) and len(weights) == len(members)):
+        raise cli.UserError(f"{path}: expected one weight per member ({len(members)}), found {weights!r}")
+    bad = [w for w in weights if not (is_number(w) and w > 0)]
+    if bad:
+        raise cli.UserError(f"{path}: weight {bad[0]!r} is not a finite positive number")
+    return [recipe_member(path, m) for m in members], [float(w) for w in weights]
+
+
+def recipe_member(recipe_path, member):
+    """A recipe member's run folder: relative to the recipe's own folder, else (older recipes)
+    to the working folder."""
+    if os.path.isabs(member):
+        return member
+    beside = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(recipe_path)), member))
+    if os.path.isdir(beside) or not os.path.isdir(member):
+        return beside
+    return member
 
 
 def load_run(run_dir, config, checkpoint, device):
     """The model of a run folder, rebuilt from its config.json alone, in eval mode (an age head with
     the run's fitted cut points)."""
-    model = build_from_config(config)
+    model = build_from_config(config, source=os.path.join(run_dir, "config.json"))
     load_weights(model, os.path.join(run_dir, checkpoint), config["model"])
     if config.get("age_head") == "regression":
         set_age_cuts(model, *load_cuts(run_dir)[:2])
@@ -241,11 +231,16 @@ def ensemble_probs(run_dirs, configs, checkpoint, paths, views, batch_size, num_
 
 def score(answers_path, image_ids, preds, num_classes):
     """Accuracy and macro F1 against a CSV of true labels (ImageID,ans)."""
-    answers = read_csv_columns(answers_path, ("ImageID", "ans")).set_index("ImageID")["ans"]
+    table = read_csv_columns(answers_path, ("ImageID", "ans"))
+    twice = table["ImageID"][table["ImageID"].duplicated()]
+    if len(twice):
+        raise cli.UserError(f"{answers_path}: ImageID {twice.iloc[0]!r} appears twice")
+    answers = pd.Series(labels_in_range(answers_path, table, "ans", num_classes, id_column="ImageID"),
+                        index=table["ImageID"])
     missing = [i for i in image_ids if i not in answers.index]
     if missing:
         raise cli.UserError(f"{answers_path} has no answer for {len(missing)} image(s), first {missing[0]}")
-    truth = answers.loc[image_ids].astype(int).to_numpy()
+    truth = answers.loc[image_ids].to_numpy()
     return float((truth == preds).mean()), float(f1_score(truth, preds, average="macro",
                                                           labels=list(range(num_classes)), zero_division=0))
 
@@ -262,17 +257,18 @@ def person_pooled(probs, paths, per_person):
 def maybe_bias(probs, given, classes, off):
     """Apply the bias.json of the one run folder given (a k-fold parent's applies to its folds'
     mean); an ensemble of several runs gets none (its members' biases were fitted apart)."""
-    found = [(run, *load_bias(run, classes)) for run in given if os.path.isfile(os.path.join(run, BIAS_FILE))]
+    found = [run for run in given if os.path.isfile(os.path.join(run, BIAS_FILE))]
     if not found:
         return probs
-    if off:
-        print(f"per-class bias of {', '.join(r for r, _, _ in found)} not applied (--no_bias)")
+    if off:  # not even read: a broken file the user asked to ignore stays ignored
+        print(f"per-class bias of {', '.join(found)} not applied (--no_bias)")
         return probs
     if len(given) > 1:
-        print(f"per-class bias of {', '.join(r for r, _, _ in found)} not applied: it was fitted for one run, "
+        print(f"per-class bias of {', '.join(found)} not applied: it was fitted for one run, "
               f"not for this ensemble of {len(given)}")
         return probs
-    run, bias, saved = found[0]
+    run = found[0]
+    bias, saved = load_bias(run, classes)
     print(f"applying the per-class bias of {os.path.join(run, BIAS_FILE)} (cross-fitted macro F1 "
           f"{saved.get('f1_before', float('nan')):.4f} -> {saved.get('f1_cross_fitted', float('nan')):.4f} on "
           f"{saved.get('fitted_on', '?')}; --no_bias: off)")

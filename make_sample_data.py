@@ -27,6 +27,7 @@ Example: `python make_sample_data.py --out data --persons 300 --eval-persons 150
 """
 import csv
 import multiprocessing
+import os
 import shutil
 import tempfile
 import time
@@ -455,6 +456,13 @@ def main(args):
     print(f"wrote {args.persons} train persons ({args.persons * n_photos} images) to {train} and "
           f"{args.eval_persons} eval persons ({args.eval_persons * n_photos} images) to {eval_} "
           f"in {time.perf_counter() - start:.1f}s")
+    noise = os.path.join(train, "label_noise.csv")
+    if args.difficulty == "real" and os.path.isfile(noise):
+        with open(noise) as f:
+            wrong = sum(1 for _ in f) - 1
+        print(f"planted {wrong} wrong training labels ({wrong / (args.persons * n_photos):.1%} of the images; the "
+              f"real data has about 1%), listed in {noise}: audit.py --planted {noise} measures how many an audit "
+              f"finds; eval answers are true")
 
 
 if __name__ == "__main__":

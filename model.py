@@ -297,13 +297,15 @@ def create_model(name, num_classes, pretrained=False, head="linear", tasks=None,
 MODEL_KEYS = ("head", "tasks", "msd", "msd_p", "drop", "drop_path", "age_head")
 
 
-def build_from_config(config, pretrained=False):
+def build_from_config(config, pretrained=False, source=None):
     """The model a run's config (train.py's flags, or a run folder's config.json) describes: the one
     place a model is built, for training, resuming and inference alike. Keys a run from before
-    an option existed lacks take the option's default."""
+    an option existed lacks take the option's default. `source`: the config was read from that
+    file (readers.read_config checked its own keys), so the model's plug-in options are parsed
+    again as their flags would be."""
     return create_model(config["model"], config["num_classes"], pretrained=pretrained,
                         **{k: config[k] for k in MODEL_KEYS if config.get(k) is not None},
-                        **MODELS.values_for(config["model"], config))
+                        **MODELS.values_for(config["model"], config, source))
 
 
 def input_size_of(name):

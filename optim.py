@@ -51,6 +51,9 @@ def build_optimizer(name, model, lr, weight_decay=0.0, momentum=0.9, betas=None,
     except TypeError as err:
         raise UserError(f"optimizer {name} refused its arguments ({err}); check --opt_betas, --opt_eps, "
                         f"--opt_kwargs") from None
+    if layer_decay is not None and len({group.get("lr_scale", 1.0) for group in optimizer.param_groups}) < 2:
+        raise UserError(f"--layer_decay: timm cannot split {type(model).__name__} into layers (it has no "
+                        f"group_matcher), so every parameter would keep the same rate; drop --layer_decay")
     return fused_if_possible(optimizer, factory, kwargs)
 
 

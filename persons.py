@@ -34,6 +34,7 @@ from sklearn.cluster import AgglomerativeClustering
 
 import cli
 from heldout import macro_f1, read_heldout
+from readers import data_path
 from labels import MASK_CLASSES, PHOTO_MASK, decode_label, task_marginals
 
 PHOTOS_PER_PERSON = 7
@@ -43,9 +44,12 @@ FRAME = (5, 4)    # rows at the top and bottom, columns at each side, of the thu
 
 def thumbnail(path):
     """The frame of a small thumbnail, flattened: what the 7 photos of a person share."""
-    with Image.open(path) as image:
-        image.draft("RGB", (THUMB[0] * 4, THUMB[1] * 4))  # JPEG: decode at 1/8 scale, much faster
-        small = np.asarray(image.convert("RGB").resize(THUMB, Image.BILINEAR), dtype=np.float32)
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (THUMB[0] * 4, THUMB[1] * 4))  # JPEG: decode at 1/8 scale, much faster
+            small = np.asarray(image.convert("RGB").resize(THUMB, Image.BILINEAR), dtype=np.float32)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise cli.UserError(f"cannot read image {path}: {err}") from None
     rows, cols = FRAME
     return np.concatenate([small[:rows].ravel(), small[-rows:].ravel(),
                            small[rows:-rows, :cols].ravel(), small[rows:-rows, -cols:].ravel()])
@@ -122,7 +126,7 @@ def measure(run_dir, data_dir=None):
         raise cli.UserError(f"{run_dir}: person pooling needs the competition layout (persons and 18 classes)")
     root = training_root(run_dir, data_dir)
     start = time.perf_counter()
-    groups = group_photos([os.path.join(root, p) for p in held.paths])
+    groups = group_photos([data_path(root, p, held.source) for p in held.paths])
     seconds = time.perf_counter() - start
     complete = complete_groups(groups, held.probs)
     n = len(held.classes)
@@ -141,7 +145,9 @@ def eval_purity(eval_dir, per_person=PHOTOS_PER_PERSON):
     """Grouping purity on an eval folder whose persons.csv (make_sample_data.py) says who is on each photo."""
     from dataset import read_csv_columns
     owners = read_csv_columns(os.path.join(eval_dir, "persons.csv"), ("ImageID", "person"))
-    groups = group_photos([os.path.join(eval_dir, "images", i) for i in owners["ImageID"]], per_person)
+    source = os.path.join(eval_dir, "persons.csv")
+    images = os.path.join(eval_dir, "images")
+    groups = group_photos([data_path(images, i, source) for i in owners["ImageID"]], per_person)
     return purity(groups, owners["person"].to_numpy(dtype=str)), int(groups.max() + 1)
 
 

@@ -18,6 +18,7 @@ records every option, and inference rebuilds the entry from it (`Registry.values
 An unknown name is a `UserError` that lists the valid names and the closest match; a duplicate
 name raises at import time.
 """
+import argparse
 import dataclasses
 import difflib
 import functools
@@ -62,6 +63,17 @@ def _resolve_option(obj, key, name, spec):
                         f"signature, or Option(default=...)")
     kind = option.type or (str2bool if isinstance(default, bool) else type(default) if default is not None else str)
     return dataclasses.replace(option, default=default, type=kind)
+
+
+def _reparse(option, name, value, source):
+    """A value read from a file, checked by the option's own type and choices."""
+    try:
+        parsed = option.type(value if isinstance(value, str) else str(value))
+    except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+        raise UserError(f"{source}: {name} is {value!r}: {err}") from None
+    if option.choices is not None and parsed not in option.choices:
+        raise UserError(f"{source}: {name} is {value!r}; expected one of {', '.join(map(str, option.choices))}")
+    return parsed
 
 
 class Registry:
@@ -134,10 +146,17 @@ class Registry:
         key = self._find(name)
         return dict(self._entries[key][2]) if key is not None else {}
 
-    def values_for(self, name, values):
+    def values_for(self, name, values, source=None):
         """The entry's own options out of `values` (the parsed flags, or a run's config.json): a
-        value missing there (a run from before the option existed) takes the declared default."""
-        return {opt: values.get(opt, option.default) for opt, option in self.options(name).items()}
+        value missing there (a run from before the option existed) takes the declared default.
+        `source` (a file's name): the values were read from that file, so each is parsed again by
+        its option's type and choices, as the flag would be: a bad one is one line naming it."""
+        out = {opt: values.get(opt, option.default) for opt, option in self.options(name).items()}
+        if source is not None:
+            for opt, option in self.options(name).items():
+                if opt in values and values[opt] is not None:
+                    out[opt] = _reparse(option, opt, values[opt], source)
+        return out
 
     def all_options(self):
         """{option: (Option, [entries declaring it])} over every entry; entries that share an

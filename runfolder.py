@@ -21,7 +21,7 @@ from PIL import Image
 
 import plots
 from atomic import remove_stale_temps, replacing
-from cli import UserError
+from cli import UserError, duration
 from model import load_state, read_checkpoint, save_checkpoint
 
 try:
@@ -37,9 +37,17 @@ OPTIONAL_COLUMNS = ("val_f1_mask", "val_f1_gender", "val_f1_age", "ema_val_loss"
 
 
 class RunLock:
-    """An exclusive lock on a run folder (`.lock`, flock): a second training or --resume of the
-    same folder is refused, naming the process that holds it. The operating system releases it
-    when that process ends, however it ends (SIGKILL included)."""
+    """An exclusive lock on a run folder (`.lock`): a second training or --resume of the same
+    folder is refused, naming the process that holds it.
+
+    A POSIX record lock (fcntl), not flock: a record lock belongs to the process that took it
+    and is not inherited by forked children, so DataLoader workers that outlive a killed run
+    for a moment do not keep its folder locked (with flock they did, for seconds: an immediate
+    --resume was refused, naming the dead parent). The operating system releases it when the
+    process ends, however it ends (SIGKILL included). A record lock is also released when its
+    process closes any descriptor of the file, so the file is opened once per process and a
+    second lock of the same folder in the same process is refused too."""
+    _held = {}  # real path of the lock file -> the RunLock of this process holding it
 
     def __init__(self, run_dir):
         self.path = os.path.join(run_dir, LOCK_NAME)
@@ -48,9 +56,12 @@ class RunLock:
     def acquire(self):
         if fcntl is None:  # not on Linux or macOS: no lock
             return self
+        key = os.path.realpath(self.path)
+        if key in RunLock._held:
+            raise UserError(f"{os.path.dirname(self.path)} is in use by process {os.getpid()} (this one)")
         handle = open(self.path, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
@@ -61,12 +72,13 @@ class RunLock:
         handle.truncate()
         handle.write(f"process {os.getpid()} ({' '.join(sys.argv) or 'python'})")
         handle.flush()
-        self.file = handle
+        self.file, RunLock._held[key] = handle, self
         return self
 
     def release(self):
         if self.file is not None:
-            self.file.close()  # closing releases the flock
+            RunLock._held.pop(os.path.realpath(self.path), None)
+            self.file.close()  # closing releases the lock
             self.file = None
 
     def __enter__(self):
@@ -233,7 +245,8 @@ class RunLog:
         if resume_epoch is not None and os.path.exists(self.path):
             with open(self.path, newline="") as f:
                 header, *rows = f.read().splitlines(keepends=True) or [""]
-            kept = [row for row in rows if row.strip() and int(row.split(",", 1)[0]) <= resume_epoch]
+            kept = [row for n, row in enumerate(rows, 1)
+                    if row.strip() and row_epoch(self.path, n, row) <= resume_epoch]
             with replacing(self.path) as tmp, open(tmp, "w", newline="") as f:
                 f.write("".join([header, *kept]))  # the rows kept byte for byte
         from torch.utils.tensorboard import SummaryWriter  # slow import: only once a run starts
@@ -244,7 +257,8 @@ class RunLog:
             self.wandb = wandb.init(project=wandb_project, name=os.path.basename(os.path.normpath(run_dir)),
                                     dir=run_dir, config=config, resume="allow")
 
-    def epoch(self, row, is_best):
+    def epoch(self, row, is_best, eta=None):
+        """Record one epoch's `row`; `eta`: the seconds the whole run has left (printed)."""
         before = ""
         if os.path.exists(self.path):
             with open(self.path, newline="") as f:
@@ -269,15 +283,16 @@ class RunLog:
             self.wandb.log(scalars, step=row["epoch"])
         tasks = "".join(f"  {c[len('val_f1_'):]} {row[c]:.3f}" for c in OPTIONAL_COLUMNS[:3] if c in row)
         ema = f"  ema_f1 {row['ema_val_f1']:.4f}" if "ema_val_f1" in row else ""
+        left = f"  run eta {duration(eta)}" if eta else ""
         if cell("val_f1") == "":
             print(f"epoch {row['epoch']}/{self.epochs}  train_loss {row['train_loss']:.4f}  "
                   f"train_acc {row['train_acc']:.3f}  (not validated)  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
-                  f"{'  *last*' if is_best else ''}", flush=True)
+                  f"{left}{'  *last*' if is_best else ''}", flush=True)
             return
         print(f"epoch {row['epoch']}/{self.epochs}  train_loss {row['train_loss']:.4f}  "
               f"train_acc {row['train_acc']:.3f}  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}  "
               f"val_f1 {row['val_f1']:.4f}{tasks}{ema}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
-              f"{'  *best*' if is_best else ''}", flush=True)
+              f"{left}{'  *best*' if is_best else ''}", flush=True)
 
     def figure(self, name, figure, step):
         """A figure already written as <name>.png: also to TensorBoard and W&B, from that PNG
@@ -294,6 +309,15 @@ class RunLog:
         self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def row_epoch(path, n, row):
+    """The epoch of metrics.csv's row `n` (its first cell), or one line if the file was damaged."""
+    cell = row.split(",", 1)[0].strip()
+    if not cell.isdigit():
+        raise UserError(f"{path}: row {n} starts with {cell!r}, not an epoch number; the file was edited or "
+                        f"damaged (remove that row to resume)")
+    return int(cell)
 
 
 def require_wandb():

@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 import timm.utils
 import torch
-from sklearn.metrics import f1_score
 
 import agecuts
 import cli
@@ -41,7 +40,7 @@ from cutmix import MODES as CUTMIX_MODES, BatchMixer
 from dataset import DATASETS, class_counts, read_extra, read_pseudo_labels, write_split_csv
 from engine import Step, evaluate, is_better, train_one_epoch, updates_per_epoch
 from facecrop import FACE_MARGIN, face_regions
-from heldout import AGE_COLUMNS
+from heldout import AGE_COLUMNS, macro_f1, read_heldout
 from images import EpochSampler, ImageDataset, cache_shape, load_image, make_loader, open_cache, shared_memory_free
 from labels import TASKS, training_label
 from loss import CRITERIONS, AgeRegressionLoss, MultiTaskLoss, build_criterion
@@ -49,6 +48,7 @@ from model import (AGE_HEADS, AGE_UNIT, HEADS, MODELS, MSD_P, build_from_config,
                    input_size_of, load_weights, read_checkpoint, resolve_device, resolve_precision, save_checkpoint)
 from optim import (LENGTH_SCHEDULES, OPTIMIZERS, SCHEDULERS, Freezer, SchedulerState, build_optimizer,
                    build_scheduler)
+from readers import read_json
 from runfolder import (PREVIEW_IMAGES, Checkpoint, RunLock, RunLog, TopCheckpoints, best_epoch_figures,
                        clear_leftovers, discard_unstarted, final_figures, make_run_dir, require_wandb, spread)
 
@@ -73,7 +73,7 @@ DERIVED_KEYS = ("input_size", "prepared_size", "num_classes", "classes", "mean",
 def get_args_parser():
     parser = cli.ArgumentParser(description="Train an image classifier into a run folder.",
                                 epilog="Every flag also has a kebab-case spelling (--batch-size).",
-                                derived_keys=DERIVED_KEYS, after_parse=warn_ignored_options)
+                                derived_keys=DERIVED_KEYS, after_parse=warn_ignored_options, foreign=TIMM_FLAGS)
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="YAML/JSON of options (a run's config.json repeats that run); flags override it")
     parser.add_argument("--resume", default=None, metavar="RUN",
@@ -134,7 +134,7 @@ def add_model_flags(model):
     rate = cli.number(float, 0, 1, high_open=True)
     model.add_argument("--model", default="BaseModel", help=f"{MODELS.help()}, or any timm model name")
     cli.bool_flag(model, "--pretrained", help="start from timm's pretrained weights (needs network)")
-    model.add_argument("--weights", default=None, metavar="PATH",
+    model.add_argument("--weights", "--initial_checkpoint", default=None, metavar="PATH",
                        help="start from a local state dict / timm checkpoint / .safetensors")
     model.add_argument("--head", choices=HEADS, default="linear",
                        help="multitask: mask/gender/age heads combined into the 18 classes")
@@ -154,7 +154,8 @@ def add_model_flags(model):
                                                                     "default: the model's own")
     cli.bool_flag(model, "--grad_checkpointing", help="recompute activations in backward: less memory, slower")
     cli.bool_flag(model, "--sync_bn", help="under torchrun on CUDA: batch norm statistics over every process")
-    model.add_argument("--ema", type=cli.number(float, 0, 1, high_open=True), default=0.0, metavar="DECAY",
+    model.add_argument("--ema", "--model_ema_decay", type=cli.number(float, 0, 1, high_open=True), default=0.0,
+                       metavar="DECAY",
                        help="keep an exponential moving average of the weights (e.g. 0.999); saved as best "
                             "when it scores at least as high (0: off)")
     MODELS.add_arguments(model)
@@ -172,19 +173,23 @@ def add_loss_flags(loss):
     loss.add_argument("--reprob", type=share, default=0.0, help="random erasing probability")
     loss.add_argument("--hflip", type=share, default=None, help="horizontal flip probability; default: the pipeline's own")
     loss.add_argument("--vflip", type=share, default=None, help="vertical flip probability; default: the pipeline's own")
-    loss.add_argument("--scale", type=cli.parse_floats, default=None, metavar="MIN,MAX",
-                      help="random resized crop: area range; default: the pipeline's own (timm's 0.08,1)")
-    loss.add_argument("--ratio", type=cli.parse_floats, default=None, metavar="MIN,MAX",
-                      help="random resized crop: aspect range; default: the pipeline's own (timm's 0.75,1.33)")
+    cli.words_flag(loss, "--scale", parse=cli.parse_floats, default=None, metavar="MIN,MAX",
+                   help="random resized crop: area range; default: the pipeline's own (timm's 0.08,1)")
+    cli.words_flag(loss, "--ratio", parse=cli.parse_floats, default=None, metavar="MIN,MAX",
+                   help="random resized crop: aspect range; default: the pipeline's own (timm's 0.75,1.33)")
     loss.add_argument("--color_jitter", type=positive, default=None,
                       help="brightness/contrast(/saturation) jitter; default: the pipeline's own")
-    cli.bool_flag(loss, "--cutmix", help="CutMix on training batches (lambda ~ Beta(beta, beta))")
-    cli.bool_flag(loss, "--mixup", help="MixUp on training batches (with --cutmix: one of the two per batch)")
+    cli.bool_flag(loss, "--cutmix", alpha="--cutmix_alpha",
+                  help="CutMix on training batches (lambda ~ Beta(beta, beta))")
+    cli.bool_flag(loss, "--mixup", alpha="--mixup_alpha",
+                  help="MixUp on training batches (with --cutmix: one of the two per batch)")
     loss.add_argument("--cutmix_alpha", type=positive, default=None, help="CutMix's Beta alpha (> 0 turns it on)")
     loss.add_argument("--mixup_alpha", type=positive, default=None, help="MixUp's Beta alpha (> 0 turns it on)")
     loss.add_argument("--cutmix_prob", "--mixup_prob", type=share, default=0.5, help="share of batches mixed")
-    loss.add_argument("--mix_switch_prob", type=share, default=0.5, help="both on: chance a mixed batch uses CutMix")
-    loss.add_argument("--mix_off_epoch", type=cli.number(int, 0), default=0, help="stop mixing from this epoch (0: never)")
+    loss.add_argument("--mix_switch_prob", "--mixup_switch_prob", type=share, default=0.5,
+                      help="both on: chance a mixed batch uses CutMix")
+    loss.add_argument("--mix_off_epoch", "--mixup_off_epoch", type=cli.number(int, 0), default=0,
+                      help="stop mixing from this epoch (0: never)")
     loss.add_argument("--beta", type=cli.number(float, 0, low_open=True), default=1.0, help="lambda ~ Beta(beta, beta)")
     loss.add_argument("--cutmix_mode", choices=CUTMIX_MODES, default="box",
                       help="box, or vertical: a full-height strip (faces are centred)")
@@ -206,7 +211,8 @@ def add_optimizer_flags(optim):
     optim.add_argument("--weight_decay", type=cli.number(float, 0), default=DEFAULT_WEIGHT_DECAY,
                        help="weight decay (not on norm and bias parameters)")
     optim.add_argument("--momentum", type=cli.number(float, 0, 1), default=0.9, help="SGD-family momentum")
-    optim.add_argument("--opt_betas", type=cli.parse_floats, default=None, metavar="B1,B2", help="Adam-family betas")
+    cli.words_flag(optim, "--opt_betas", parse=cli.parse_floats, default=None, metavar="B1,B2",
+                   help="Adam-family betas, each in [0, 1)")
     optim.add_argument("--opt_eps", type=cli.number(float, 0, low_open=True), default=None, help="optimizer epsilon")
     optim.add_argument("--opt_kwargs", type=cli.parse_kwargs, default=None, metavar="K=V,...",
                        help="more optimizer arguments, e.g. nesterov=False")
@@ -229,8 +235,8 @@ def add_schedule_flags(sched):
     cli.bool_flag(sched, "--sched_on_updates", help="step the schedule after every update, not every epoch")
     sched.add_argument("--lr_decay_step", "--decay_epochs", type=cli.number(float, 0, low_open=True), default=20,
                        help="step: epochs between decays")
-    sched.add_argument("--decay_milestones", type=cli.parse_ints, default=[30, 60], metavar="E1,E2",
-                       help="multistep: the epochs (counting from 1) that start at the lower rate")
+    cli.words_flag(sched, "--decay_milestones", parse=cli.parse_ints, default=[30, 60], metavar="E1,E2",
+                   help="multistep: the epochs (counting from 1) that start at the lower rate")
     sched.add_argument("--gamma", "--decay_rate", type=cli.number(float, 0, low_open=True), default=0.5,
                        help="step, multistep, plateau: lr multiplier at each decay")
     sched.add_argument("--patience_epochs", type=cli.number(int, 0), default=10,
@@ -254,7 +260,7 @@ def add_runtime_flags(optim):
 
 def add_output_flags(out):
     out.add_argument("--model_dir", default="runs", help="parent folder of run folders")
-    out.add_argument("--name", default="exp", help="run folder name; exp2, exp3, ... when taken")
+    out.add_argument("--name", "--experiment", default="exp", help="run folder name; exp2, exp3, ... when taken")
     out.add_argument("--checkpoint_hist", type=cli.number(int, 0), default=0, metavar="K",
                      help="keep the K best epochs' weights (top-<epoch>.pth)")
     out.add_argument("--average_top", type=cli.number(int, 0), default=0, metavar="K",
@@ -262,6 +268,49 @@ def add_output_flags(out):
     out.add_argument("--wandb", default=None, metavar="PROJECT",
                      help="also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works)")
 
+
+TIMM_EMA_DECAY = 0.9998  # timm's --model-ema-decay default
+AMP_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}  # timm's --amp-dtype -> --precision
+
+
+def _timm_ema(words, argv):
+    """timm's --model-ema: EMA at timm's decay, unless a decay is given too."""
+    given = any(token.split("=", 1)[0] in ("--ema", "--model_ema_decay") for token in argv)
+    return [] if given else ["--ema", str(TIMM_EMA_DECAY)]
+
+
+def _timm_input_size(words, argv):
+    if words[0] != "3":
+        raise cli.UserError(f"--input-size {' '.join(words)}: images are read as RGB, so C is 3 (--resize H,W "
+                            f"sets the rest)")
+    return ["--resize", *words[1:]]
+
+
+def _timm_amp_dtype(words, argv):
+    if words[0] not in AMP_DTYPES:
+        raise cli.UserError(f"--amp-dtype {words[0]}: expected bfloat16 or float16 (--precision bf16 or fp16)")
+    return ["--precision", AMP_DTYPES[words[0]]]
+
+
+# timm train.py flags without a twin of the same name here: translated where they mean the same,
+# else refused with the flag to use (timm flags with a twin, --drop-path or --warmup-epochs, just work)
+TIMM_FLAGS = {
+    "model_ema": cli.Foreign(0, _timm_ema),
+    "input_size": cli.Foreign(3, _timm_input_size),
+    "torchcompile": cli.Foreign("?", lambda words, argv: ["--compile", "True"]),
+    "amp_dtype": cli.Foreign(1, _timm_amp_dtype),
+    "lr_base": cli.Foreign(1, hint="it scales the rate with the batch size (lr = lr_base x batch / 256); here "
+                                   "give the rate itself: --lr"),
+    "lr_base_size": cli.Foreign(1, hint="rates are not scaled with the batch size here: give --lr"),
+    "lr_base_scale": cli.Foreign(1, hint="rates are not scaled with the batch size here: give --lr"),
+    "num_classes": cli.Foreign(1, hint="the class count comes from the data (the competition's 18, or the class "
+                                       "folders) and config.json records it: drop it"),
+    "mixup_mode": cli.Foreign(1, hint="mixing is per batch here (timm's batch mode); --cutmix_alpha, "
+                                      "--mixup_alpha and --cutmix_prob set it"),
+    "bce_loss": cli.Foreign(0, hint="--criterion picks the loss (python train.py --help lists them)"),
+    "crop_pct": cli.Foreign(1, hint="validation resizes the whole (face-cropped) image to --resize, no centre "
+                                    "crop"),
+}
 
 PLUGIN_FLAGS = (("--criterion", "criterion", CRITERIONS), ("--model", "model", MODELS),
                 ("--augmentation", "augmentation", AUGMENTATIONS), ("--dataset", "dataset", DATASETS))
@@ -439,20 +488,20 @@ def write_val_predictions(path, rows, labels, probs, classes, ages_pred=None):
 
 def write_oof(run_dir, source, fold_dirs):
     """oof.csv (one row per held-out image of the folds trained: its fold's prediction, from the
-    fold's val_predictions.csv) and kfold.json."""
+    fold's val_predictions.csv, read back checked) and kfold.json."""
+    helds = [read_heldout(os.path.join(run_dir, fold_dir), refolded=False) for fold_dir in fold_dirs]
     frames = []
-    for fold_dir in fold_dirs:
-        frame = pd.read_csv(os.path.join(run_dir, fold_dir, "val_predictions.csv"), keep_default_na=False)
-        frames.append(frame.assign(fold=int(fold_dir[len("fold"):])))
-    oof = pd.concat(frames).sort_values("path")
-    oof = oof[["path", "person", "fold", "label", "pred", *[c for c in AGE_COLUMNS if c in oof], *source.classes]]
+    for fold_dir, held in zip(fold_dirs, helds):
+        ages = {} if held.ages_pred is None else {"age": held.ages, "age_pred": held.ages_pred}
+        frame = pd.DataFrame({"path": held.paths, "person": held.persons, "fold": int(fold_dir[len("fold"):]),
+                              "label": held.labels, "pred": held.preds, **ages})
+        frames.append(pd.concat([frame, pd.DataFrame(held.probs, columns=held.classes)], axis=1))
+    oof = pd.concat(frames).sort_values("path", kind="stable")
     with replacing(os.path.join(run_dir, "oof.csv")) as tmp:
         oof.to_csv(tmp, index=False)
-
-    def macro_f1(frame):
-        return f1_score(frame["label"], frame["pred"], average="macro", labels=list(range(source.num_classes)),
-                        zero_division=0)
-    summary = {"oof_f1": macro_f1(oof), "fold_f1": [macro_f1(f) for f in frames], "fold_dirs": list(fold_dirs)}
+    summary = {"oof_f1": macro_f1(oof["label"], oof["pred"], source.num_classes),
+               "fold_f1": [macro_f1(h.labels, h.preds, source.num_classes) for h in helds],
+               "fold_dirs": list(fold_dirs)}
     write_json(os.path.join(run_dir, "kfold.json"), summary)
     return summary
 
@@ -689,7 +738,7 @@ def record_best(fold, checkpoint, val, weights, state, run_dir):
                               val["probs"], fold.config["classes"], val.get("ages"))
 
 
-def fit(fold, state, checkpoint, log, args, run_dir, context):
+def fit(fold, state, checkpoint, log, args, run_dir, context, clock):
     """The epoch loop: train, validate (every --val_every epochs and the last), keep the best
     (best.pth; without validation, the last epoch), the top K (--checkpoint_hist), save last.pth,
     stop early (--patience). Updates `state` and returns the best epoch's validation output (None
@@ -710,7 +759,8 @@ def fit(fold, state, checkpoint, log, args, run_dir, context):
             state["bad_epochs"] = 0 if is_best else state["bad_epochs"] + args.val_every
         state["epoch"] = epoch
         if context.is_main:  # metrics row first: a crash after it is redone on --resume
-            log.epoch({**row, "seconds": time.time() - tic}, is_best)
+            seconds = time.time() - tic
+            log.epoch({**row, "seconds": seconds}, is_best, clock.tick(seconds))
             if is_best:
                 record_best(fold, checkpoint, val, weights, state, run_dir)
             if val is not None:
@@ -735,7 +785,7 @@ def fresh_state():
 
 
 def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resize, context=distributed.Context(),
-               resume=False):
+               resume=False, clock=None):
     """Train one model on one split into `run_dir` (or continue it: `resume`)."""
     fold = build_fold(args, data, train_idx, val_idx, device, precision, resize, context, resume)
     checkpoint = Checkpoint(run_dir, fold.checkpoint_parts(), args.model)
@@ -744,6 +794,7 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
         state = {**state, **checkpoint.resume()}
         print(f"resuming {run_dir} after epoch {state['epoch']} (best {state['best']['val_f1']:.4f} at epoch "
               f"{state['best']['epoch']})")
+    clock = clock or RunClock(args.epochs - state["epoch"])
     log = start_run_folder(fold, data, train_idx, val_idx, checkpoint, state, args, run_dir, resume) \
         if context.is_main else None
     print(f"run {run_dir}: {args.model} at {resize[0]}x{resize[1]}, {len(fold.train.paths)} train / "
@@ -754,14 +805,15 @@ def train_fold(args, data, train_idx, val_idx, run_dir, device, precision, resiz
               f"{'EMA ' if args.ema else ''}weights; that is the result")
     started = time.time()
     try:
-        fit(fold, state, checkpoint, log, args, run_dir, context)
-    except KeyboardInterrupt:
+        fit(fold, state, checkpoint, log, args, run_dir, context, clock)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (cli.stop_on_sigterm)
         if context.is_main:
-            print(f"\ninterrupted in epoch {state['epoch'] + 1}: {checkpoint.last} holds epoch "
+            how = "stopped by SIGTERM" if isinstance(err, cli.Stopped) else "interrupted"
+            print(f"\n{how} in epoch {state['epoch'] + 1}: {checkpoint.last} holds epoch "
                   f"{checkpoint.saved_epoch}; continue with: python train.py --resume {args.resume or run_dir}",
                   flush=True)
             log.close()
-        raise SystemExit(130) from None
+        raise SystemExit(cli.interrupt_status(err)) from None
     if context.is_main:
         finish_run_folder(fold, checkpoint, log, args, run_dir, context)
     best = state["best"]
@@ -807,6 +859,7 @@ def average_best(fold, k, run_dir, context):
 
 # ---------------------------------------------------------------- main
 def main(args):
+    cli.stop_on_sigterm()  # a scheduler's or torchrun's SIGTERM stops a run as Ctrl-C does
     context, device = distributed.setup(args.device)
     try:
         return run_training(args, context, device or resolve_device(args.device))
@@ -828,6 +881,13 @@ def check_flags(args):
     for flag, value in (("--scale", args.scale), ("--ratio", args.ratio), ("--opt_betas", args.opt_betas)):
         if value is not None and len(value) != 2:
             raise cli.UserError(f"{flag} takes two numbers, MIN,MAX, got {','.join(map(str, value))}")
+    check_optimizer_flags(args)
+    if args.decay_milestones != sorted(set(args.decay_milestones)) or min(args.decay_milestones, default=1) < 1:
+        raise cli.UserError(f"--decay_milestones {','.join(map(str, args.decay_milestones))}: epochs from 1 up, "
+                            f"each once, in increasing order (e.g. 30,60)")
+    if args.freeze_epochs and args.freeze_epochs >= args.epochs:
+        raise cli.UserError(f"--freeze_epochs {args.freeze_epochs} with --epochs {args.epochs}: the backbone would "
+                            f"never train; freeze fewer epochs than the run has")
     if args.kfold == 1:
         raise cli.UserError(f"--kfold needs K >= 2 (or 0 for one split), got {args.kfold}")
     if args.folds and (not args.kfold or not all(1 <= f <= args.kfold for f in args.folds)):
@@ -849,6 +909,21 @@ def check_flags(args):
         check_resume(args)
 
 
+OWN_FLAGS = {"lr": "--lr", "weight_decay": "--weight_decay", "momentum": "--momentum", "betas": "--opt_betas",
+             "eps": "--opt_eps", "layer_decay": "--layer_decay"}  # optimizer keywords that have a flag
+
+
+def check_optimizer_flags(args):
+    """Betas in [0, 1); --opt_kwargs never sets what a flag sets (config.json would record the
+    flag's value while the optimizer used the other)."""
+    if args.opt_betas is not None and not all(0 <= b < 1 for b in args.opt_betas):
+        raise cli.UserError(f"--opt_betas {','.join(f'{b:g}' for b in args.opt_betas)}: each beta is a decay "
+                            f"rate in [0, 1) (Adam's are 0.9,0.999)")
+    for key in sorted(set(args.opt_kwargs or {}) & set(OWN_FLAGS)):
+        raise cli.UserError(f"--opt_kwargs {key}={args.opt_kwargs[key]}: {key} has its own flag, {OWN_FLAGS[key]} "
+                            f"(config.json records that one); give it there")
+
+
 def check_resume(args):
     """--resume RUN: a run with a last.pth, or a k-fold parent; a new --epochs only where the
     schedule does not depend on the length (a cosine schedule built for 25 epochs cannot become
@@ -863,8 +938,7 @@ def check_resume(args):
 
 
 def read_options_of(run_dir):
-    with open(os.path.join(run_dir, "config.json")) as f:
-        return json.load(f)
+    return read_json(os.path.join(run_dir, "config.json"), "a run's options")
 
 
 def record_new_length(run_dir, epochs):
@@ -909,6 +983,8 @@ def run_training(args, context, device):
                                   resize)
     seed_everything(args.seed)
     data = load_training_data(args, context)
+    if data.source.warning and context.is_main:
+        print(f"warning: {data.source.warning}", file=sys.stderr)
     args.augmentation = args.augmentation or data.source.default_augmentation
     if args.sync_bn and context.enabled and device.type != "cuda":
         raise cli.UserError("--sync_bn needs CUDA (NCCL); on the CPU, batch norms stay per process")
@@ -962,11 +1038,27 @@ def default_batch_size(train_images, world_size=1):
 
 
 def fold_status(fold_path):
-    """'new', 'unfinished' or 'done': where a fold of a k-fold run stands (--resume of the parent)."""
+    """('new', 'unfinished' or 'done', epochs done): where a run folder, or a fold of a k-fold run,
+    stands (--resume)."""
     last = os.path.join(fold_path, "last.pth")
     if not os.path.isfile(last):
-        return "new"
-    return "done" if read_checkpoint(last).get("finished") else "unfinished"
+        return "new", 0
+    saved = read_checkpoint(last)
+    return ("done" if saved.get("finished") else "unfinished"), int(saved.get("epoch") or 0)
+
+
+@dataclasses.dataclass
+class RunClock:
+    """The time left of the whole run (every fold of a k-fold run): the mean epoch so far times
+    the epochs still to train. An upper bound with --patience."""
+    epochs_left: int
+    seconds: float = 0.0
+    done: int = 0
+
+    def tick(self, seconds):
+        """One epoch finished, in `seconds`: returns the seconds left."""
+        self.done, self.seconds, self.epochs_left = self.done + 1, self.seconds + seconds, self.epochs_left - 1
+        return self.seconds / self.done * max(self.epochs_left, 0)
 
 
 def train_kfold(args, data, folds, run_dir, device, precision, resize, context):
@@ -977,9 +1069,10 @@ def train_kfold(args, data, folds, run_dir, device, precision, resize, context):
     if context.is_main:
         write_json(os.path.join(run_dir, "config.json"), {**vars(args), "resume": None, "fold_dirs": fold_dirs,
                                                           "classes": data.source.classes})
-    for number, fold_dir in zip(chosen, fold_dirs):
-        path = os.path.join(run_dir, fold_dir)
-        status = distributed.broadcast(context, fold_status(path) if context.is_main else None)
+    paths = [os.path.join(run_dir, fold_dir) for fold_dir in fold_dirs]
+    progress = distributed.broadcast(context, [fold_status(p) for p in paths] if context.is_main else None)
+    clock = RunClock(sum(args.epochs - done for status, done in progress if status != "done"))
+    for number, fold_dir, path, (status, _) in zip(chosen, fold_dirs, paths, progress):
         if status == "done":
             print(f"--- {fold_dir} of {len(folds)}: finished earlier")
             continue
@@ -988,7 +1081,7 @@ def train_kfold(args, data, folds, run_dir, device, precision, resize, context):
         distributed.barrier(context)
         print(f"--- {fold_dir} of {len(folds)}{' (resumed)' if status == 'unfinished' else ''}")
         train_fold(args, data, *folds[number - 1], path, device, precision, resize, context,
-                   resume=status == "unfinished")
+                   resume=status == "unfinished", clock=clock)
     if context.is_main:
         summary = write_oof(run_dir, data.source, fold_dirs)
         print(f"k-fold: out-of-fold macro F1 {summary['oof_f1']:.4f}, per fold "

@@ -96,12 +96,13 @@ def test_ensemble_decodes_each_image_once_per_preprocessing(work, base_run, monk
     import dataset
     import images
     import inference
+    import readers
     from model import resolve_precision
     reads = []
     load_image = images.load_image
     monkeypatch.setattr(images, "load_image", lambda path, *a, **k: reads.append(path) or load_image(path, *a, **k))
     paths = dataset.read_eval_dir(str(work / "data" / "eval")).paths
-    config = inference.read_config(base_run)
+    config = readers.read_config(base_run)
     assert config["prepared_size"] == config["input_size"]  # the default pipeline starts with A.Resize
     bigger = dict(config, input_size=[h + 16 for h in config["input_size"]],
                   prepared_size=[h + 16 for h in config["input_size"]])

@@ -76,6 +76,8 @@ def _write_heldout(run_dir, labels, probs, persons, classes, name="oof.csv"):
     frame.insert(0, "person", persons)
     frame.insert(0, "path", [f"img{i:05d}.jpg" for i in range(len(labels))])
     frame.to_csv(run_dir / name, index=False)
+    if not (run_dir / "config.json").exists():  # the classes the readers check the file against
+        (run_dir / "config.json").write_text(json.dumps({"classes": list(classes), "fold_dirs": ["fold1"]}))
 
 
 def _biased_model(n_persons=400, shift=1.6, seed=0):
@@ -215,7 +217,8 @@ def test_audit_finds_planted_label_errors_among_its_top_suspects(sample_data, tm
     frame.insert(0, "path", [s.path for s in source.samples])
     run.mkdir()
     frame.to_csv(run / "oof.csv", index=False)
-    (run / "config.json").write_text(json.dumps({"data_dir": str(sample_data / "train")}))
+    (run / "config.json").write_text(json.dumps({"data_dir": str(sample_data / "train"), "classes": MASK_CLASSES,
+                                                 "fold_dirs": ["fold1"]}))
     result = run_cli("audit.py", run, "--top", "8")
     suspects = pd.read_csv(run / "audit" / "suspects.csv", keep_default_na=False)
     top = suspects.head(8)
