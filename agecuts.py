@@ -20,11 +20,11 @@ import os
 
 import numpy as np
 
-import cli
-from atomic import write_json
-from heldout import AGE_CUTS_FILE, read_heldout, refold
-from labels import AGE_BINS, AGE_NAMES, NUM_CLASSES
-from tune_bias import fast_macro_f1, parts
+from maskcls import cli
+from maskcls.atomic import write_json
+from maskcls.heldout import AGE_CUTS_FILE, parts, read_heldout, refold
+from maskcls.labels import AGE_BINS, AGE_NAMES, NUM_CLASSES
+from maskcls.metrics import macro_f1
 
 LOW_CUTS = np.arange(20.0, 45.01, 0.5)   # the grid of the lower edge (<30 | 30-59) ...
 HIGH_CUTS = np.arange(45.0, 65.01, 0.5)  # ... and of the upper one (30-59 | 60+), in years
@@ -53,7 +53,7 @@ def fit_cuts(rest, ages, labels):
     best = (-1.0, 0.0, *AGE_BINS)
     for low in LOW_CUTS:
         for high in HIGH_CUTS[HIGH_CUTS > low]:
-            f1 = fast_macro_f1(labels, cut_preds(rest, ages, low, high), NUM_CLASSES)
+            f1 = macro_f1(labels, cut_preds(rest, ages, low, high), NUM_CLASSES)
             distance = abs(low - AGE_BINS[0]) + abs(high - AGE_BINS[1])
             if (f1, -distance) > (best[0], best[1]):
                 best = (f1, -distance, low, high)
@@ -76,16 +76,16 @@ def tune(held, cv=5):
     ages, labels = held.ages_pred, held.labels
     rest = held.probs.reshape(len(labels), -1, len(AGE_NAMES)).sum(-1).argmax(1)
     default = cut_preds(rest, ages, *AGE_BINS)
-    before = fast_macro_f1(labels, default, NUM_CLASSES)
+    before = macro_f1(labels, default, NUM_CLASSES)
     preds, gains = default.copy(), []
     for val in parts(held.persons, cv):
         train = np.setdiff1d(np.arange(len(labels)), val)
         low, high, _ = fit_cuts(rest[train], ages[train], labels[train])
         preds[val] = cut_preds(rest[val], ages[val], low, high)
-        gains.append(fast_macro_f1(labels[val], preds[val], NUM_CLASSES)
-                     - fast_macro_f1(labels[val], default[val], NUM_CLASSES))
+        gains.append(macro_f1(labels[val], preds[val], NUM_CLASSES)
+                     - macro_f1(labels[val], default[val], NUM_CLASSES))
     low, high, in_sample = fit_cuts(rest, ages, labels)
-    cross_fitted = fast_macro_f1(labels, preds, NUM_CLASSES)
+    cross_fitted = macro_f1(labels, preds, NUM_CLASSES)
     cuts = [low, high] if cross_fitted > before else list(AGE_BINS)
     report = {"fitted_on": os.path.basename(held.source), "rows": len(labels), "cv": cv,
               "fitted_cuts": [low, high], "f1_default_cuts": round(before, 5),

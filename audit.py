@@ -24,12 +24,11 @@ import shutil
 import numpy as np
 import pandas as pd
 
-import cli
-from atomic import check_outputs, write_csvs
-from dataset import resolve_train_dir
-from heldout import read_heldout
-from readers import data_path, read_config
-from labels import AGE_NAMES, GENDER_NAMES, MASK_CLASSES, MASK_NAMES, TASKS, decode_label, task_marginals
+from maskcls import cli
+from maskcls.atomic import check_outputs, write_csvs
+from maskcls.heldout import read_heldout, training_root
+from maskcls.labels import AGE_NAMES, GENDER_NAMES, MASK_CLASSES, MASK_NAMES, TASKS, decode_label, task_marginals
+from maskcls.readers import data_path
 
 TYPICAL_AGE = (25, 45, 60)  # years written for a suggested age band in the draft (review them)
 GENDER_WORDS = ("male", "female")
@@ -152,15 +151,6 @@ def planted_recall(suspects, planted_csv, held_paths, top):
     return len(covered), len(wrong)
 
 
-def training_root(run_dir, data_dir):
-    """The training folder a run's held-out paths refer to: --data_dir, else its config.json's."""
-    if data_dir is None:
-        data_dir = read_config(run_dir).get("data_dir")
-    if not isinstance(data_dir, str) or not data_dir:
-        raise cli.UserError(f"{os.path.join(run_dir, 'config.json')} names no data_dir; pass --data_dir")
-    return resolve_train_dir(data_dir)
-
-
 def main(args):
     held = read_heldout(args.run)
     out = args.output_dir or os.path.join(args.run, "audit")
@@ -171,7 +161,7 @@ def main(args):
         data_path(root, path, held.source)
     suspects = rank_suspects(held)
     fixes = draft_fixes(suspects, args.top)
-    import plots  # matplotlib only when there is a picture to draw
+    from maskcls import plots  # matplotlib only when there is a picture to draw
     made = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     try:

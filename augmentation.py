@@ -16,7 +16,6 @@ from the factory's signature) and is recorded in config.json:
 
 Example: python train.py --augmentation AlbuAugmentation --resize 256,192
 """
-import inspect
 import math
 import random
 import re
@@ -27,10 +26,25 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
-from cli import UserError
-from registry import Registry
+from maskcls import cli
+from maskcls.cli import UserError
+from maskcls.registry import Option, Registry
 
-AUGMENTATIONS = Registry("augmentation")
+# The knobs every pipeline may take, with timm's meanings (train.py's --hflip, --vflip, --scale,
+# --ratio, --color_jitter): options shared by the entries, each passed to an entry whose signature
+# names it; not given (None), the entry's own default stays.
+_SHARE = cli.number(float, 0, 1)
+KNOBS = {
+    "hflip": Option("horizontal flip probability; default: the pipeline's own", type=_SHARE, default=None),
+    "vflip": Option("vertical flip probability; default: the pipeline's own", type=_SHARE, default=None),
+    "scale": Option("random resized crop: area range; default: the pipeline's own (timm's 0.08,1)",
+                    type=cli.parse_floats, default=None, metavar="MIN,MAX", words=True),
+    "ratio": Option("random resized crop: aspect range; default: the pipeline's own (timm's 0.75,1.33)",
+                    type=cli.parse_floats, default=None, metavar="MIN,MAX", words=True),
+    "color_jitter": Option("brightness/contrast(/saturation) jitter; default: the pipeline's own",
+                           type=cli.number(float, 0), default=None),
+}
+AUGMENTATIONS = Registry("augmentation", shared=KNOBS)
 
 
 def to_tensor(mean, std):
@@ -43,29 +57,16 @@ def eval_transform(resize, mean, std):
     return A.Compose([A.Resize(*resize), *to_tensor(mean, std)])
 
 
-# The knobs every pipeline may take (train.py's --hflip, --vflip, --scale, --ratio, --color_jitter,
-# with timm's meanings): passed to a factory that names them in its signature; None (not given)
-# leaves the factory's own default.
-KNOBS = ("hflip", "vflip", "scale", "ratio", "color_jitter")
-
-
-def knobs_taken(name):
-    """The KNOBS the factory `name` names in its signature (the others would be ignored)."""
-    parameters = inspect.signature(AUGMENTATIONS.get(name)).parameters
-    return [k for k in KNOBS if k in parameters]
-
-
 def train_transform(name, resize, mean, std, values=None):
     """The training pipeline `name` (registered, or a factory passed in) at input size `resize`, with
-    its own options and the KNOBS it takes from `values` (the parsed flags or a run's config), and
+    its own options and the shared KNOBS it takes from `values` (the parsed flags or a run's config), and
     --aa (timm's RandAugment / AugMix / TrivialAugment) and --reprob (random erasing) added in
     front of its Normalize step where given."""
     values = values or {}
-    knobs = {k: values.get(k) for k in knobs_taken(name)}
-    if values.get("aa") and "color_jitter" in knobs and knobs["color_jitter"] is None:
-        knobs["color_jitter"] = 0.0  # as timm: auto-augment replaces the colour jitter unless it is asked for
-    transform = AUGMENTATIONS.build(name, resize=resize, mean=mean, std=std, **knobs,
-                                    **AUGMENTATIONS.values_for(name, values))
+    options = AUGMENTATIONS.values_for(name, values)  # its own options and the KNOBS it takes
+    if values.get("aa") and "color_jitter" in options and options["color_jitter"] is None:
+        options["color_jitter"] = 0.0  # as timm: auto-augment replaces the colour jitter unless it is asked for
+    transform = AUGMENTATIONS.build(name, resize=resize, mean=mean, std=std, **options)
     extra = []
     if values.get("aa"):
         extra.append(TimmAutoAugment(values["aa"], resize, mean))

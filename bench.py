@@ -63,12 +63,13 @@ import torch
 from PIL import Image, ImageEnhance
 from torchvision import transforms
 
-import cli
 from augmentation import AUGMENTATIONS, eval_transform, prepared_size
 from dataset import MASK_MEAN, MASK_STD, read_mask_train
-from images import EpochSampler, ImageDataset, make_loader, open_cache
-from labels import NUM_CLASSES
-from model import cpu_has_native_bf16, create_model, resolve_device, resolve_precision
+from maskcls import cli
+from maskcls.images import EpochSampler, ImageDataset, make_loader, open_cache
+from maskcls.labels import NUM_CLASSES
+from maskcls.runtime import cpu_has_native_bf16, resolve_device, resolve_precision
+from model import create_model
 
 # images per timed pass of each section, and the number of timed rounds
 PLANS = {"quick": dict(loader=256, train=96, infer=128, detect=32, rounds=3),
@@ -243,7 +244,7 @@ def steady(loader, workers):
 def in_memory_steps(model, optimizer, precision, images, target, steps, criterion=torch.nn.functional.cross_entropy):
     """fn(count=steps) -> images trained: train.py's own step (engine.train_step) on one batch already
     in memory (no loader), at `precision`."""
-    from engine import Step, train_step
+    from maskcls.engine import Step, train_step
     images, step = precision.batch(images), Step(criterion, optimizer, precision.scaler(), precision)
 
     def run(count=steps):
@@ -273,9 +274,9 @@ def section_loader(args, plan, device):
 
 
 def section_train(args, plan, device):
-    from engine import Step, train_one_epoch
+    from maskcls.engine import Step, train_one_epoch
     from loss import build_criterion
-    from optim import build_optimizer
+    from maskcls.optim import build_optimizer
     from train import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_WEIGHT_DECAY
     precision = resolve_precision("auto", device, input_size=args.resize)
     paths, labels = training_images(args.data, plan["train"], args.batch_size)
@@ -364,7 +365,7 @@ def section_detect(args, plan, device):
 def section_compile(args, plan, device):
     """What --compile buys: the training step on in-memory batches, torch.compile'd against eager, at
     the auto precision. The compile time (the first step) is reported as compile_seconds."""
-    from model import compile_model
+    from maskcls.runtime import compile_model
     precision = resolve_precision("auto", device)
     images = torch.randn(args.batch_size, 3, *args.resize, device=device)
     target = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
@@ -428,10 +429,10 @@ def folder_labels(test_dir):
 
 
 def test_scores(truth, predicted):
-    from sklearn.metrics import f1_score
+    from maskcls.metrics import macro_f1
     keys = sorted(truth)
     y, p = [truth[k] for k in keys], [predicted[k] for k in keys]
-    return float(np.mean(np.array(y) == np.array(p))), float(f1_score(y, p, average="macro", zero_division=0))
+    return float(np.mean(np.array(y) == np.array(p))), macro_f1(y, p, max(y + p) + 1)
 
 
 def quality_ours(train_dir, test_dir, model, epochs, seed, work, extra=()):
@@ -476,8 +477,6 @@ def section_quality_timm(args, plan, device):
     norm and bias), batch 128 (at most a quarter of the images), a cosine schedule with 5 warmup epochs from 1e-5, label smoothing
     0.1, fp32, its checkpoints written every epoch as train.py writes them; trained on the same 80% of the training folder as the project (its split), the best
     epoch by validation top-1 kept, as train.py's checkpoint saver keeps it."""
-    import copy
-
     import timm
     from timm.data import create_transform, resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy
@@ -518,7 +517,7 @@ def section_quality_timm(args, plan, device):
             optimizer.step()
         top1 = _accuracy(model, val_loader)
         if top1 > best:
-            best, best_state = top1, copy.deepcopy(model.state_dict())
+            best, best_state = top1, {k: v.detach().clone() for k, v in model.state_dict().items()}
         saver.save_checkpoint(epoch, metric=top1)
         scheduler.step(epoch + 1, top1)
     shutil.rmtree(saver.checkpoint_dir, ignore_errors=True)

@@ -24,7 +24,7 @@ Example: `python train.py --cutmix True --cutmix_prob 0.5 --cutmix_mode vertical
 import numpy as np
 import torch
 
-from cli import UserError
+from maskcls.cli import UserError
 
 MODES = ("box", "vertical")
 

@@ -1,6 +1,6 @@
 """Data: reading both layouts, person-level splits and the dataset registry.
 
-Layouts (see DESIGN.md):
+Layouts (README "Your own experiments"):
 - competition: `TRAIN_DIR/train.csv` (id,gender,race,age,path) and `TRAIN_DIR/images/<path>/`
   with the photos mask1..mask5, incorrect_mask, normal (.jpg/.jpeg/.png);
   eval: `EVAL_DIR/info.csv` (ImageID,ans) and `EVAL_DIR/images/<ImageID>`.
@@ -8,8 +8,8 @@ Layouts (see DESIGN.md):
   the sorted folder names.
 
 A dataset entry reads a folder into `samples` (path, label, person) and decides the
-train/validation split (`split()`, `folds(k)`); `images.ImageDataset` turns one side into
-tensors with its own transform. The label scheme lives in labels.py.
+train/validation split (`split()`, `folds(k)`); `maskcls/images.py`'s ImageDataset turns one side
+into tensors with its own transform. The label scheme lives in maskcls/labels.py.
 
 Add your own entry with `@DATASETS.register()` on a subclass of `SplitDataset` (or of
 `MaskSplitByProfileDataset` for the competition layout): read `samples`, set `classes`, and
@@ -26,13 +26,13 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold, train_test_split
 
-from atomic import replacing
-from cli import UserError
-from images import IMAGE_EXTENSIONS
-from labels import (AGE_NAMES, GENDER_NAMES, GENDERS, MASK_CLASSES, MASK_VALUES, MAX_AGE, NUM_CLASSES, PHOTO_MASK,
-                    age_band, decode_label, encode_label)
-from readers import read_probs
-from registry import Registry
+from maskcls.atomic import replacing
+from maskcls.cli import UserError
+from maskcls.images import IMAGE_EXTENSIONS
+from maskcls.labels import (AGE_NAMES, GENDER_NAMES, GENDERS, MASK_CLASSES, MASK_VALUES, MAX_AGE, NUM_CLASSES,
+                            PHOTO_MASK, age_band, decode_label, encode_label)
+from maskcls.readers import read_probs
+from maskcls.registry import Registry
 
 DATASETS = Registry("dataset")
 

@@ -38,9 +38,9 @@ import os
 import numpy as np
 import pandas as pd
 
-import cli
-from atomic import check_outputs, write_csvs
-from readers import ID_COLUMN, read_probs, read_table
+from maskcls import cli
+from maskcls.atomic import check_outputs, write_csvs
+from maskcls.readers import ID_COLUMN, read_probs, read_table
 
 
 
@@ -172,7 +172,7 @@ def probs_path_for(output):
 def greedy_fit(prob_list, labels, steps=25):
     """Pick counts per member: forward selection with replacement on macro F1 of the running mean
     (ties: the lower log-loss). Starts from the best single member."""
-    from heldout import macro_f1
+    from maskcls.metrics import macro_f1
     num_classes = prob_list[0].shape[1]
     rows = np.arange(len(labels))
 
@@ -196,8 +196,8 @@ def greedy_fit(prob_list, labels, steps=25):
 
 def fit_recipe(run_dirs, steps=25, cv=5):
     """Members, weights and the report of a greedy ensemble fitted on the runs' held-out predictions."""
-    from heldout import macro_f1, read_heldout
-    from tune_bias import parts
+    from maskcls.heldout import parts, read_heldout
+    from maskcls.metrics import macro_f1
     helds = [read_heldout(r) for r in run_dirs]
     for run_dir, held in zip(run_dirs[1:], helds[1:]):
         if held.classes != helds[0].classes:
@@ -225,7 +225,7 @@ def fit_recipe(run_dirs, steps=25, cv=5):
 
 
 def fit_main(args):
-    from atomic import write_json
+    from maskcls.atomic import write_json
     check_outputs([args.recipe], overwrite=args.overwrite)
     recipe = fit_recipe(args.files, args.fit_steps)
     folder = os.path.dirname(os.path.abspath(args.recipe))

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-import cli
-from atomic import replacing
-from cli import UserError
 from dataset import read_eval_dir, read_mask_train, resolve_train_dir
-from images import load_image
+from maskcls import cli
+from maskcls.atomic import replacing
+from maskcls.cli import UserError
+from maskcls.images import load_image
 
 FACE_MARGIN = 0.3  # grow the face box by this share of its width (left, right) and height (top, bottom)
 # Detection runs on a copy whose shorter side is DETECT_SIDE px (never enlarged). On a 384x512

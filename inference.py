@@ -17,20 +17,21 @@ import os
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import f1_score
 
-import cli
-from atomic import check_outputs, write_csvs
 from augmentation import TTA_VIEWS, eval_transform, parse_tta, tta_logits, with_headroom
 from dataset import read_csv_columns, read_eval_dir
 from ensemble import probs_path_for
 from facecrop import FACE_MARGIN, face_regions
-from heldout import BIAS_FILE, apply_bias, load_bias, load_cuts
-from labels import MASK_CLASSES
-from readers import fold_dirs, is_number, labels_in_range, read_config, read_json
+from maskcls import cli
+from maskcls.atomic import check_outputs, write_csvs
+from maskcls.heldout import BIAS_FILE, apply_bias, load_bias, load_cuts
+from maskcls.images import ImageDataset, make_loader
+from maskcls.labels import MASK_CLASSES
+from maskcls.metrics import macro_f1
+from maskcls.readers import fold_dirs, is_number, labels_in_range, read_config, read_json
+from maskcls.runtime import resolve_device, resolve_precision
+from model import build_from_config, load_weights, set_age_cuts
 from persons import complete_groups, group_photos, pool, pooled_groups
-from images import ImageDataset, make_loader
-from model import build_from_config, load_weights, resolve_device, resolve_precision, set_age_cuts
 
 # Runs with the same preprocessing predict in one pass over the images while their weights
 # together stay under this; past it the next pass starts (bounds device memory for big ensembles).
@@ -241,8 +242,7 @@ def score(answers_path, image_ids, preds, num_classes):
     if missing:
         raise cli.UserError(f"{answers_path} has no answer for {len(missing)} image(s), first {missing[0]}")
     truth = answers.loc[image_ids].to_numpy()
-    return float((truth == preds).mean()), float(f1_score(truth, preds, average="macro",
-                                                          labels=list(range(num_classes)), zero_division=0))
+    return float((truth == preds).mean()), macro_f1(truth, preds, num_classes)
 
 
 def person_pooled(probs, paths, per_person):

@@ -38,8 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError
-from registry import Registry
+from maskcls.cli import UserError
+from maskcls.registry import Registry
 
 CRITERIONS = Registry("criterion")
 

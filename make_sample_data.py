@@ -36,8 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-import cli
-
+from maskcls import cli
 WIDTH, HEIGHT = 384, 512            # the competition's photo size (PIL order: width, height)
 PHOTOS = [("mask1", 0), ("mask2", 0), ("mask3", 0), ("mask4", 0), ("mask5", 0),
           ("incorrect_mask", 1), ("normal", 2)]  # file stem -> mask label (wear 0, incorrect 1, not wear 2)

@@ -32,10 +32,11 @@ import numpy as np
 from PIL import Image
 from sklearn.cluster import AgglomerativeClustering
 
-import cli
-from heldout import macro_f1, read_heldout
-from readers import data_path
-from labels import MASK_CLASSES, PHOTO_MASK, decode_label, task_marginals
+from maskcls import cli
+from maskcls.heldout import read_heldout, training_root
+from maskcls.labels import MASK_CLASSES, PHOTO_MASK, decode_label, task_marginals
+from maskcls.metrics import macro_f1
+from maskcls.readers import data_path
 
 PHOTOS_PER_PERSON = 7
 THUMB = (24, 32)  # (width, height) of the content descriptor: background, clothes, hair survive it
@@ -120,7 +121,6 @@ def pool(probs, groups):
 
 def measure(run_dir, data_dir=None):
     """On a run's held-out images (persons known): grouping purity and macro F1 with and without pooling."""
-    from audit import training_root  # the run's training folder, as audit.py finds it
     held = read_heldout(run_dir)
     if held.classes != MASK_CLASSES or (held.persons == "").any():
         raise cli.UserError(f"{run_dir}: person pooling needs the competition layout (persons and 18 classes)")

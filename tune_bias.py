@@ -22,11 +22,11 @@ import os
 import time
 
 import numpy as np
-from sklearn.model_selection import GroupKFold, KFold
 
-import cli
-from heldout import BIAS_FILE, biased_preds, read_heldout, save_bias
-from labels import MASK_CLASSES, TASKS, decode_label
+from maskcls import cli
+from maskcls.heldout import BIAS_FILE, biased_preds, parts, read_heldout, save_bias
+from maskcls.labels import MASK_CLASSES, TASKS, decode_label
+from maskcls.metrics import macro_f1
 
 
 def get_args_parser():
@@ -47,14 +47,6 @@ def get_args_parser():
     cli.bool_flag(parser, "--force", help="save the bias even when the cross-fitted F1 does not improve")
     cli.bool_flag(parser, "--dry_run", help="report only; write nothing")
     return parser
-
-
-def fast_macro_f1(labels, preds, num_classes):
-    """Macro F1 over all `num_classes` (absent classes score 0, as sklearn's zero_division=0)."""
-    confusion = np.bincount(labels * num_classes + preds, minlength=num_classes ** 2).reshape(num_classes, -1)
-    tp = np.diag(confusion).astype(np.float64)
-    denom = confusion.sum(0) + confusion.sum(1)
-    return float(np.mean(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)))
 
 
 def offset_grid(max_bias, step):
@@ -84,31 +76,19 @@ def fit_bias(log_probs, labels, grid, rounds=4, basis=None):
     num_classes = log_probs.shape[1]
     basis = np.eye(num_classes) if basis is None else basis
     offsets = np.zeros(basis.shape[1])
-    best = fast_macro_f1(labels, log_probs.argmax(1), num_classes)
+    best = macro_f1(labels, log_probs.argmax(1), num_classes)
     for _ in range(rounds):
         improved = False
         for k in range(len(offsets)):
             trial = offsets.copy()
             for value in grid:
                 trial[k] = value
-                score = fast_macro_f1(labels, biased_preds(log_probs, basis @ trial), num_classes)
+                score = macro_f1(labels, biased_preds(log_probs, basis @ trial), num_classes)
                 if score > best + 1e-12:
                     best, offsets[k], improved = score, value, True
         if not improved:
             break
     return basis @ offsets, best
-
-
-def parts(persons, cv, seed=0):
-    """Row indices of `cv` parts; people never span two parts (rows without a person: by row)."""
-    n = len(persons)
-    if (persons != "").all() and len(set(persons)) >= cv:
-        rng = np.random.default_rng(seed)  # GroupKFold is deterministic by size; shuffle people first
-        names = np.unique(persons)
-        order = {name: i for i, name in enumerate(rng.permutation(names))}
-        groups = np.array([order[p] for p in persons])
-        return [val for _, val in GroupKFold(cv).split(np.zeros(n), groups=groups)]
-    return [val for _, val in KFold(cv, shuffle=True, random_state=seed).split(np.zeros(n))]
 
 
 def cross_fitted(log_probs, labels, persons, grid, cv, rounds, basis):
@@ -120,8 +100,8 @@ def cross_fitted(log_probs, labels, persons, grid, cv, rounds, basis):
         train = np.setdiff1d(np.arange(len(labels)), val)
         bias, _ = fit_bias(log_probs[train], labels[train], grid, rounds, basis)
         preds[val] = biased_preds(log_probs[val], bias)
-        gains.append(fast_macro_f1(labels[val], preds[val], num_classes)
-                     - fast_macro_f1(labels[val], log_probs[val].argmax(1), num_classes))
+        gains.append(macro_f1(labels[val], preds[val], num_classes)
+                     - macro_f1(labels[val], log_probs[val].argmax(1), num_classes))
     return preds, gains
 
 
@@ -135,12 +115,12 @@ def tune(run_dir, cv=5, max_bias=2.0, step=0.05, rounds=4, per="auto"):
     basis = bias_basis(held.classes, per)
     log_probs = np.log(np.clip(held.probs, 1e-12, None))
     grid = offset_grid(max_bias, step)
-    before = fast_macro_f1(held.labels, log_probs.argmax(1), num_classes)
+    before = macro_f1(held.labels, log_probs.argmax(1), num_classes)
     preds, gains = cross_fitted(log_probs, held.labels, held.persons, grid, cv, rounds, basis)
     bias, in_sample = fit_bias(log_probs, held.labels, grid, rounds, basis)
     report = {"fitted_on": os.path.basename(held.source), "rows": len(held.labels), "cv": cv, "per": per,
               "f1_before": round(before, 5),
-              "f1_cross_fitted": round(fast_macro_f1(held.labels, preds, num_classes), 5),
+              "f1_cross_fitted": round(macro_f1(held.labels, preds, num_classes), 5),
               "f1_in_sample": round(in_sample, 5), "part_gains": [round(g, 5) for g in gains]}
     return bias, held.classes, report
 

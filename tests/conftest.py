@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-import cli
-
 import make_sample_data
+from maskcls import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,10 +12,10 @@ from PIL import Image
 import agecuts
 from conftest import FAST, run_cli
 from cutmix import BatchMixer, mixed_loss
-from heldout import Heldout, load_cuts, read_heldout, refold
-from images import ImageDataset
-from labels import AGE_BINS, MASK_CLASSES, age_band, encode_label
 from loss import AgeRegressionLoss, build_criterion
+from maskcls.heldout import Heldout, load_cuts, read_heldout, refold
+from maskcls.images import ImageDataset
+from maskcls.labels import AGE_BINS, MASK_CLASSES, age_band, encode_label
 from model import AgeRegressionHead, create_model, fold_age, regressed_ages, set_age_cuts
 
 TASKS = (3, 2, 3)

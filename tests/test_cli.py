@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import FAST, run_cli
-from labels import MASK_CLASSES, NUM_CLASSES
+from maskcls.labels import MASK_CLASSES, NUM_CLASSES
 
 
 
@@ -94,10 +94,10 @@ def test_ensemble_decodes_each_image_once_per_preprocessing(work, base_run, monk
     """Runs that preprocess alike share one pass over the images; another input size, or a weight
     budget that holds one model at a time, means another pass. The probabilities do not change."""
     import dataset
-    import images
+    from maskcls import images
     import inference
-    import readers
-    from model import resolve_precision
+    from maskcls import readers
+    from maskcls.runtime import resolve_precision
     reads = []
     load_image = images.load_image
     monkeypatch.setattr(images, "load_image", lambda path, *a, **k: reads.append(path) or load_image(path, *a, **k))
@@ -199,7 +199,7 @@ def test_bad_flag_values_are_one_line(work, args, needle, tmp_path):
 
 
 def test_best_epoch_rule():
-    from engine import is_better
+    from maskcls.engine import is_better
     best = {"val_f1": 0.8, "val_loss": 0.5}
     assert is_better({"val_f1": 0.81, "val_loss": 9.0}, best)
     assert is_better({"val_f1": 0.8, "val_loss": 0.9}, best)  # tie in F1: the later epoch wins, whatever its loss
@@ -218,7 +218,8 @@ def test_early_stopping_counts_epochs_without_a_better_f1(work, monkeypatch, tmp
         n = len(loader.dataset)
         return {"val_f1": f1, "val_loss": loss, "val_acc": f1, "labels": torch.zeros(n, dtype=torch.long),
                 "preds": torch.zeros(n, dtype=torch.long), "probs": torch.full((n, 18), 1 / 18).numpy()}
-    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    from maskcls import fit
+    monkeypatch.setattr(fit, "evaluate", fake_evaluate)
     args = train.get_args_parser().parse_args([*FAST, "--epochs", "6", "--patience", "2", "--cutmix", "False",
                                                "--mixup", "no", "--data_dir", str(work / "data" / "train"),
                                                "--model_dir", str(tmp_path), "--name", "patience"])

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from cli import UserError
 from cutmix import BatchMixer, mixed_loss, rand_box
+from maskcls.cli import UserError
 
 # Non-square on purpose: a box cut with H and W swapped lands in the wrong place or off the image.
 N, C, H, W = 6, 3, 12, 9

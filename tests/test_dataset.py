@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import dataset
-from cli import UserError
-import labels
 from dataset import DATASETS, read_eval_dir, read_mask_train
-from images import load_image
-from labels import MASK_CLASSES, NUM_CLASSES, age_band, decode_label, encode_label
+import dataset
+from maskcls import labels
+from maskcls.cli import UserError
+from maskcls.images import load_image
+from maskcls.labels import MASK_CLASSES, NUM_CLASSES, age_band, decode_label, encode_label
 
 SHARED_META = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mask_train_meta.csv")
 

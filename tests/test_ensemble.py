@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import cli
 from ensemble import combine, read_probs
+from maskcls import cli
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ensemble.py")
 CLASSES = ["wear/M/<30", "wear/M/30-59", "wear/M/60+"]

@@ -8,8 +8,8 @@ import torch
 from matplotlib import cbook
 from PIL import Image
 
-import facecrop
 from conftest import run_cli
+import facecrop
 
 SIZE = (384, 512)  # a competition photo, (width, height)
 

@@ -3,7 +3,6 @@
 import contextlib
 import json
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -17,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-import atomic
-import cli
-from cli import UserError
 from conftest import FAST, ROOT, one_line_error as _one_line_error, run_cli
-from images import ImageDataset, load_image
-from runfolder import RunLock
+from maskcls import atomic
+from maskcls import cli
+from maskcls.cli import UserError
+from maskcls.images import ImageDataset, load_image
+from maskcls.runfolder import RunLock
 
 
 def _chunk(kind, data):
@@ -123,14 +122,15 @@ def test_4_header_only_info_csv(work, small_run, tmp_path, run_here):
 KILL_IN_WINDOW = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    import runfolder
+    from maskcls import runfolder
     save_best = runfolder.Checkpoint.save_best
     def killed_after_the_row(self, weights, scores):
         save_best(self, weights, scores)
         if scores["epoch"] == 1:  # the metrics row of epoch 1 is written, its last.pth is not
             os.kill(os.getpid(), signal.{signal})
     runfolder.Checkpoint.save_best = killed_after_the_row
-    import cli, train
+    import train
+    from maskcls import cli
     sys.argv[0] = "train.py"
     cli.run(train.main, train.get_args_parser, sys.argv[1:])
 """)
@@ -288,7 +288,7 @@ def test_10_errors_after_the_folder_would_exist_leave_none(work, tmp_path, monke
         result = run_here("train.py", *FAST, "--epochs", "1", *args, "--model_dir", runs, cwd=work, check=False)
         _one_line_error(result, needle)
         assert not runs.exists() or os.listdir(runs) == [], os.listdir(runs)
-    from runfolder import make_run_dir
+    from maskcls.runfolder import make_run_dir
     assert make_run_dir(str(runs), "exp") == os.path.join(str(runs), "exp")  # the name is free
 
 
@@ -395,8 +395,8 @@ def test_progress_in_a_log(monkeypatch, capsys):
 
 def test_progress_lines_reach_a_log_file(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    script = f"import cli, sys; cli.LOG_MIN_SECONDS = 0; import make_sample_data as m; sys.argv[0] = 'x'; " \
-             f"cli.run(m.main, m.get_args_parser, sys.argv[1:])"  # a log line however quick the task
+    script = "import sys; from maskcls import cli; cli.LOG_MIN_SECONDS = 0; import make_sample_data as m; " \
+             "sys.argv[0] = 'x'; cli.run(m.main, m.get_args_parser, sys.argv[1:])"  # a log line however quick the task
     result = subprocess.run([sys.executable, "-c", script, "--out", str(tmp_path / "d"), "--persons", "100",
                              "--eval_persons", "100", "--workers", "1"], cwd=ROOT, env=env, capture_output=True,
                             text=True, check=True)

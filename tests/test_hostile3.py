@@ -5,7 +5,6 @@ a resume, tools on a run without validation)."""
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
-import cli
-import readers
-from cli import UserError
 from conftest import FAST, ROOT, one_line_error, run_cli
-from labels import MASK_CLASSES
-from runfolder import RunLock
+from maskcls import cli
+from maskcls import readers
+from maskcls.cli import UserError
+from maskcls.labels import MASK_CLASSES
+from maskcls.runfolder import RunLock
 
 
 def _start(cwd, script, *args):
@@ -57,7 +56,7 @@ def _alive(pid):
 CHILD_KEEPS_RUNNING = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {root!r})
-    from runfolder import RunLock
+    from maskcls.runfolder import RunLock
     RunLock({folder!r}).acquire()
     if os.fork() == 0:  # a forked child, as a DataLoader worker is: it must not hold the lock
         time.sleep(60)
@@ -88,7 +87,7 @@ WORKERS_THEN_KILLED = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {root!r})
     import torch
-    from images import make_loader
+    from maskcls.images import make_loader
     class Pids(torch.utils.data.Dataset):
         def __len__(self):
             return 64
@@ -172,7 +171,7 @@ BAD_CELLS = [("label", "", "row 4"), ("label", "abc", "'abc' is not a class inde
 
 @pytest.mark.parametrize("column,value,needle", BAD_CELLS)
 def test_a_bad_held_out_cell_is_one_line_naming_file_row_and_column(tmp_path, column, value, needle):
-    from heldout import read_heldout
+    from maskcls.heldout import read_heldout
     run = _heldout_run(tmp_path / "kf")
     read_heldout(run)  # the untouched file reads
     _set_cell(run, 3, column, value)
@@ -182,7 +181,7 @@ def test_a_bad_held_out_cell_is_one_line_naming_file_row_and_column(tmp_path, co
 
 
 def test_truncated_rows_and_missing_class_columns_are_refused(tmp_path):
-    from heldout import read_heldout
+    from maskcls.heldout import read_heldout
     run = _heldout_run(tmp_path / "kf")
     text = (run / "oof.csv").read_text()
     (run / "oof.csv").write_text(text[:len(text) - 40])  # a last row cut short, as by a full disk
@@ -223,7 +222,7 @@ def test_persons_refuses_missing_images_and_paths_leaving_the_data_folder(tmp_pa
 def test_audit_leaves_no_folder_when_the_disk_fills(tmp_path, run_here, monkeypatch):
     import errno
 
-    import plots
+    from maskcls import plots
     run = _heldout_run(tmp_path / "kf")
     data = tmp_path / "data"
     for path in pd.read_csv(run / "oof.csv")["path"]:
@@ -241,7 +240,7 @@ def test_audit_leaves_no_folder_when_the_disk_fills(tmp_path, run_here, monkeypa
 # ---------------------------------------------------------------- bias.json, recipes, config.json
 def test_bias_files_are_checked_and_no_bias_does_not_read_them(tmp_path):
     import inference
-    from heldout import load_bias
+    from maskcls.heldout import load_bias
     run = tmp_path / "run"
     run.mkdir()
     probs = np.full((3, 18), 1 / 18)
@@ -312,7 +311,7 @@ def test_a_config_json_that_is_not_an_object(tmp_path):
 
 def test_a_model_option_from_config_json_is_parsed_as_its_flag_would_be():
     import model
-    from registry import Option
+    from maskcls.registry import Option
 
     @model.MODELS.register("issue20Net", options={"width": Option("channels", type=cli.positive_int)})
     def net(num_classes, width=8, **kwargs):
@@ -345,7 +344,7 @@ def test_damaged_face_box_cache_rows_are_detected_again(tmp_path):
 
 
 def test_a_damaged_metrics_csv_is_one_line_on_resume(tmp_path):
-    from runfolder import RunLog
+    from maskcls.runfolder import RunLog
     (tmp_path / "metrics.csv").write_text("epoch,train_loss\n1,0.5\nxx,0.4\n")
     with pytest.raises(UserError, match="row 2 starts with 'xx'"):
         RunLog(str(tmp_path), 3, resume_epoch=1)
@@ -379,7 +378,7 @@ def test_bad_flags_are_one_line_before_any_work(work, tmp_path, run_here, args, 
 
 
 def test_layer_decay_on_a_model_timm_cannot_split(work):
-    import optim
+    from maskcls import optim
     from model import create_model
     with pytest.raises(UserError, match="cannot split BaseModel into layers"):
         optim.build_optimizer("adamw", create_model("BaseModel", 18), 1e-3, 0.05, layer_decay=0.7)
@@ -430,8 +429,8 @@ def test_progress_lines_in_a_log_are_few_with_a_running_mean_and_time_left(monke
 
 
 def test_run_clock_counts_every_fold():
-    import train
-    clock = train.RunClock(3 * 4)  # 3 folds left of 4 epochs
+    from maskcls.fit import RunClock
+    clock = RunClock(3 * 4)  # 3 folds left of 4 epochs
     assert clock.tick(10.0) == pytest.approx(110.0)
     assert clock.tick(20.0) == pytest.approx(150.0)
 

@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError
 from cutmix import mixed_loss
 from loss import CRITERIONS, build_criterion
-from registry import Registry
+from maskcls.cli import UserError
+from maskcls.registry import Registry
 
 NUM_CLASSES = 18
 # Unbalanced like the competition's training split; class 5 is rare.

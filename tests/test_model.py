@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from cli import UserError
-from model import (MODELS, PRESETS, check_model_name, create_model, input_size_of, load_weights,
-                   read_checkpoint, save_checkpoint)
+from maskcls.cli import UserError
+from model import (MODELS, PRESETS, check_model_name, create_model, input_size_of, load_weights, read_checkpoint,
+                   save_checkpoint)
 
 NUM_CLASSES = 18
 

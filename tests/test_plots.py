@@ -8,11 +8,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
-import plots
 from augmentation import AUGMENTATIONS, eval_transform, seed_transform
-from cli import UserError
 from cutmix import BatchMixer
-from labels import MASK_CLASSES, NUM_CLASSES, encode_label
+from maskcls import plots
+from maskcls.cli import UserError
+from maskcls.labels import MASK_CLASSES, NUM_CLASSES, encode_label
 from model import create_model
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -1,7 +1,7 @@
 """Plug-ins with options of their own: a loss, a model and an augmentation, each added in one
-place (here: this test module, registered at import, as a user's edit of loss.py, model.py or
-augmentation.py would be), each with a flag set on the command line; the flags land in
-config.json, and inference rebuilds the run from it alone."""
+place (here: registered by this module's fixture for its tests only, as a user's edit of loss.py,
+model.py or augmentation.py would register them), each with a flag set on the command line; the
+flags land in config.json, and inference rebuilds the run from it alone."""
 import argparse
 import json
 
@@ -12,19 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import inference
-import train
 from augmentation import AUGMENTATIONS, to_tensor
-from cli import UserError, run
 from conftest import FAST
+import inference
 from loss import CRITERIONS
+from maskcls.cli import UserError, run
+from maskcls.registry import Option, Registry
 from model import MODELS, build_from_config
-from registry import Option, Registry
+import train
 
 SEEN = {}  # what each plug-in was built with
 
 
-@CRITERIONS.register("poly1_test", options={"poly_epsilon": "weight of the poly-1 term"})
 class Poly1Loss(nn.Module):
     """PolyLoss (Leng et al., 2022), poly-1: CE + epsilon * (1 - p_t)."""
 
@@ -50,16 +49,39 @@ class TinyNet(nn.Module):
         return self.fc(self.conv(x).relu().mean((2, 3)))
 
 
-@MODELS.register("TinyNetTest", input_size=(64, 48), options={"tiny_width": "channels of the only conv"})
 def tiny_net(num_classes, pretrained=False, tiny_width=4, **kwargs):
     SEEN["tiny_width"] = tiny_width
     return TinyNet(num_classes, tiny_width)
 
 
-@AUGMENTATIONS.register(options={"jitter_strength": Option("brightness jitter", type=float)})
 def JitterTest(resize, mean, std, jitter_strength=0.1, **kwargs):
     SEEN["jitter_strength"] = jitter_strength
     return A.Compose([A.Resize(*resize), A.RandomBrightnessContrast(jitter_strength, 0, p=1), *to_tensor(mean, std)])
+
+
+PLUGINS = ((CRITERIONS, "poly1_test", Poly1Loss, {"options": {"poly_epsilon": "weight of the poly-1 term"}}),
+           (MODELS, "TinyNetTest", tiny_net, {"input_size": (64, 48),
+                                               "options": {"tiny_width": "channels of the only conv"}}),
+           (AUGMENTATIONS, "JitterTest", JitterTest,
+            {"options": {"jitter_strength": Option("brightness jitter", type=float)}}))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugins():
+    """The three plug-ins registered for this module's tests only, as a user's edit of loss.py,
+    model.py and augmentation.py would register them; removed afterwards, so no other test sees
+    them whatever the collection order."""
+    for registry, name, entry, meta in PLUGINS:
+        registry.register(name, **meta)(entry)
+    yield
+    for registry, name, _, _ in PLUGINS:
+        registry.unregister(name)
+
+
+def test_plugins_are_gone_outside_their_tests():
+    CRITERIONS.register("poly1_scratch")(Poly1Loss)
+    CRITERIONS.unregister("poly1_scratch")
+    assert "poly1_scratch" not in CRITERIONS and "poly1_test" in CRITERIONS
 
 
 def test_plugins_with_their_own_flags_train_and_infer(work, tmp_path):

@@ -13,16 +13,19 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import cli
-import engine
-import train
 from augmentation import train_transform
 from conftest import FAST, run_cli
 from cutmix import BatchMixer
 from dataset import MASK_MEAN, MASK_STD
 from loss import CRITERIONS, build_criterion
-from model import Precision, build_from_config, create_model
-from optim import Freezer, SchedulerState, build_optimizer, build_scheduler
+from maskcls import cli
+from maskcls import engine
+from maskcls.optim import Freezer, SchedulerState, build_optimizer, build_scheduler
+from maskcls.distributed import Context
+from maskcls.fold import build_networks, optimizer_for
+from maskcls.runtime import Precision, Runtime
+from model import build_from_config, create_model
+import train
 
 NEW_FLAGS = ["--grad_accum_steps", "--clip_grad", "--clip_mode", "--warmup_epochs", "--warmup_lr", "--min_lr",
              "--sched_on_updates", "--scheduler", "--decay_milestones", "--momentum", "--opt_betas", "--opt_eps",
@@ -31,6 +34,7 @@ NEW_FLAGS = ["--grad_accum_steps", "--clip_grad", "--clip_mode", "--warmup_epoch
              "--mixup_alpha", "--cutmix_alpha", "--beta", "--cutmix", "--mix_switch_prob", "--mix_off_epoch",
              "--smoothing", "--checkpoint_hist", "--average_top", "--val_ratio", "--val_every", "--folds"]
 FP32 = Precision("fp32", "cpu", False)
+CPU_FP32 = Runtime(torch.device("cpu"), FP32, Context(), (32, 32))
 
 
 def _args(*argv):
@@ -181,21 +185,21 @@ def _roundtrip(state):
 def test_optimizer_arguments_and_param_groups():
     model = timm.create_model("resnet10t", num_classes=3)
     args = _args("--opt", "sgd", "--momentum", "0.8", "--weight_decay", "0.05", "--opt_kwargs", "nesterov=False")
-    optimizer = train.optimizer_for(args, model)
+    optimizer = optimizer_for(args, model)
     assert type(optimizer).__name__ == "SGD" and optimizer.param_groups[0]["momentum"] == 0.8
     assert optimizer.param_groups[0]["nesterov"] is False
     decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     norm_and_bias = [p for n, p in model.named_parameters() if p.ndim <= 1]
     assert norm_and_bias and all(decays[id(p)] == 0 for p in norm_and_bias)  # no decay on norm and bias
     assert decays[id(model.conv1[0].weight)] == 0.05
-    adam = train.optimizer_for(_args("--opt", "AdamW", "--opt_betas", "0.8,0.95", "--opt_eps", "1e-6"), model)
+    adam = optimizer_for(_args("--opt", "AdamW", "--opt_betas", "0.8,0.95", "--opt_eps", "1e-6"), model)
     assert adam.param_groups[0]["betas"] == (0.8, 0.95) and adam.param_groups[0]["eps"] == 1e-6
-    layered = train.optimizer_for(_args("--opt", "adamw", "--layer_decay", "0.5"), model)
+    layered = optimizer_for(_args("--opt", "adamw", "--layer_decay", "0.5"), model)
     scales = sorted({g["lr_scale"] for g in layered.param_groups})
     assert len(scales) > 2 and scales[-1] == 1.0 and scales[0] < 0.1  # the stem learns slowest
     with pytest.raises(cli.UserError, match="refused its arguments"):
-        train.optimizer_for(_args("--opt", "adam", "--opt_kwargs", "nonsense=1"), model)
-    muon = train.optimizer_for(_args("--opt", "muon"), model)  # timm's Muon: conv weights fall back, no crash
+        optimizer_for(_args("--opt", "adam", "--opt_kwargs", "nonsense=1"), model)
+    muon = optimizer_for(_args("--opt", "muon"), model)  # timm's Muon: conv weights fall back, no crash
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     muon.step()
 
@@ -232,12 +236,10 @@ def test_drop_rates_grad_checkpointing_and_sync_bn_reach_the_model(tmp_path, wor
     with pytest.raises(cli.UserError, match="does not take --drop_path"):
         build_from_config({"model": "BaseModel", "num_classes": 3, "drop_path": 0.1})
     args = _args("--model", "resnet10t", "--grad_checkpointing", "True")
-    net, *_ = train.build_networks(args, {**config, "drop": None, "drop_path": None}, torch.device("cpu"), FP32,
-                                   train.distributed.Context())
+    net, *_ = build_networks(args, {**config, "drop": None, "drop_path": None}, CPU_FP32)
     assert net.grad_checkpointing
     with pytest.raises(cli.UserError, match="grad_checkpointing"):
-        train.build_networks(_args("--grad_checkpointing", "True"), {"model": "BaseModel", "num_classes": 3},
-                             torch.device("cpu"), FP32, train.distributed.Context())
+        build_networks(_args("--grad_checkpointing", "True"), {"model": "BaseModel", "num_classes": 3}, CPU_FP32)
     monkeypatch.setattr(train.distributed, "setup", lambda choice: (train.distributed.Context(0, 2), None))
     monkeypatch.setattr(train.distributed, "teardown", lambda context: None)
     monkeypatch.setattr(train.distributed, "broadcast", lambda context, value: value)

@@ -3,8 +3,8 @@ import argparse
 
 import pytest
 
-import cli
-from registry import Registry, UnknownName
+from maskcls import cli
+from maskcls.registry import Registry, UnknownName
 
 
 def test_register_build_and_names():

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-import train
-from cli import UserError
 from conftest import FAST, ROOT, run_cli
+from maskcls.cli import UserError
 from model import save_checkpoint
+import train
 
 FIGURES = ("confusion_matrix.png", "confusion_tasks.png", "curves.png", "aug_preview.png", "mistakes.png",
            "gradcam.png")
@@ -178,7 +178,8 @@ def test_nan_loss_stops_and_keeps_best(work, tmp_path, monkeypatch):
                 value = criterion(logits, target)
                 return value * float("nan") if calls["n"] > 8 else value  # epoch 1 (5 steps + val) is fine
         return Poisoned()
-    monkeypatch.setattr(train, "build_criterion", poisoned)
+    from maskcls import fold
+    monkeypatch.setattr(fold, "build_criterion", poisoned)
     args = train.get_args_parser().parse_args([*FAST, "--epochs", "3", "--batch_size", "32", "--data_dir",
                                                str(work / "data" / "train"), "--model_dir", str(tmp_path)])
     with pytest.raises(UserError, match="not finite.*best.pth is left"):

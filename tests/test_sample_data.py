@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import make_sample_data as msd
-from cli import UserError
+from maskcls.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 PERSONS, EVAL_PERSONS = 40, 10  # >= 30 so every class exists, >= 20 so every extension case exists

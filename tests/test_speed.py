@@ -10,23 +10,24 @@ import pytest
 import torch
 
 from augmentation import eval_transform
-from cli import UserError
 from conftest import FAST, ROOT
 from dataset import DATASETS
-from images import ImageDataset, load_image, make_loader, open_cache
-from model import create_model, resolve_precision
+from maskcls.cli import UserError
+from maskcls.images import ImageDataset, load_image, make_loader, open_cache
+from maskcls.runtime import resolve_precision
+from model import create_model
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):
-    import model
-    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: True)
+    from maskcls import runtime
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     auto = resolve_precision("auto", "cpu")
     assert auto.name == "bf16" and auto.channels_last and not auto.scaler().is_enabled()
     # small inputs: casting the weights costs more than bf16 kernels save on a CPU
     assert resolve_precision("auto", "cpu", input_size=(32, 32)).name == "fp32"
     assert resolve_precision("auto", "cpu", input_size=(64, 64)).name == "bf16"
     assert resolve_precision("bf16", "cpu", input_size=(32, 32)).name == "bf16"  # asked for: kept
-    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", "cpu").name == "fp32"
     assert not resolve_precision("fp32", "cpu").channels_last
     assert resolve_precision("bf16", "cpu", channels_last=False).channels_last is False
@@ -55,7 +56,7 @@ def test_image_cache_serves_later_epochs_from_memory(sample_data, tmp_path, kind
     dataset = ImageDataset(paths, labels, eval_transform((64, 48), source.mean, source.std), (72, 54), cache=cache)
     first = torch.cat([x for x, _ in make_loader(dataset, 8, 2, "cpu")])  # workers fill the shared cache
     assert cache.get(39) is not None and cache.get(0).shape == (72, 54, 3)
-    import images as images_module
+    from maskcls import images as images_module
     monkeypatch.setattr(images_module, "load_image", lambda *a, **k: pytest.fail("decoded again"))
     second = torch.cat([x for x, _ in make_loader(dataset, 8, 0, "cpu")])
     assert torch.equal(first, second)
@@ -71,7 +72,7 @@ def test_image_cache_serves_later_epochs_from_memory(sample_data, tmp_path, kind
 WORKERS_AFTER_PARENT_OPENCV = """
 import sys, cv2, numpy as np, torch
 from augmentation import AUGMENTATIONS
-from images import ImageDataset, make_loader
+from maskcls.images import ImageDataset, make_loader
 paths = sys.argv[1:]
 cv2.GaussianBlur(cv2.resize(np.zeros((1500, 1500, 3), np.uint8), (700, 700)), (5, 5), 0)  # the parent's pool
 augment = AUGMENTATIONS.build("AlbuAugmentation", resize=(64, 48), mean=(0.5,) * 3, std=(0.25,) * 3)
@@ -128,8 +129,8 @@ def _evaluate_on_two_ranks(rank, world_size, port, out_dir):
     """One rank of a gloo group: evaluate a fixed model on 5 images (the sampler pads to 6)."""
     import torch.distributed as dist
 
-    import distributed
-    from engine import evaluate
+    from maskcls import distributed
+    from maskcls.engine import evaluate
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.manual_seed(0)
@@ -159,17 +160,16 @@ def test_distributed_evaluate_gathers_the_whole_set_once(tmp_path):
 
 
 def test_cache_auto_takes_ram_only_where_it_fits(sample_data, tmp_path, monkeypatch, capsys):
-    import train
+    from maskcls import data as data_module
     source = DATASETS.build("datasetSplitByClasses", str(sample_data / "train"))
-    data = train.TrainingData(source, [], {})
-    train.attach_cache(data, "auto", (64, 48), str(tmp_path))
-    assert data.cache.kind == "ram" and data.cache.shape == (len(source.samples), 64, 48, 3)
-    assert len(data.slots) == len(source.samples)
-    monkeypatch.setattr(train, "shared_memory_free", lambda: (2**20, "/dev/shm"))  # a docker default
-    small = train.TrainingData(source, [], {})
-    train.attach_cache(small, "auto", (64, 48), str(tmp_path))
-    assert small.cache is None and "cache: off" in capsys.readouterr().out
-    import images as images_module
+    data = data_module.TrainingData(source, [], {}, "AlbuAugmentation", (64, 48), (64, 48))
+    with data_module.open_image_cache(data, "auto", str(tmp_path)) as cache:
+        assert cache.images.kind == "ram" and cache.images.shape == (len(source.samples), 64, 48, 3)
+        assert len(cache.slots) == len(source.samples)
+    monkeypatch.setattr(data_module, "shared_memory_free", lambda: (2**20, "/dev/shm"))  # a docker default
+    with data_module.open_image_cache(data, "auto", str(tmp_path)) as small:
+        assert small is None and "cache: off" in capsys.readouterr().out
+    from maskcls import images as images_module
     monkeypatch.setattr(images_module, "shared_memory_free", lambda: (2**20, "/dev/shm"))
     with pytest.raises(UserError, match="/dev/shm has 0.00 GiB free"):
         open_cache(len(source.samples), (64, 48), "ram")
@@ -192,9 +192,9 @@ def test_compile_trains_and_saves_plain_weights(work, tmp_path):
 
 
 def test_unwrap_and_compile_without_a_compiler(monkeypatch):
-    import model
+    from maskcls import runtime
     net = create_model("BaseModel", 18)
-    assert model.unwrap(torch.compile(net)) is net
-    monkeypatch.setattr(model.shutil, "which", lambda name: None)
+    assert runtime.unwrap(torch.compile(net)) is net
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="needs a C.. compiler"):
-        model.compile_model(net, "cpu")
+        runtime.compile_model(net, "cpu")

@@ -10,16 +10,17 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
+from conftest import FAST, run_cli
+from dataset import DATASETS
 import dataset
 import ensemble
 import make_sample_data as msd
+from maskcls.heldout import apply_bias, read_heldout
+from maskcls.images import ImageDataset
+from maskcls.labels import MASK_CLASSES, decode_label, encode_label, task_marginals
+from maskcls.metrics import macro_f1
 import persons as persons_mod
 import tune_bias
-from conftest import FAST, run_cli
-from heldout import apply_bias, read_heldout
-from images import ImageDataset
-from dataset import DATASETS
-from labels import MASK_CLASSES, decode_label, encode_label, task_marginals
 
 
 # ---------------------------------------------------------------- --difficulty real
@@ -99,7 +100,7 @@ def test_fit_bias_recovers_a_known_bias():
     grid = tune_bias.offset_grid(2.0, 0.1)
     basis = tune_bias.bias_basis(MASK_CLASSES, "factor")
     bias, f1 = tune_bias.fit_bias(log_probs, labels, grid, basis=basis)
-    before = tune_bias.fast_macro_f1(labels, log_probs.argmax(1), 18)
+    before = macro_f1(labels, log_probs.argmax(1), 18)
     assert f1 > before + 0.03
     old = [decode_label(c)[2] == 2 for c in range(18)]
     assert bias[old].mean() - bias[np.logical_not(old)].mean() > 0.7, bias  # pushed towards 60+

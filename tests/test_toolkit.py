@@ -11,14 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dataset
 from augmentation import parse_tta, tta_logits
-from cli import UserError
 from conftest import FAST, run_cli
 from dataset import DATASETS, Sample
-from images import EpochSampler
-from labels import MASK_CLASSES, age_band, decode_label, encode_label, task_f1, training_label
+import dataset
 from loss import MultiTaskLoss, split_target
+from maskcls.cli import UserError
+from maskcls.images import EpochSampler
+from maskcls.labels import MASK_CLASSES, age_band, decode_label, encode_label, training_label
+from maskcls.metrics import task_f1
 from model import FactorizedHead, MultiSampleDropout, create_model
 
 
@@ -271,14 +272,9 @@ def test_pipeline_cropping_in_photo_pixels_gets_full_size_photos(work, tmp_path,
 
     import augmentation
     import train
-    from registry import Registry
-    registry = Registry("augmentation")
-    registry._entries = dict(augmentation.AUGMENTATIONS._entries)  # the real entries, plus one
-    monkeypatch.setattr(train, "AUGMENTATIONS", registry)
-    monkeypatch.setattr(augmentation, "AUGMENTATIONS", registry)  # train_transform builds from it
     sizes = []
 
-    @registry.register()
+    @augmentation.AUGMENTATIONS.register()  # for this test only: unregistered below
     def CenterCropFirst(resize, mean, std, **kwargs):
         def note(image, **params):
             sizes.append(image.shape[:2])
@@ -286,10 +282,13 @@ def test_pipeline_cropping_in_photo_pixels_gets_full_size_photos(work, tmp_path,
         return A.Compose([A.Lambda(image=note), A.CenterCrop(300, 240), A.Resize(*resize),
                           *augmentation.to_tensor(mean, std)])
 
-    args = train.get_args_parser().parse_args([*FAST, "--epochs", "1", "--augmentation", "CenterCropFirst", "--cache",
-                                               "ram", "--data_dir", str(work / "data" / "train"),
-                                               "--model_dir", str(tmp_path), "--name", "crop"])
-    run_dir = train.main(args)
+    try:
+        args = train.get_args_parser().parse_args([*FAST, "--epochs", "1", "--augmentation", "CenterCropFirst",
+                                                   "--cache", "ram", "--data_dir", str(work / "data" / "train"),
+                                                   "--model_dir", str(tmp_path), "--name", "crop"])
+        run_dir = train.main(args)
+    finally:
+        augmentation.AUGMENTATIONS.unregister("CenterCropFirst")
     out = capsys.readouterr().out
     assert "does not start with a resize: training gets full-size photos" in out and "cache: " in out
     assert sizes and all(size == (512, 384) for size in sizes)
@@ -304,13 +303,14 @@ def test_facecrop_training_reuses_the_cache_and_inference_crops_too(work, tmp_pa
     args = train.get_args_parser().parse_args([*FAST, "--epochs", "1", "--facecrop", "True",
                                                "--data_dir", str(data / "train"), "--model_dir", str(tmp_path),
                                                "--name", "face"])
+    from maskcls.data import TrainingData
     before = facecrop.DETECTOR.images
-    first = train.load_training_data(args)
+    first = TrainingData.load(args, (64, 48))
     detected = facecrop.DETECTOR.images - before
     assert detected == len(first.source.samples)  # the first run detects every image once
     run_dir = train.main(args)  # the second read: all from the cache
     assert facecrop.DETECTOR.images - before == detected
-    assert train.load_training_data(args).regions == first.regions  # the same crops
+    assert TrainingData.load(args, (64, 48)).regions == first.regions  # the same crops
     assert (data / "train" / ".face_boxes.csv").is_file()
     config = json.loads(open(os.path.join(run_dir, "config.json")).read())
     assert config["facecrop"] is True and config["face_margin"] == 0.3

@@ -30,11 +30,12 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
-from atomic import replacing
 from augmentation import seed_transform
-from cli import UserError
-from images import load_image, prepare_image
-from labels import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, decode_label, task_f1
+from maskcls.atomic import replacing
+from maskcls.cli import UserError
+from maskcls.images import load_image, prepare_image
+from maskcls.labels import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, decode_label
+from maskcls.metrics import task_f1
 
 DPI = 100                 # pixels per inch of every PNG
 FONT, SMALL_FONT, TITLE_FONT = 9, 7, 11  # points: axis labels, cell numbers / thumbnails, titles

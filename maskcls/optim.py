@@ -22,8 +22,8 @@ import timm.optim
 import timm.scheduler
 import torch
 
-from cli import UserError
-from registry import Registry
+from maskcls.cli import UserError
+from maskcls.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
 # left out: bitsandbytes and apex builds (bnb*, fused*: packages this project does not install),
@@ -33,9 +33,34 @@ for _name in timm.optim.list_optimizers():
     if not _name.startswith(("bnb", "fused")) and _name not in _LEFT_OUT:
         OPTIMIZERS.register(_name)(functools.partial(timm.optim.create_optimizer_v2, opt=_name))
 
-SCHEDULERS = ("none", "constant", "step", "multistep", "cosine", "tanh", "poly", "plateau")
-LENGTH_SCHEDULES = ("cosine", "tanh", "poly")  # their shape depends on --epochs
-PER_EPOCH_ONLY = ("plateau",)  # timm steps these on validation metrics, once per epoch
+# Schedules: a factory (optimizer, epochs, updates_per_epoch, **timm's arguments) -> a timm-style
+# scheduler (step(epoch, metric), step_update(updates)). `length=True`: its shape depends on
+# --epochs (a resumed run cannot stretch it); `per_epoch_only=True`: it steps on validation
+# metrics, once per epoch.
+SCHEDULERS = Registry("scheduler")
+
+
+def _timm_scheduler(sched, optimizer, epochs, updates_per_epoch, on_updates=False, warmup_epochs=0,
+                    warmup_lr=1e-5, min_lr=0.0, decay_epochs=30, decay_milestones=(30, 60), decay_rate=0.1,
+                    patience_epochs=10):
+    scheduler, _ = timm.scheduler.create_scheduler_v2(
+        optimizer, sched=sched, num_epochs=epochs, decay_epochs=decay_epochs,
+        decay_milestones=list(decay_milestones), decay_rate=decay_rate, min_lr=min_lr, warmup_lr=warmup_lr,
+        warmup_epochs=warmup_epochs, patience_epochs=patience_epochs, plateau_mode="max",
+        step_on_epochs=not on_updates, updates_per_epoch=updates_per_epoch)
+    return scheduler
+
+
+for _name, _timm_name, _meta in (("none", "constant", {}), ("constant", "constant", {}), ("step", "step", {}),
+                                 ("multistep", "multistep", {}), ("cosine", "cosine", {"length": True}),
+                                 ("tanh", "tanh", {"length": True}), ("poly", "poly", {"length": True}),
+                                 ("plateau", "plateau", {"per_epoch_only": True})):
+    SCHEDULERS.register(_name, **_meta)(functools.partial(_timm_scheduler, _timm_name))
+
+
+def stretchable(sched):
+    """Whether a resumed run may give this schedule another --epochs (its shape does not depend on it)."""
+    return not SCHEDULERS.meta(sched).get("length")
 
 
 def build_optimizer(name, model, lr, weight_decay=0.0, momentum=0.9, betas=None, eps=None, layer_decay=None,
@@ -73,17 +98,12 @@ def fused_if_possible(optimizer, factory, kwargs):
         return optimizer
 
 
-def build_scheduler(optimizer, sched, epochs, updates_per_epoch, on_updates=False, warmup_epochs=0, warmup_lr=1e-5,
-                    min_lr=0.0, decay_epochs=30, decay_milestones=(30, 60), decay_rate=0.1, patience_epochs=10):
-    """timm's scheduler for `sched`; steps per update with `on_updates`. Plateau watches val F1."""
-    if on_updates and sched in PER_EPOCH_ONLY:
+def build_scheduler(optimizer, sched, epochs, updates_per_epoch, on_updates=False, **kwargs):
+    """The schedule `sched` (SCHEDULERS) over `optimizer`; steps per update with `on_updates`.
+    Plateau watches val F1."""
+    if on_updates and SCHEDULERS.meta(sched).get("per_epoch_only"):
         raise UserError(f"--scheduler {sched} steps on validation metrics, once per epoch: drop --sched_on_updates")
-    scheduler, _ = timm.scheduler.create_scheduler_v2(
-        optimizer, sched="constant" if sched == "none" else sched, num_epochs=epochs, decay_epochs=decay_epochs,
-        decay_milestones=list(decay_milestones), decay_rate=decay_rate, min_lr=min_lr, warmup_lr=warmup_lr,
-        warmup_epochs=warmup_epochs, patience_epochs=patience_epochs, plateau_mode="max",
-        step_on_epochs=not on_updates, updates_per_epoch=updates_per_epoch)
-    return scheduler
+    return SCHEDULERS.build(sched, optimizer, epochs, updates_per_epoch, on_updates=on_updates, **kwargs)
 
 
 class SchedulerState:

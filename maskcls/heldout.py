@@ -10,18 +10,21 @@ and `read_heldout` gives its probabilities with those cut points (`refold`), as 
 
 Example: python tune_bias.py runs/kf     # then python inference.py --model_dir runs/kf
 """
+import csv
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import f1_score
+from sklearn.model_selection import GroupKFold, KFold
 
-import cli
-from atomic import write_json
-from readers import is_number, labels_in_range, numbers, probabilities, read_config, read_json, read_table
-from labels import AGE_BINS, MAX_AGE, TASKS
+from dataset import resolve_train_dir
+from maskcls import cli
+from maskcls.atomic import replacing, write_json
+from maskcls.labels import AGE_BINS, MAX_AGE, TASKS
+from maskcls.metrics import macro_f1
+from maskcls.readers import is_number, labels_in_range, numbers, probabilities, read_config, read_json, read_table
 from model import AGE_WIDTH, fold_age
 
 BIAS_FILE = "bias.json"
@@ -92,10 +95,6 @@ def read_heldout(run_dir, refolded=True):
         probs = refold(probs, ages_pred, *load_cuts(run_dir)[:2])
     return Heldout(path, table["path"].to_numpy(dtype=str)[order].tolist(), persons, labels[order], probs,
                    list(classes), ages, ages_pred, preds[order])
-
-
-def macro_f1(labels, preds, num_classes):
-    return float(f1_score(labels, preds, average="macro", labels=list(range(num_classes)), zero_division=0))
 
 
 def biased_preds(log_probs, bias):
@@ -181,3 +180,58 @@ def load_cuts(run_dir):
         raise cli.UserError(f"{path}: needs cuts 0 < low < high < {MAX_AGE} and a positive width, found {low:g}, "
                             f"{high:g}, width {width:g}")
     return [low, high], width, path
+
+
+def write_val_predictions(path, rows, labels, probs, classes, ages_pred=None):
+    """val_predictions.csv of the best epoch: path, person, label, pred, (with an age head: the age
+    and the regressed age) and one probability per class (what the mistakes grid, bias tuning, the
+    label audit, agecuts.py and oof.csv read)."""
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "person", "label", "pred", *(AGE_COLUMNS if ages_pred is not None else ()),
+                         *classes])
+        for k, ((image, person, age), label, p) in enumerate(zip(rows, labels, probs)):
+            regressed = () if ages_pred is None else (age, round(float(ages_pred[k]), 2))
+            writer.writerow([image, person, int(label), int(p.argmax()), *regressed, *p.round(6)])
+
+
+
+def write_oof(run_dir, source, fold_dirs):
+    """oof.csv (one row per held-out image of the folds trained: its fold's prediction, from the
+    fold's val_predictions.csv, read back checked) and kfold.json."""
+    helds = [read_heldout(os.path.join(run_dir, fold_dir), refolded=False) for fold_dir in fold_dirs]
+    frames = []
+    for fold_dir, held in zip(fold_dirs, helds):
+        ages = {} if held.ages_pred is None else {"age": held.ages, "age_pred": held.ages_pred}
+        frame = pd.DataFrame({"path": held.paths, "person": held.persons, "fold": int(fold_dir[len("fold"):]),
+                              "label": held.labels, "pred": held.preds, **ages})
+        frames.append(pd.concat([frame, pd.DataFrame(held.probs, columns=held.classes)], axis=1))
+    oof = pd.concat(frames).sort_values("path", kind="stable")
+    with replacing(os.path.join(run_dir, "oof.csv")) as tmp:
+        oof.to_csv(tmp, index=False)
+    summary = {"oof_f1": macro_f1(oof["label"], oof["pred"], source.num_classes),
+               "fold_f1": [macro_f1(h.labels, h.preds, source.num_classes) for h in helds],
+               "fold_dirs": list(fold_dirs)}
+    write_json(os.path.join(run_dir, "kfold.json"), summary)
+    return summary
+
+
+def parts(persons, cv, seed=0):
+    """Row indices of `cv` parts; people never span two parts (rows without a person: by row)."""
+    n = len(persons)
+    if (persons != "").all() and len(set(persons)) >= cv:
+        rng = np.random.default_rng(seed)  # GroupKFold is deterministic by size; shuffle people first
+        names = np.unique(persons)
+        order = {name: i for i, name in enumerate(rng.permutation(names))}
+        groups = np.array([order[p] for p in persons])
+        return [val for _, val in GroupKFold(cv).split(np.zeros(n), groups=groups)]
+    return [val for _, val in KFold(cv, shuffle=True, random_state=seed).split(np.zeros(n))]
+
+
+def training_root(run_dir, data_dir):
+    """The training folder a run's held-out paths refer to: --data_dir, else its config.json's."""
+    if data_dir is None:
+        data_dir = read_config(run_dir).get("data_dir")
+    if not isinstance(data_dir, str) or not data_dir:
+        raise cli.UserError(f"{os.path.join(run_dir, 'config.json')} names no data_dir; pass --data_dir")
+    return resolve_train_dir(data_dir)

@@ -13,15 +13,15 @@ import dataclasses
 import math
 
 import torch
-from sklearn.metrics import f1_score
 from timm.utils import dispatch_clip_grad
 
-import cli
-import distributed
 from augmentation import tta_logits
 from cutmix import BatchMixer, mixed_loss
-from labels import task_f1
-from model import regressed_ages, unwrap
+from maskcls import cli
+from maskcls import distributed
+from maskcls.metrics import macro_f1, task_f1
+from maskcls.runtime import unwrap
+from model import regressed_ages
 
 NOT_FINITE = "training loss is not finite (NaN or inf): lower --lr, or check the data; best.pth is left as it was"
 
@@ -32,7 +32,7 @@ class Step:
     criterion: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    precision: object  # model.Precision: autocast dtype and memory format
+    precision: object  # runtime.Precision: autocast dtype and memory format
     mixer: BatchMixer = dataclasses.field(default_factory=BatchMixer)
     ema: object = None         # timm.utils.ModelEmaV3, updated after every update
     accum: int = 1             # --grad_accum_steps: micro-batches per update
@@ -162,8 +162,7 @@ def evaluate(model, loader, criterion, device, precision, num_classes, views=(),
     result = {
         "val_loss": criterion(logits.to(device), labels.to(device)).item(),
         "val_acc": (preds == labels).float().mean().item(),
-        "val_f1": f1_score(labels.numpy(), preds.numpy(), average="macro",
-                           labels=list(range(num_classes)), zero_division=0),
+        "val_f1": macro_f1(labels.numpy(), preds.numpy(), num_classes),
         "probs": logp.exp().numpy(), "preds": preds, "labels": labels,
         "ages": None if torch.isnan(ages).all() else ages.numpy(),
     }

@@ -16,7 +16,7 @@ one line (UserError) naming the file, the row or key, and what was expected.
 - `check_config(config, path)` / `read_config(run_dir)`: a run's config.json, as inference and
   the tools need it.
 
-Example: python -c "import readers; print(readers.read_config('runs/exp')['classes'])"
+Example: python -c "from maskcls import readers; print(readers.read_config('runs/exp')['classes'])"
 """
 import json
 import math
@@ -25,7 +25,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from cli import UserError
+from maskcls.cli import UserError
 
 ROW_SUM_TOLERANCE = 0.01  # probabilities rounded in a CSV still sum to 1 within this; logits do not
 CONFIG_NAME = "config.json"

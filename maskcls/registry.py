@@ -3,7 +3,7 @@
 Add an entry by decorating a class or factory in its own module; options of its own are
 declared where it is registered, and become flags of train.py:
 
-    from registry import Registry
+    from maskcls.registry import Registry
     MODELS = Registry("model")
 
     @MODELS.register("myNet", input_size=(224, 224), options={"my_width": "channels of the first block"})
@@ -24,7 +24,7 @@ import difflib
 import functools
 import inspect
 
-from cli import UserError, str2bool
+from maskcls.cli import UserError, WordsAction, str2bool
 
 
 class UnknownName(UserError):
@@ -40,6 +40,7 @@ class Option:
     default: object = inspect.Parameter.empty
     choices: tuple = None
     metavar: str = None
+    words: bool = False  # a list in one word (0.5,1) or several (0.5 1), as timm's nargs='+' flags
 
 
 def _signature_default(obj, name):
@@ -77,9 +78,12 @@ def _reparse(option, name, value, source):
 
 
 class Registry:
-    def __init__(self, kind):
+    def __init__(self, kind, shared=None):
+        """`shared`: {option: Option} every entry may take: passed to an entry whose signature names
+        it (augmentation's --hflip, --scale, ...); its default (None) leaves the entry's own."""
         self.kind = kind
         self._entries = {}  # name -> (class or factory, metadata dict, {option name: Option})
+        self.shared = dict(shared or {})
 
     def register(self, name=None, options=None, **meta):
         """Decorator: register a class or factory under `name` (default: its own name), with the
@@ -94,6 +98,10 @@ class Registry:
             self._entries[key] = (obj, dict(meta), declared)
             return obj
         return add
+
+    def unregister(self, name):
+        """Remove an entry (a test's or a notebook's temporary plug-in); an unknown name is one line."""
+        del self._entries[self.canonical(name)]
 
     def names(self):
         return sorted(self._entries)
@@ -142,9 +150,19 @@ class Registry:
         return dict(self._entries[key][1]) if key is not None else {}
 
     def options(self, name):
-        """{option: Option} that the entry declared ({} for an object that was passed in)."""
+        """{option: Option} the entry takes: those it declared, and the shared ones its signature
+        names (an object passed in takes only the shared ones it names)."""
         key = self._find(name)
-        return dict(self._entries[key][2]) if key is not None else {}
+        declared = dict(self._entries[key][2]) if key is not None else {}
+        obj = self._entries[key][0] if key is not None else name
+        if self.shared and callable(obj):
+            target = obj.__init__ if inspect.isclass(obj) else obj
+            try:
+                parameters = inspect.signature(target).parameters
+            except (TypeError, ValueError):
+                parameters = {}
+            declared.update({opt: option for opt, option in self.shared.items() if opt in parameters})
+        return declared
 
     def values_for(self, name, values, source=None):
         """The entry's own options out of `values` (the parsed flags, or a run's config.json): a
@@ -161,9 +179,9 @@ class Registry:
     def all_options(self):
         """{option: (Option, [entries declaring it])} over every entry; entries that share an
         option must agree on its default and type."""
-        merged = {}
+        merged = {opt: (option, []) for opt, option in self.shared.items()}
         for key in self.names():
-            for opt, option in self._entries[key][2].items():
+            for opt, option in self.options(key).items():
                 if opt in merged and (merged[opt][0].default, merged[opt][0].type) != (option.default, option.type):
                     raise ValueError(f"{self.kind} option {opt!r}: {key!r} declares default {option.default!r}, "
                                      f"{merged[opt][1][0]!r} {merged[opt][0].default!r}; one option, one default")
@@ -178,6 +196,8 @@ class Registry:
                           help=f"{option.help} ({self.kind} {', '.join(users)})".strip())
             if option.type is str2bool:
                 kwargs["nargs"], kwargs["const"] = "?", True
+            if option.words:
+                kwargs.update(action=WordsAction, parse=kwargs.pop("type"), nargs="+")
             try:
                 group.add_argument(f"--{opt}", **kwargs)
             except Exception as err:  # argparse.ArgumentError: the name is taken by another flag

@@ -19,9 +19,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-import plots
-from atomic import remove_stale_temps, replacing
-from cli import UserError, duration
+from maskcls import distributed, plots
+from maskcls.atomic import remove_stale_temps, replacing, write_json
+from maskcls.cli import UserError, duration
+from maskcls.readers import read_config
 from model import load_state, read_checkpoint, save_checkpoint
 
 try:
@@ -109,6 +110,69 @@ def discard_unstarted(run_dir):
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
     return True
+
+
+CONFIG_NAME = "config.json"
+
+
+def write_config(run_dir, config):
+    """A run's config.json (every resolved option and what inference needs: fold.fold_config; a
+    k-fold parent's lists its fold folders). `read_config` reads it back, checked."""
+    write_json(os.path.join(run_dir, CONFIG_NAME), config)
+
+
+def record_new_length(run_dir, epochs):
+    """--resume with another --epochs (a schedule that allows it): every config.json of the run
+    (a k-fold run's folds too) says so."""
+    for folder, _, files in os.walk(run_dir):
+        if CONFIG_NAME not in files:
+            continue
+        config = read_config(folder)
+        if config.get("epochs") != epochs:
+            print(f"note: {folder} now runs to epoch {epochs} (was {config.get('epochs')}); config.json updated")
+            write_config(folder, {**config, "epochs": epochs})
+
+
+def fold_status(run_dir):
+    """('new', 'unfinished' or 'done', epochs done): where a run folder, or a fold of a k-fold
+    run, stands (--resume)."""
+    last = os.path.join(run_dir, "last.pth")
+    if not os.path.isfile(last):
+        return "new", 0
+    saved = read_checkpoint(last)
+    return ("done" if saved.get("finished") else "unfinished"), int(saved.get("epoch") or 0)
+
+
+@contextlib.contextmanager
+def open_run(model_dir, name, resume, epochs, context):
+    """The run folder, locked for this process (rank 0) while the block runs: --resume's
+    (`resume`), cleared of what a killed run left behind (temporary files, its image cache), or a
+    new one under `model_dir`. A new folder in which no epoch finished when the block fails (a
+    user error, a full disk; not Ctrl-C, which can be resumed) is removed: nothing half-made is
+    left, and the next run takes its name."""
+    if not context.is_main:
+        yield distributed.broadcast(context, None)
+        return
+    run_dir = resume or make_run_dir(model_dir, name)
+    try:
+        lock = RunLock(run_dir).acquire()
+    except UserError:
+        if not resume:
+            discard_unstarted(run_dir)
+        raise
+    try:
+        if resume:
+            removed = clear_leftovers(run_dir)
+            if removed:
+                print(f"removed {len(removed)} file(s) a killed run left in {run_dir}, first: {removed[0]}")
+            record_new_length(run_dir, epochs)
+        yield distributed.broadcast(context, run_dir)
+    except Exception:
+        if not resume and discard_unstarted(run_dir):
+            print(f"removed {run_dir}: no epoch had finished")
+        raise
+    finally:
+        lock.release()
 
 
 def make_run_dir(model_dir, name):

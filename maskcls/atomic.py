@@ -22,7 +22,7 @@ import json
 import os
 import re
 
-from cli import UserError
+from maskcls.cli import UserError
 
 TEMP_MARK = ".tmp"  # <name>.tmp<pid>: what a killed writer can leave behind
 STALE = re.compile(r"(.+)\.tmp(\d+)$")

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps
 
 from augmentation import seed_transform
-from cli import UserError
+from maskcls.cli import UserError
 
 # Image work is per image and runs in parallel DataLoader worker processes: OpenCV's own thread
 # pool there only oversubscribes the cores. Set here, in the parent, because changing the count

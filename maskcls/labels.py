@@ -14,7 +14,6 @@ Example: python train.py --head multitask --age_bins 30,58
 import bisect
 
 import numpy as np
-from sklearn.metrics import f1_score
 
 PHOTO_MASK = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0,
               "incorrect_mask": 1, "normal": 2}  # file stem -> mask state
@@ -59,13 +58,6 @@ def task_marginals(probs):
         for task, value in enumerate(decode_label(c)):
             parts[task][:, value] += probs[:, c]
     return parts
-
-
-def task_f1(labels, preds):
-    """Macro F1 of each sub-task (mask, gender, age), decomposed from 18-class labels."""
-    true, pred = np.array([decode_label(x) for x in labels]), np.array([decode_label(x) for x in preds])
-    return {name: f1_score(true[:, i], pred[:, i], average="macro", labels=list(range(size)), zero_division=0)
-            for i, (name, size) in enumerate(TASKS.items())}
 
 
 def training_label(sample, age_bins=None):

@@ -1,0 +1,19 @@
+"""The machinery the commands share: nothing here is a command, and nothing here needs editing to
+add a model, loss, augmentation or dataset (those are the registries at the top: model.py,
+loss.py, augmentation.py, dataset.py, cutmix.py).
+
+- the command line: `cli` (flags, one-line errors, progress), `registry` (plug-ins with their
+  options), `options` (checks across flags, timm's spellings)
+- files: `atomic` (every write), `readers` (every read-back, checked), `runfolder` (a run
+  folder: name, lock, config.json, checkpoints, metrics.csv, figures), `heldout` (val_predictions.csv,
+  oof.csv and the macro-F1 tools' shared helpers)
+- data: `labels` (the 18-class scheme), `images` (decoding, the cache, loaders), `data` (what a run
+  trains on, built once)
+- training: `runtime` (device, precision, processes), `fold` (the flags become one model's parts),
+  `fit` (the epoch loop), `engine` (the step, the training and validation passes), `optim`
+  (optimizers and schedules), `distributed` (torchrun), `metrics` (macro F1), `plots` (figures)
+
+Layers: the modules here import each other and the plug-in files at the top (model.py, loss.py,
+augmentation.py, cutmix.py, dataset.py, facecrop.py), never train.py, inference.py or a tool;
+the commands import both.
+"""

@@ -1,0 +1,235 @@
+"""One fold's training, around `build_fold`'s parts: the run folder's first files
+(`start_run_folder`), the epoch loop (`fit`: train, validate, keep the best, save last.pth, stop
+early), and the last steps (`finish_run_folder`: averaged.pth, the final figures).
+
+Example: python train.py --val_every 2 --patience 5 --checkpoint_hist 3 --average_top 3
+"""
+import copy
+import dataclasses
+import math
+import os
+import time
+
+from dataset import write_split_csv
+from maskcls import cli, distributed, plots
+from maskcls.engine import evaluate, is_better, train_one_epoch, updates_per_epoch
+from maskcls.fold import build_fold
+from maskcls.heldout import write_val_predictions
+from maskcls.runfolder import (PREVIEW_IMAGES, Checkpoint, RunLog, TopCheckpoints, best_epoch_figures, final_figures,
+                               spread, write_config)
+from model import load_weights, save_checkpoint
+
+FIGURE_REFRESH_SECONDS = 300  # best-epoch figures take ~2 s: redrawn on a new best at most every 5 minutes
+
+
+def start_run_folder(fold, data, split, checkpoint, state, args, run_dir, resume):
+    """Rank 0, a new run: config.json, split.csv, a first last.pth (so that even an interrupted
+    first epoch can be resumed) and the augmentation preview. Returns the RunLog."""
+    if not resume:
+        write_config(run_dir, fold.config)
+        write_split_csv(os.path.join(run_dir, "split.csv"), data.source, *split, data.extra)
+        checkpoint.save_last(state)
+    log = RunLog(run_dir, args.epochs, state["epoch"] if resume else None, args.wandb, fold.config)
+    if not resume:
+        train, mixer, source = fold.train, fold.step.mixer, data.source
+        pick = spread(len(train.paths), PREVIEW_IMAGES)
+        log.figure("aug_preview", plots.aug_preview_png(
+            run_dir, [train.paths[i] for i in pick], train.transform, source.mean, source.std,
+            mixer if mixer.enabled else None, n=len(pick), seed=args.seed,
+            regions=[train.regions[i] for i in pick] if train.regions else None,
+            prepare_to=train.dataset.prepare_to), 0)
+    return log
+
+
+NO_VALIDATION = {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan}
+
+
+def validate(fold, model, context):
+    step = fold.step
+    return evaluate(model, fold.val.loader, step.criterion, fold.device, step.precision, fold.config["num_classes"],
+                    fold.views, per_task=fold.tasks is not None, context=context)
+
+
+def run_epoch(fold, epoch, epochs, validating, context):
+    """Train one epoch and (when `validating`) validate, the EMA weights too; returns the metrics
+    row, the winning validation output (None: not validated) and the weights that produced it."""
+    step = fold.step
+    if step.freezer is not None:
+        step.freezer.set_epoch(epoch)
+    step.mixer.active = not (fold.config["mix_off_epoch"] and epoch >= fold.config["mix_off_epoch"])
+    step.updates = (epoch - 1) * updates_per_epoch(len(fold.train.loader), step.accum)  # the per-update clock
+    row = {"epoch": epoch, "lr": max(group["lr"] for group in step.optimizer.param_groups)}
+    fold.sampler.set_epoch(epoch)  # the order and augmentation of an epoch depend on (seed, epoch) alone
+    row["train_loss"], row["train_acc"] = train_one_epoch(fold.train_model, fold.train.loader, step, fold.device,
+                                                          f"epoch {epoch}/{epochs}", context)
+    weights = step.ema.module if step.ema is not None and not fold.validates else fold.net
+    val = validate(fold, fold.model, context) if validating else None
+    row.update({k: v for k, v in (val or NO_VALIDATION).items() if k.startswith("val_")})
+    if val is not None and step.ema is not None:  # the average competes with the raw weights for best.pth
+        ema_val = validate(fold, step.ema.module, context)
+        row.update(ema_val_loss=ema_val["val_loss"], ema_val_f1=ema_val["val_f1"])
+        if is_better(ema_val, val):
+            val, weights = ema_val, step.ema.module
+    step.scheduler.step(epoch, val["val_f1"] if val is not None else None)  # the next epoch's lr
+    return row, val, weights
+
+
+@dataclasses.dataclass
+class BestFigures:
+    """The best epoch's figures (confusion matrices, mistakes), drawn on a new best at most every
+    FIGURE_REFRESH_SECONDS (the first 5 minutes into the run: a short run draws them once), and
+    once more at the end for the final best."""
+    fold: object  # fold.Fold
+    log: RunLog
+    drawn_at: float = dataclasses.field(default_factory=time.time)  # the first refresh 5 minutes in
+    drawn_epoch: int = 0
+
+    def draw(self, output, epoch):
+        val, classes = self.fold.val, self.fold.config["classes"]
+        best_epoch_figures(self.log, output, val.paths, classes, epoch, val.regions, self.fold.tasks is not None)
+        self.drawn_at, self.drawn_epoch = time.time(), epoch
+
+    def maybe_draw(self, output, epoch):
+        if time.time() - self.drawn_at > FIGURE_REFRESH_SECONDS:
+            self.draw(output, epoch)
+
+
+def record_best(fold, checkpoint, val, weights, state, run_dir):
+    """Rank 0, a new best epoch: best.pth and (when validated) val_predictions.csv."""
+    checkpoint.save_best(weights, state["best"])
+    if val is not None:
+        write_val_predictions(os.path.join(run_dir, "val_predictions.csv"), fold.val.rows, val["labels"].tolist(),
+                              val["probs"], fold.config["classes"], val.get("ages"))
+
+
+def fit(fold, state, checkpoint, log, args, run_dir, context, clock):
+    """The epoch loop: train, validate (every --val_every epochs and the last), keep the best
+    (best.pth; without validation, the last epoch), the top K (--checkpoint_hist), save last.pth,
+    stop early (--patience). Updates `state` and returns the best epoch's validation output (None
+    when no epoch improved on the resumed best)."""
+    best_output, figures = None, BestFigures(fold, log) if context.is_main else None
+    top = TopCheckpoints(run_dir, max(args.checkpoint_hist, args.average_top)) if context.is_main else None
+    for epoch in range(state["epoch"] + 1, args.epochs + 1):
+        tic = time.time()
+        validating = fold.validates and (epoch % args.val_every == 0 or epoch == args.epochs)
+        row, val, weights = run_epoch(fold, epoch, args.epochs, validating, context)
+        is_best = not fold.validates or (val is not None and is_better(val, state["best"]))
+        if is_best:
+            scores = val or NO_VALIDATION
+            state["best"] = {"val_f1": scores["val_f1"], "val_loss": scores["val_loss"], "val_acc": scores["val_acc"],
+                             "epoch": epoch, "ema": weights is not fold.net}
+            best_output = val
+        if validating:
+            state["bad_epochs"] = 0 if is_best else state["bad_epochs"] + args.val_every
+        state["epoch"] = epoch
+        if context.is_main:  # metrics row first: a crash after it is redone on --resume
+            seconds = time.time() - tic
+            log.epoch({**row, "seconds": seconds}, is_best, clock.tick(seconds))
+            if is_best:
+                record_best(fold, checkpoint, val, weights, state, run_dir)
+            if val is not None:
+                top.consider(epoch, val["val_f1"], weights)
+            checkpoint.save_last(state)
+            if is_best and val is not None:  # after last.pth: an interrupt while drawing (~2 s) loses no epoch
+                figures.maybe_draw(val, epoch)
+        if args.patience and validating and state["bad_epochs"] >= args.patience:
+            print(f"early stop: no better val F1 for {state['bad_epochs']} epochs")
+            break
+    state["finished"] = True
+    if context.is_main:
+        checkpoint.save_last(state)
+        if best_output is not None and figures.drawn_epoch != state["best"]["epoch"]:
+            figures.draw(best_output, state["best"]["epoch"])
+    return best_output
+
+
+def fresh_state():
+    return {"epoch": 0, "best": {"val_f1": -1.0, "val_loss": math.inf, "epoch": 0}, "bad_epochs": 0,
+            "finished": False}
+
+
+def train_fold(args, data, split, run_dir, runtime, cache=None, resume=False, clock=None):
+    """Train one model on one `split` (train, val indices) into `run_dir` (or continue it:
+    `resume`); `clock` counts the time left of the whole run."""
+    context, resize, precision = runtime.context, runtime.input_size, runtime.precision
+    fold = build_fold(args, data, split, runtime, cache, resume)
+    checkpoint = Checkpoint(run_dir, fold.checkpoint_parts(), args.model)
+    state = fresh_state()
+    if resume:
+        state = {**state, **checkpoint.resume()}
+        print(f"resuming {run_dir} after epoch {state['epoch']} (best {state['best']['val_f1']:.4f} at epoch "
+              f"{state['best']['epoch']})")
+    clock = clock or RunClock(args.epochs - state["epoch"])
+    log = start_run_folder(fold, data, split, checkpoint, state, args, run_dir, resume) if context.is_main else None
+    print(f"run {run_dir}: {args.model} at {resize[0]}x{resize[1]}, {len(fold.train.paths)} train / "
+          f"{len(fold.val.paths)} val images, {fold.config['num_classes']} classes, {runtime.device} {precision.name}"
+          f"{' channels_last' if precision.channels_last else ''}", flush=True)
+    if not fold.validates:
+        print(f"no validation (--val_ratio 0): every epoch replaces best.pth, so it holds the last epoch's "
+              f"{'EMA ' if args.ema else ''}weights; that is the result")
+    started = time.time()
+    try:
+        fit(fold, state, checkpoint, log, args, run_dir, context, clock)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (cli.stop_on_sigterm)
+        if context.is_main:
+            how = "stopped by SIGTERM" if isinstance(err, cli.Stopped) else "interrupted"
+            print(f"\n{how} in epoch {state['epoch'] + 1}: {checkpoint.last} holds epoch "
+                  f"{checkpoint.saved_epoch}; continue with: python train.py --resume {args.resume or run_dir}",
+                  flush=True)
+            log.close()
+        raise SystemExit(cli.interrupt_status(err)) from None
+    if context.is_main:
+        finish_run_folder(fold, checkpoint, log, args, run_dir, context)
+    best = state["best"]
+    print(f"done in {(time.time() - started) / 60:.1f} min: best epoch {best['epoch']} "
+          f"val_f1 {best['val_f1']:.4f} val_acc {best.get('val_acc', 0):.3f} -> {checkpoint.best}")
+
+
+def finish_run_folder(fold, checkpoint, log, args, run_dir, context):
+    """--average_top's averaged.pth (scored on validation), the best weights back into the model,
+    then curves.png and gradcam.png."""
+    if args.average_top:
+        average_best(fold, args.average_top, run_dir, context)
+    if os.path.exists(checkpoint.best):
+        load_weights(fold.net, checkpoint.best, fold.config["model"])
+    val = fold.val
+    if fold.validates:
+        final_figures(log, fold.net, val.paths, val.labels, val.transform, fold.config["classes"], fold.device,
+                      val.regions, val.dataset.prepare_to)
+    else:
+        final_figures(log, None, [], [], None, fold.config["classes"], fold.device)
+    log.close()
+
+
+def average_best(fold, k, run_dir, context):
+    """averaged.pth: the mean of the K best epochs' weights (TopCheckpoints), scored on validation."""
+    top = TopCheckpoints(run_dir, k)
+    averaged = top.average(k)
+    if averaged is None:
+        print("average_top: no validated epoch to average")
+        return
+    state, epochs = averaged
+    model = copy.deepcopy(fold.net)
+    model.load_state_dict(state)
+    scores = {}
+    if fold.validates:
+        result = validate(fold, model, distributed.Context())
+        scores = {k: result[k] for k in ("val_f1", "val_loss", "val_acc")}
+    save_checkpoint({"model": model.state_dict(), "epochs": epochs, **scores}, os.path.join(run_dir, "averaged.pth"))
+    f1 = f" val_f1 {scores['val_f1']:.4f}" if scores else ""
+    print(f"averaged.pth: the mean of epochs {', '.join(map(str, epochs))}{f1} "
+          f"(python inference.py --checkpoint averaged.pth)")
+
+
+@dataclasses.dataclass
+class RunClock:
+    """The time left of the whole run (every fold of a k-fold run): the mean epoch so far times
+    the epochs still to train. An upper bound with --patience."""
+    epochs_left: int
+    seconds: float = 0.0
+    done: int = 0
+
+    def tick(self, seconds):
+        """One epoch finished, in `seconds`: returns the seconds left."""
+        self.done, self.seconds, self.epochs_left = self.done + 1, self.seconds + seconds, self.epochs_left - 1
+        return self.seconds / self.done * max(self.epochs_left, 0)
