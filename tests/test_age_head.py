@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import agecuts
-from conftest import FAST, run_cli
+from conftest import FAST, one_line_error, run_cli
 from cutmix import BatchMixer, mixed_loss
 from loss import AgeRegressionLoss, build_criterion
 from maskcls.heldout import Heldout, load_cuts, read_heldout, refold
@@ -178,13 +178,13 @@ def test_age_head_kfold_run_fits_cuts_and_inference_applies_them(work, tmp_path)
     run_cli("audit.py", run, "--output_dir", tmp_path / "audit", cwd=work)
 
 
-def test_age_head_needs_the_competition_layout(tmp_path):
+def test_age_head_needs_the_competition_layout(tmp_path, run_here):
     folders = tmp_path / "folders"
     for name in ("a", "b"):
         (folders / name).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (48, 64), (40 * i, 90, 200)).save(folders / name / f"{i}.png")
-    result = run_cli("train.py", *FAST, "--data_dir", folders, "--dataset", "ImageFolder", "--age_head", "regression",
-                     "--model_dir", tmp_path / "runs", check=False)
-    assert result.returncode != 0 and "--age_head regression needs the competition's 18-class layout" in result.stderr
+    result = run_here("train.py", *FAST, "--data_dir", folders, "--dataset", "ImageFolder", "--age_head", "regression",
+                      "--model_dir", tmp_path / "runs", check=False)
+    one_line_error(result, "--age_head regression needs the competition's 18-class layout")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FAST, run_cli
+from conftest import FAST, one_line_error, run_cli
 from maskcls.labels import MASK_CLASSES, NUM_CLASSES
 
 
@@ -55,6 +55,7 @@ def base_run(work):
     return work / "runs" / "base"
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_same_seed_same_split_and_metrics(work, base_run):
     run_cli("train.py", *FAST, "--epochs", "2", "--name", "base", "--seed", "5", cwd=work)
     again = work / "runs" / "base2"  # the name was taken: a new folder, nothing overwritten
@@ -76,12 +77,14 @@ def test_cache_setting_does_not_change_training(work):
     pd.testing.assert_frame_equal(runs["ram"], runs["none"])
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_split_csv_is_a_person_split(work, base_run):
     split = pd.read_csv(base_run / "split.csv", dtype=str)
     assert (split.groupby("person")["side"].nunique() == 1).all()
     assert len(split) == 7 * len(pd.read_csv(work / "data" / "train" / "train.csv"))
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_inference_answers_and_ensemble(work, base_run, tmp_path):
     out = tmp_path / "sub.csv"
     result = run_cli("inference.py", "--model_dir", base_run, "--model_dir", base_run, "--output", out,
@@ -90,6 +93,7 @@ def test_inference_answers_and_ensemble(work, base_run, tmp_path):
     assert len(pd.read_csv(out)) == len(pd.read_csv(work / "data" / "eval" / "info.csv"))
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_ensemble_decodes_each_image_once_per_preprocessing(work, base_run, monkeypatch):
     """Runs that preprocess alike share one pass over the images; another input size, or a weight
     budget that holds one model at a time, means another pass. The probabilities do not change."""
@@ -124,6 +128,7 @@ def test_ensemble_decodes_each_image_once_per_preprocessing(work, base_run, monk
     assert np.allclose(probs([config] * 2), alone, atol=1e-6) and len(reads) == 2 * len(paths)
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_inference_on_a_plain_folder(work, base_run, tmp_path):
     images = tmp_path / "photos" / "nested"
     images.mkdir(parents=True)
@@ -137,6 +142,7 @@ def test_inference_on_a_plain_folder(work, base_run, tmp_path):
     assert all(MASK_CLASSES[a] == c for a, c in zip(result["ans"], result["class_name"]))
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_inference_checks_every_image_first(work, base_run, tmp_path):
     broken = tmp_path / "eval"
     shutil.copytree(work / "data" / "eval", broken)
@@ -148,6 +154,7 @@ def test_inference_checks_every_image_first(work, base_run, tmp_path):
     assert not (tmp_path / "x.csv").exists()
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_image_folder_training_and_weights(work, base_run, tmp_path):
     """A folder-per-class dataset trains from --weights (backbone of a run, new head)."""
     root = tmp_path / "folders"
@@ -176,11 +183,9 @@ def test_image_folder_training_and_weights(work, base_run, tmp_path):
     ("--augmentation", "nosuchaug", "AlbuAugmentation"),
     ("--optimizer", "nosuchopt", "adamw"),
 ])
-def test_unknown_registry_name_is_one_line(work, flag, value, valid, tmp_path):
-    result = run_cli("train.py", flag, value, "--model_dir", tmp_path / "runs", cwd=work, check=False)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and value in lines[0] and valid in lines[0], result.stderr
+def test_unknown_registry_name_is_one_line(work, flag, value, valid, tmp_path, run_here):
+    result = run_here("train.py", flag, value, "--model_dir", tmp_path / "runs", cwd=work, check=False)
+    one_line_error(result, value, valid)
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
@@ -190,12 +195,10 @@ def test_unknown_registry_name_is_one_line(work, flag, value, valid, tmp_path):
     (["--data_dir", "no/such/dir"], "no/such/dir"),
     (["--val_ratio", "1.5"], "--val_ratio"),
 ])
-def test_bad_flag_values_are_one_line(work, args, needle, tmp_path):
-    result = run_cli("train.py", *args, "--epochs", "1", "--model_dir", tmp_path / "runs", *FAST[:2],
-                     cwd=work, check=False, timeout=600)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], result.stderr
+def test_bad_flag_values_are_one_line(work, args, needle, tmp_path, run_here):
+    result = run_here("train.py", *args, "--epochs", "1", "--model_dir", tmp_path / "runs", *FAST[:2], cwd=work,
+                      check=False)
+    one_line_error(result, needle)
 
 
 def test_best_epoch_rule():

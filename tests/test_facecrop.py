@@ -8,7 +8,7 @@ import torch
 from matplotlib import cbook
 from PIL import Image
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 import facecrop
 
 SIZE = (384, 512)  # a competition photo, (width, height)
@@ -166,6 +166,7 @@ def test_a_damaged_cache_is_detected_again(tmp_path, photo):
     assert cache.read_text().startswith(",".join(facecrop.CACHE_COLUMNS))
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_cli_fills_the_cache_and_previews(tmp_path, photo):
     data = tmp_path / "faces"
     (data / "sub").mkdir(parents=True)
@@ -188,6 +189,7 @@ def test_cli_fills_the_cache_and_previews(tmp_path, photo):
         assert sheet.size[0] == 2 * facecrop.TILE[0] and 2 * facecrop.TILE[1] < sheet.size[1] < 3 * facecrop.TILE[1]
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_cli_reads_the_competition_layout(sample_data, tmp_path):
     cache = tmp_path / "boxes.csv"
     out = tmp_path / "sheet.png"
@@ -203,10 +205,8 @@ def test_cli_reads_the_competition_layout(sample_data, tmp_path):
     (["--data_dir", "no/such/folder"], "data folder no/such/folder does not exist"),
     (["--data_dir", ".", "--face_margin", "-1"], "expected a number >= 0"),
 ])
-def test_cli_user_errors_are_one_line(tmp_path, args, expected):
-    result = run_cli("facecrop.py", *args, cwd=tmp_path, check=False, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
+def test_cli_user_errors_are_one_line(tmp_path, args, expected, run_here):
+    one_line_error(run_here("facecrop.py", *args, cwd=tmp_path, check=False), expected)
 
 
 def test_unwritable_cache_place_fails_before_detecting(tmp_path, photo):

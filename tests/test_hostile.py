@@ -110,6 +110,7 @@ def test_3_bad_numbers_are_refused_at_parse_time(work, tmp_path, flag, value, ru
 
 
 # ---------------------------------------------------------------- 4. an info.csv with only a header
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_4_header_only_info_csv(work, small_run, tmp_path, run_here):
     (tmp_path / "eval" / "images").mkdir(parents=True)
     (tmp_path / "eval" / "info.csv").write_text("ImageID,ans\n")
@@ -167,6 +168,7 @@ def test_5_kill_between_the_metrics_row_and_last_pth(work, tmp_path, signal_name
 
 
 # ---------------------------------------------------------------- 6. two --resume of one folder
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_6_a_locked_run_folder_is_refused(work, small_run, tmp_path, run_here):
     shutil.copytree(small_run, tmp_path / "busy")
     before = (tmp_path / "busy" / "metrics.csv").read_text()
@@ -179,6 +181,7 @@ def test_6_a_locked_run_folder_is_refused(work, small_run, tmp_path, run_here):
 
 
 # ---------------------------------------------------------------- 7. --output is a folder
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_7_output_that_is_a_folder(work, small_run, tmp_path, run_here):
     (tmp_path / "out").mkdir()
     for extra in ([], ["--overwrite"]):
@@ -223,6 +226,7 @@ def test_8_disk_full_for_a_checkpoint(work, tmp_path, run_here):
         assert not _temps(disk) and not (disk / "exp").exists()
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_8_disk_full_during_training(work, tmp_path, run_here):
     with tiny_disk(tmp_path / "disk", "8m") as disk:
         run_here("train.py", *FAST, "--epochs", "1", "--scheduler", "step", "--name", "full", "--model_dir", disk,
@@ -238,6 +242,7 @@ def test_8_disk_full_during_training(work, tmp_path, run_here):
         assert (disk / "full" / "metrics.csv").read_bytes().startswith(kept["metrics.csv"])  # earlier rows intact
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_8_disk_full_for_inference_and_ensemble_outputs(work, small_run, tmp_path, run_here):
     with tiny_disk(tmp_path / "disk", "1m") as disk:
         (disk / "sub.csv").write_text("precious\n")
@@ -260,6 +265,7 @@ def test_8_disk_full_for_inference_and_ensemble_outputs(work, small_run, tmp_pat
 
 
 # ---------------------------------------------------------------- 9. what a SIGKILL leaves behind
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_9_resume_clears_what_a_killed_run_left(work, small_run, tmp_path, run_here):
     run_dir = tmp_path / "left"
     shutil.copytree(small_run, run_dir)
@@ -293,6 +299,7 @@ def test_10_errors_after_the_folder_would_exist_leave_none(work, tmp_path, monke
 
 
 # ---------------------------------------------------------------- 11. Muon
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_11_muon_gets_the_parameter_groups_it_needs(work, tmp_path, run_here):
     """timm's Muon (the optimizers are timm's now) takes the 2-D weights and falls back to AdamW for
     the rest: a CNN trains with it instead of dying on its 4-D convolution weights."""
@@ -303,6 +310,7 @@ def test_11_muon_gets_the_parameter_groups_it_needs(work, tmp_path, run_here):
 
 
 # ---------------------------------------------------------------- 12. --resume with another --epochs
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_12_resume_with_another_length(work, small_run, tmp_path, run_here):
     shutil.copytree(small_run, tmp_path / "cos")
     config = json.loads((tmp_path / "cos" / "config.json").read_text())
@@ -333,6 +341,7 @@ def test_13_amp_false_with_bf16_is_a_contradiction(work, tmp_path, run_here):
 
 
 # ---------------------------------------------------------------- the flags users bring
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_baseline_and_timm_spellings(work, small_run, tmp_path, run_here):
     import train
     args = train.get_args_parser().parse_args(["--resize", "128", "96", "-b", "16", "--opt", "adamw", "--sched",
@@ -393,6 +402,7 @@ def test_progress_in_a_log(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_progress_lines_reach_a_log_file(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     script = "import sys; from maskcls import cli; cli.LOG_MIN_SECONDS = 0; import make_sample_data as m; " \

@@ -53,32 +53,38 @@ def _alive(pid):
 
 
 # ---------------------------------------------------------------- the lock and a killed run's workers
-CHILD_KEEPS_RUNNING = textwrap.dedent("""
-    import os, sys, time
-    sys.path.insert(0, {root!r})
-    from maskcls.runfolder import RunLock
-    RunLock({folder!r}).acquire()
-    if os.fork() == 0:  # a forked child, as a DataLoader worker is: it must not hold the lock
-        time.sleep(60)
+def _lock_then_fork(folder, ready):
+    """In a forked process: take the run lock, fork a child that outlives us (as a DataLoader
+    worker does), say so through the pipe `ready`, and wait to be killed."""
+    RunLock(folder).acquire()
+    if os.fork() == 0:
+        time.sleep(5)
         os._exit(0)
-    print("locked", flush=True)
+    os.write(ready, b"locked")
     time.sleep(60)
-""")
+    os._exit(0)
 
 
 def test_a_run_lock_belongs_to_its_process_not_to_forked_children(tmp_path):
-    script = CHILD_KEEPS_RUNNING.format(root=ROOT, folder=str(tmp_path))
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    read, write = os.pipe()
+    holder = os.fork()
+    if holder == 0:
+        try:
+            _lock_then_fork(str(tmp_path), write)
+        finally:
+            os._exit(1)
     try:
-        assert process.stdout.readline().strip() == "locked"
-        with pytest.raises(UserError, match=f"in use by process {process.pid}"):
+        assert os.read(read, 6) == b"locked"
+        with pytest.raises(UserError, match=f"in use by process {holder}"):
             RunLock(str(tmp_path)).acquire()
-        process.kill()
-        process.wait()
-        with RunLock(str(tmp_path)):  # at once, though the forked child still runs
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+        with RunLock(str(tmp_path)):  # at once, though the forked child still sleeps
             pass
     finally:
-        process.kill()
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(holder, signal.SIGKILL)
+            os.waitpid(holder, 0)
     with RunLock(str(tmp_path)), pytest.raises(UserError, match="in use by process .* \\(this one\\)"):
         RunLock(str(tmp_path)).acquire()  # a second lock in one process would release the first on close
 
@@ -399,6 +405,7 @@ def test_timm_flags_that_mean_the_same_are_accepted(args, expected):
     assert {k: parsed[k] for k in expected} == expected
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_maskbasedataset_warns_that_validation_overestimates(work, tmp_path, run_here):
     result = run_here("train.py", *FAST, "--epochs", "1", "--dataset", "MaskBaseDataset", "--model_dir", tmp_path,
                       cwd=work)

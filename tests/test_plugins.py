@@ -84,6 +84,7 @@ def test_plugins_are_gone_outside_their_tests():
     assert "poly1_scratch" not in CRITERIONS and "poly1_test" in CRITERIONS
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_plugins_with_their_own_flags_train_and_infer(work, tmp_path):
     help_text = train.get_args_parser().format_help()
     for flag in ("--poly_epsilon", "--tiny_width", "--jitter_strength"):

@@ -263,6 +263,7 @@ def test_augmentation_flags_shape_the_pipeline():
     assert any(isinstance(t, A.Erasing) and t.p == 0.25 for t in erasing)
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_mixing_alphas_switch_and_the_off_epoch(work, tmp_path):
     x, y = torch.randn(8, 3, 16, 16), torch.arange(8)
     cut = BatchMixer(cutmix_alpha=1.0, prob=1.0, seed=0)
@@ -331,6 +332,7 @@ def test_every_control_at_once_with_top_k_and_averaging(work, tmp_path):
     assert len(pd.read_csv(tmp_path / "a.csv")) == len(pd.read_csv(work / "data" / "eval" / "info.csv"))
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_no_validation_and_validating_every_n_epochs(work, tmp_path):
     result = run_cli("train.py", *FAST, "--epochs", "2", "--val_ratio", "0", "--name", "all", "--model_dir", tmp_path,
                      cwd=work)

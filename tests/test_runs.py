@@ -31,6 +31,7 @@ def figure_run(work):
     return work / "runs" / "figs"
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_run_folder_pictures_and_tensorboard(figure_run):
     for name in FIGURES:
         with Image.open(figure_run / name) as image:
@@ -41,6 +42,7 @@ def test_run_folder_pictures_and_tensorboard(figure_run):
     assert "val_f1" in events.Tags()["scalars"]
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_ema_competes_for_best(figure_run):
     metrics = pd.read_csv(figure_run / "metrics.csv")
     assert {"ema_val_loss", "ema_val_f1"} <= set(metrics.columns)
@@ -103,6 +105,7 @@ def test_resume_after_a_real_kill_gives_the_same_metrics(work):
     assert sorted(os.listdir(work / "runs")).count("killed2") == 0  # continued in the same folder
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_ctrl_c_writes_last_and_exits_cleanly(work):
     process = _start(work, *FAST, "--epochs", "50", "--name", "interrupted")
     run_dir = work / "runs" / "interrupted"
@@ -120,6 +123,7 @@ def test_ctrl_c_writes_last_and_exits_cleanly(work):
         assert (run_dir / "best.pth").read_bytes() == best_before
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_wandb_is_optional(work, tmp_path):
     result = run_cli("train.py", *FAST, "--epochs", "1", "--wandb", "proj", "--model_dir", tmp_path / "none",
                      cwd=work, check=False)
@@ -150,6 +154,7 @@ def test_wandb_is_optional(work, tmp_path):
 
 
 # ---------------------------------------------------------------- hostile and broken input
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_skip_bad_images_counts_them(sample_data, tmp_path):
     import shutil
     data = tmp_path / "data"
@@ -204,6 +209,7 @@ def test_crash_mid_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True)["model"]["w"].tolist() == [1, 1, 1]
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_existing_submission_is_not_overwritten(work, figure_run, tmp_path):
     out = tmp_path / "sub.csv"
     out.write_text("precious\n")
@@ -213,6 +219,7 @@ def test_existing_submission_is_not_overwritten(work, figure_run, tmp_path):
     assert out.read_text().startswith("ImageID")
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_checkpoint_of_another_class_count_at_inference(work, figure_run, tmp_path):
     import shutil
     other = tmp_path / "other"

@@ -137,6 +137,7 @@ def test_eval_files(data):
     assert not all(b == [b[0]] * 5 + [b[0] + 6, b[0] + 12] for b in blocks), "rows follow persons"
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_deterministic_by_seed(data, tmp_path):
     again = tmp_path / "again"
     msd.generate(again, PERSONS, EVAL_PERSONS, seed=0, workers=1)  # worker count must not matter

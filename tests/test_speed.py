@@ -81,6 +81,7 @@ print(sum(len(x) for x, _ in loader))
 """
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_loader_workers_use_opencv_after_the_parent_did(sample_data):
     # changing OpenCV's thread count inside a forked worker after the parent used its pool hangs
     paths = [str(p) for p in sorted((sample_data / "train" / "images").glob("*/*"))[:12]]
@@ -103,6 +104,7 @@ def test_cache_region_and_draft_decode_agree(sample_data):
     assert np.abs(shrunk - small).mean() < 8  # same content, up to decoder rounding
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_torchrun_two_cpu_processes(work, tmp_path):
     """torchrun with gloo: one run folder, written by rank 0, with complete metrics rows."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -146,6 +148,7 @@ def _evaluate_on_two_ranks(rank, world_size, port, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_distributed_evaluate_gathers_the_whole_set_once(tmp_path):
     torch.multiprocessing.spawn(_evaluate_on_two_ranks, args=(2, 29533, str(tmp_path)), nprocs=2)
     torch.manual_seed(0)
@@ -175,6 +178,7 @@ def test_cache_auto_takes_ram_only_where_it_fits(sample_data, tmp_path, monkeypa
         open_cache(len(source.samples), (64, 48), "ram")
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_compile_trains_and_saves_plain_weights(work, tmp_path):
     """--compile (TorchInductor, C++ on the CPU): the run completes and best.pth/last.pth hold the
     module's own keys, loadable without torch.compile."""

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from conftest import FAST, run_cli
+from conftest import FAST, one_line_error, run_cli
 from dataset import DATASETS
 import dataset
 import ensemble
@@ -31,6 +31,7 @@ def real_data(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_real_difficulty_plants_about_one_percent_wrong_labels(real_data):
     train = real_data / "train"
     rows = list(csv.DictReader(open(train / "train.csv")))
@@ -108,6 +109,7 @@ def test_fit_bias_recovers_a_known_bias():
                                             zero_division=0))
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_tune_bias_cli_cross_fits_and_saves(tmp_path):
     labels, probs, persons = _biased_model()
     run = tmp_path / "kf"
@@ -129,9 +131,8 @@ def test_tune_bias_cli_cross_fits_and_saves(tmp_path):
     assert not (perfect / "bias.json").exists()
 
 
-def test_tune_bias_refuses_a_folder_without_heldout_predictions(tmp_path):
-    result = run_cli("tune_bias.py", tmp_path, check=False)
-    assert result.returncode != 0 and "oof.csv" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+def test_tune_bias_refuses_a_folder_without_heldout_predictions(tmp_path, run_here):
+    one_line_error(run_here("tune_bias.py", tmp_path, check=False), "oof.csv")
 
 
 def test_apply_bias_moves_the_argmax_and_keeps_rows_summing_to_one():
@@ -141,6 +142,7 @@ def test_apply_bias_moves_the_argmax_and_keeps_rows_summing_to_one():
     assert np.allclose(apply_bias(probs, [0, 0, 0]), probs)
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_inference_bias_person_pool_and_recipe(work, tmp_path):
     run_cli("train.py", *FAST, "--epochs", "1", "--name", "biased", "--model_dir", tmp_path, cwd=work)
     run = tmp_path / "biased"
@@ -176,13 +178,14 @@ def test_inference_bias_person_pool_and_recipe(work, tmp_path):
     assert result.returncode != 0 and "rerun tune_bias.py" in result.stderr and not (tmp_path / "x.csv").exists()
 
 
-def test_ensemble_fit_refuses_runs_that_do_not_align(tmp_path):
+def test_ensemble_fit_refuses_runs_that_do_not_align(tmp_path, run_here):
     labels, probs, persons = _biased_model(n_persons=20)
     _write_heldout(tmp_path / "a", labels, probs, persons, MASK_CLASSES)
     _write_heldout(tmp_path / "b", labels[:-7], probs[:-7], persons[:-7], MASK_CLASSES)
-    result = run_cli("ensemble.py", "--fit", tmp_path / "a", tmp_path / "b", "--recipe", tmp_path / "r.json",
-                     check=False)
-    assert result.returncode != 0 and "same images" in result.stderr and not (tmp_path / "r.json").exists()
+    result = run_here("ensemble.py", "--fit", tmp_path / "a", tmp_path / "b", "--recipe", tmp_path / "r.json",
+                      check=False)
+    one_line_error(result, "same images")
+    assert not (tmp_path / "r.json").exists()
 
 
 # ---------------------------------------------------------------- audit.py
@@ -193,6 +196,7 @@ def _oof_from_truth(labels, rng, sharpness=4.0):
     return labels, np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_audit_finds_planted_label_errors_among_its_top_suspects(sample_data, tmp_path):
     source = DATASETS.build("MaskBaseDataset", str(sample_data / "train"))
     written = np.array([s.label for s in source.samples])  # what train.csv says
@@ -245,6 +249,7 @@ def test_audit_finds_planted_label_errors_among_its_top_suspects(sample_data, tm
 
 
 # ---------------------------------------------------------------- persons.py
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_person_grouping_purity_on_generated_eval_data(real_data):
     owners = pd.read_csv(real_data / "eval" / "persons.csv")
     paths = [str(real_data / "eval" / "images" / i) for i in owners["ImageID"]]
@@ -307,6 +312,7 @@ def test_soft_pseudo_labels_are_drawn_from_their_probabilities(work):
     assert ds[0][1] == 4, "no seed (validation, previews): the argmax"
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_pseudo_soft_trains_and_needs_pseudo_labels(work, tmp_path):
     result = run_cli("train.py", *FAST, "--epochs", "1", "--pseudo_soft", "--model_dir", tmp_path, cwd=work, check=False)
     assert result.returncode == 2 and "--pseudo_soft needs --pseudo_labels" in result.stderr

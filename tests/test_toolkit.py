@@ -264,6 +264,7 @@ def test_toolkit_flags_end_to_end(work, tmp_path):
 
 
 # ---------------------------------------------------------------- face crop
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_pipeline_cropping_in_photo_pixels_gets_full_size_photos(work, tmp_path, capsys, monkeypatch):
     """A registered pipeline that starts with CenterCrop(300, 240) (the photos are 384x512) cannot
     work on prepared (64x48 -> 72x54) images: training hands it the full-size photos instead,
@@ -295,6 +296,7 @@ def test_pipeline_cropping_in_photo_pixels_gets_full_size_photos(work, tmp_path,
     assert len(pd.read_csv(os.path.join(run_dir, "metrics.csv"))) == 1
 
 
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_facecrop_training_reuses_the_cache_and_inference_crops_too(work, tmp_path):
     import facecrop
     import train
