@@ -123,8 +123,10 @@ def check_flags(args):
         raise cli.UserError("--scheduler plateau follows val F1: it needs validation (--val_ratio > 0)")
     if args.wandb:
         require_wandb()
-    probe = torch.nn.Linear(2, 2)
-    scheduler_for(args, optimizer_for(args, probe), 1)  # the optimizer's and schedule's arguments
+    # the optimizer's and schedule's arguments, on a probe (whether the model splits into layers
+    # for --layer_decay is known once the model is built)
+    probe = argparse.Namespace(**{**vars(args), "layer_decay": None})
+    scheduler_for(probe, optimizer_for(probe, torch.nn.Linear(2, 2)), 1)
     if args.resume:
         check_resume(args)
     return args
