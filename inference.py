@@ -13,6 +13,7 @@ Example:
     python inference.py --model_dir runs/exp --model_dir runs/exp2 --answers data/eval/answers.csv
 """
 import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -28,8 +29,9 @@ from maskcls.heldout import BIAS_FILE, apply_bias, load_bias, load_cuts
 from maskcls.images import ImageDataset, make_loader
 from maskcls.labels import MASK_CLASSES
 from maskcls.metrics import macro_f1
-from maskcls.readers import fold_dirs, is_number, labels_in_range, read_config, read_json
+from maskcls.readers import is_number, labels_in_range, member_dirs, read_config, read_json
 from maskcls.runtime import resolve_device, resolve_precision
+from maskcls.summary import EVAL_SCORES, SEEDS_FILE
 from model import build_from_config, load_weights, set_age_cuts
 from persons import complete_groups, group_photos, pool, pooled_groups
 
@@ -81,7 +83,7 @@ def newest_run(runs_root, checkpoint):
     candidates = []
     if os.path.isdir(runs_root):
         for entry in os.scandir(runs_root):
-            done = [os.path.join(entry.path, name) for name in (checkpoint, "kfold.json")]
+            done = [os.path.join(entry.path, name) for name in (checkpoint, "kfold.json", SEEDS_FILE)]
             done = [p for p in done if os.path.isfile(p)]
             if entry.is_dir() and done and os.path.isfile(os.path.join(entry.path, "config.json")):
                 candidates.append((max(map(os.path.getmtime, done)), entry.path))
@@ -92,15 +94,16 @@ def newest_run(runs_root, checkpoint):
 
 
 def expand_runs(run_dirs, weights=None):
-    """Run folders with a k-fold parent replaced by its fold folders (an ensemble of the folds), and
-    each one's weight (a parent's weight is shared by its folds)."""
+    """Run folders with every parent replaced by its members (a k-fold run's folds, a seed
+    group's runs, in turn): an ensemble of them; and each one's weight (a parent's weight is
+    shared by its members)."""
     expanded, expanded_weights = [], []
     for run_dir, weight in zip(run_dirs, weights or [1.0] * len(run_dirs)):
         config = read_config(run_dir)
-        folds = fold_dirs(config, os.path.join(run_dir, "config.json"))
-        members = [os.path.join(run_dir, fold) for fold in folds] or [run_dir]
-        expanded += members
-        expanded_weights += [weight / len(members)] * len(members)
+        members = [os.path.join(run_dir, m) for m in member_dirs(config, os.path.join(run_dir, "config.json"))]
+        inner = expand_runs(members, [weight / len(members)] * len(members)) if members else ([run_dir], [weight])
+        expanded += inner[0]
+        expanded_weights += inner[1]
     return expanded, expanded_weights
 
 
@@ -324,7 +327,26 @@ def main(args):
     if args.answers:
         acc, f1 = score(args.answers, eval_set.image_ids, preds, len(classes))
         print(f"accuracy {acc:.4f}  macro F1 {f1:.4f}  ({len(preds)} images, {args.answers})")
+        if len(given) == 1:  # one run (or one k-fold run, one seed group): runs.py compare shows it
+            record_eval_score(given[0], args, acc, f1, len(preds))
     return args.output
+
+
+def record_eval_score(run_dir, args, accuracy, f1, images):
+    """A row of RUN/eval_scores.csv: how this inference scored against known answers."""
+    path = os.path.join(run_dir, EVAL_SCORES)
+    row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "data_dir": args.data_dir, "answers": args.answers,
+           "checkpoint": args.checkpoint, "tta": args.tta, "person_pool": args.person_pool,
+           "bias": not args.no_bias, "images": images, "accuracy": round(accuracy, 6), "macro_f1": round(f1, 6)}
+    try:
+        earlier = pd.read_csv(path) if os.path.isfile(path) else pd.DataFrame()
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        print(f"note: {path} was damaged; it starts again with this score")
+        earlier = pd.DataFrame()
+    try:
+        write_csvs([pd.concat([earlier, pd.DataFrame([row])], ignore_index=True)], [path])
+    except (OSError, cli.UserError) as err:  # the submission is written; the record is a convenience
+        print(f"note: could not record the score in {path}: {err}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Example:
 """
 import argparse
 import os
+import shutil
 import sys
 
 import agecuts
@@ -25,13 +26,14 @@ from dataset import DATASETS
 from facecrop import FACE_MARGIN
 from loss import CRITERIONS
 from maskcls import cli, distributed
-from maskcls.data import TrainingData, open_image_cache
+from maskcls.data import TrainingData, open_image_cache, read_source
 from maskcls.fit import RunClock, train_fold
 from maskcls.heldout import write_oof
 from maskcls.optim import OPTIMIZERS, SCHEDULERS
 from maskcls.options import TIMM_FLAGS, check_flags, warn_ignored_options
-from maskcls.runfolder import fold_status, open_run, write_config
+from maskcls.runfolder import fold_status, open_run, run_status, write_config
 from maskcls.runtime import Runtime, seed_everything
+from maskcls.summary import write_seed_summary
 from model import AGE_HEADS, HEADS, MODELS, MSD_P, input_size_of
 
 # The recipe: what a user who gives only data, model, input size and epochs gets (README "The
@@ -47,7 +49,7 @@ DEFAULT_SMOOTHING = 0.0         # off: it caps confidence, which --pseudo_thresh
 
 # what config.json records beside the flags: skipped when it is read back with --config / --resume
 DERIVED_KEYS = ("input_size", "prepared_size", "num_classes", "classes", "mean", "std", "label_scheme", "tasks",
-                "train_images", "val_images", "world_size", "fold_dirs")
+                "train_images", "val_images", "world_size", "fold_dirs", "seed_dirs")
 
 
 # ---------------------------------------------------------------- the flags
@@ -86,6 +88,12 @@ def add_data_flags(data):
                            "or in a memory-mapped file in the run folder for data larger than RAM (disk); "
                            "auto: ram when it takes under half of the free shared memory, else none")
     data.add_argument("--seed", type=cli.number(int, 0), default=42, help="seeds the split, init, shuffling, augmentation")
+    data.add_argument("--split_seed", type=cli.number(int, 0), default=None,
+                      help="seeds the validation split and the folds alone (default: --seed): runs of other seeds "
+                           "then hold out the same images, so runs.py diff can pair them")
+    data.add_argument("--seeds", type=cli.parse_ints, default=None, metavar="S1,S2,...",
+                      help="repeat the recipe once per seed into RUN/seed<S> and summarize the group (seeds.json; "
+                           "runs.py compare shows it as mean +- sd)")
     data.add_argument("--kfold", type=cli.number(int, 0), default=0, metavar="K",
                       help="train K models on person-grouped, class-stratified folds (0: one split)")
     data.add_argument("--folds", type=cli.parse_ints, default=None, metavar="I,J",
@@ -256,6 +264,8 @@ def main(args):
 
 
 def run_training(args, runtime):
+    if args.seeds:
+        return train_seeds(args, runtime)
     context = runtime.context
     seed_everything(args.seed)
     data = TrainingData.load(args, runtime.input_size, context)
@@ -274,6 +284,40 @@ def run_training(args, runtime):
         if args.age_head == "regression" and context.is_main:
             fit_age_cuts(run_dir)
     return run_dir
+
+
+def train_seeds(args, runtime):
+    """--seeds S1,S2,...: the recipe once per seed, each into RUN/seed<S> (a run, or a k-fold parent
+    with --kfold), then RUN/seeds.json. --resume of the group skips finished seeds and continues
+    the rest."""
+    context, seed_dirs = runtime.context, [f"seed{s}" for s in args.seeds]
+    classes = read_source(args).classes  # the data checked before the group's folder exists
+    with open_run(args.model_dir, args.name, args.resume, args.epochs, context) as run_dir:
+        if context.is_main and not args.resume:
+            write_config(run_dir, {**vars(args), "resume": None, "seed_dirs": seed_dirs, "classes": classes})
+        for number, (seed, seed_dir) in enumerate(zip(args.seeds, seed_dirs), 1):
+            member = os.path.join(run_dir, seed_dir)
+            status = distributed.broadcast(context, run_status(member) if context.is_main else None)
+            if status == "done":
+                print(f"=== seed {seed} ({number} of {len(args.seeds)}): finished earlier")
+                continue
+            if status == "new" and context.is_main and os.path.isdir(member):
+                shutil.rmtree(member)  # a start in which no epoch finished
+            print(f"=== seed {seed} ({number} of {len(args.seeds)}){' (resumed)' if status == 'unfinished' else ''}")
+            one = {"seed": seed, "seeds": None, "model_dir": run_dir, "name": seed_dir,
+                   "resume": member if status == "unfinished" else None}
+            run_training(argparse.Namespace(**{**vars(args), **one}), runtime)
+        if context.is_main:
+            report_seeds(run_dir)
+    return run_dir
+
+
+def report_seeds(run_dir):
+    summary = write_seed_summary(run_dir)
+    spread = [f"{key} {m['mean']:.4f} ± {m['sd']:.4f} (min {m['min']:.4f}, max {m['max']:.4f})"
+              for key, m in summary["metrics"].items() if key in ("val_f1", "oof_f1") and m["sd"] == m["sd"]]
+    print(f"seeds {', '.join(map(str, summary['seeds']))}: {'; '.join(spread) or 'see seeds.json'} -> "
+          f"{os.path.join(run_dir, 'seeds.json')}")
 
 
 def resolved(args, data, splits, runtime):

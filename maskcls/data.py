@@ -77,7 +77,8 @@ class TrainingData:
 
 def read_source(args):
     """The dataset entry over --data_dir, checked against the flags that need the competition layout."""
-    source = DATASETS.build(args.dataset, args.data_dir, val_ratio=args.val_ratio, seed=args.seed,
+    split_seed = args.seed if args.split_seed is None else args.split_seed
+    source = DATASETS.build(args.dataset, args.data_dir, val_ratio=args.val_ratio, seed=split_seed,
                             relabel=args.relabel, **DATASETS.values_for(args.dataset, vars(args)))
     if args.relabel and source.label_scheme != "mask":
         raise cli.UserError("--relabel applies to the competition layout only")

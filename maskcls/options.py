@@ -108,6 +108,8 @@ def check_flags(args):
     if args.freeze_epochs and args.freeze_epochs >= args.epochs:
         raise cli.UserError(f"--freeze_epochs {args.freeze_epochs} with --epochs {args.epochs}: the backbone would "
                             f"never train; freeze fewer epochs than the run has")
+    if args.seeds is not None and (not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
+        raise cli.UserError(f"--seeds {','.join(map(str, args.seeds))}: distinct whole numbers >= 0, e.g. 0,1,2")
     if args.kfold == 1:
         raise cli.UserError(f"--kfold needs K >= 2 (or 0 for one split), got {args.kfold}")
     if args.folds and (not args.kfold or not all(1 <= f <= args.kfold for f in args.folds)):
@@ -152,7 +154,7 @@ def check_resume(args):
     schedule does not depend on the length (a cosine schedule built for 25 epochs cannot become
     an 8-epoch one)."""
     saved = read_config(args.resume)
-    if not saved.get("kfold") and not os.path.isfile(os.path.join(args.resume, "last.pth")):
+    if not (saved.get("kfold") or saved.get("seeds")) and not os.path.isfile(os.path.join(args.resume, "last.pth")):
         raise cli.UserError(f"--resume {args.resume}: no last.pth to continue from")
     if saved.get("epochs") not in (None, args.epochs) and not stretchable(args.scheduler):
         raise cli.UserError(f"--resume {args.resume} --epochs {args.epochs}: its {args.scheduler} schedule spans "

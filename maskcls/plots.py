@@ -7,6 +7,7 @@ the caller can also log it with `writer.add_figure(tag, fig)`.
     aug_preview_png       -> aug_preview.png       originals, augmented draws, a mixed batch
     mistakes_png          -> mistakes.png          the most confident wrong predictions
     captioned_grid_png    -> suspects.png          audit.py's label suspects
+    gap_png               -> gap.png               runs.py gap: validation against the leaderboard
     gradcam_png           -> gradcam.png           Grad-CAM of the predicted class (or None)
 
 `path` is the PNG to write, or a folder (the run folder) to write the default name into.
@@ -36,6 +37,7 @@ from maskcls.cli import UserError
 from maskcls.images import load_image, prepare_image
 from maskcls.labels import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, decode_label
 from maskcls.metrics import task_f1
+from maskcls.summary import best_epoch
 
 DPI = 100                 # pixels per inch of every PNG
 FONT, SMALL_FONT, TITLE_FONT = 9, 7, 11  # points: axis labels, cell numbers / thumbnails, titles
@@ -142,16 +144,6 @@ def task_confusion_png(path, labels, preds):
 
 
 # ---------------------------------------------------------------- training curves
-def best_epoch(metrics):
-    """The row train.py keeps as best.pth (engine.is_better): the highest val F1 of the raw or EMA
-    weights, a tie to the later epoch; without validation (no val_f1), the last epoch."""
-    score = metrics["val_f1"]
-    if "ema_val_f1" in metrics.columns:
-        score = np.fmax(score, metrics["ema_val_f1"])
-    if score.isna().all():
-        return metrics.iloc[-1]
-    best = score.max()
-    return metrics[score == best].iloc[-1]
 
 
 def curves_png(path, metrics):
@@ -296,6 +288,32 @@ def captioned_grid_png(path, items, title):
         ax.set_title(caption, fontsize=SMALL_FONT - 1)
     fig.suptitle(title, fontsize=TITLE_FONT)
     return _save(fig, path, "suspects.png")
+
+
+def gap_png(path, validation, leaderboard, names, rho=math.nan):
+    """Each submission's validation F1 (x) against its leaderboard score (y), the diagonal where
+    they would agree and a least-squares line through the points."""
+    x, y = np.asarray(validation, dtype=float), np.asarray(leaderboard, dtype=float)
+    fig = Figure(figsize=(6, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(x, y, color="tab:blue", zorder=3)
+    for xi, yi, name in zip(x, y, names):
+        ax.annotate(_short(name), (xi, yi), fontsize=SMALL_FONT, xytext=(3, 3), textcoords="offset points")
+    low, high = min(x.min(), y.min()), max(x.max(), y.max())
+    pad = max(high - low, 0.02) * 0.15
+    span = np.array([low - pad, high + pad])
+    ax.plot(span, span, color="grey", linestyle="--", linewidth=1, label="leaderboard = validation")
+    if len(x) > 1 and np.ptp(x) > 0:
+        slope, intercept = np.polyfit(x, y, 1)
+        ax.plot(span, slope * span + intercept, color="tab:orange", linewidth=1,
+                label=f"fit: {slope:.2f} x validation {intercept:+.3f}")
+    ax.set(xlim=span, ylim=span, xlabel="validation macro F1 (out-of-fold where there is one)",
+           ylabel="leaderboard score")
+    title = f"{len(x)} submissions" + (f", Spearman {rho:+.2f}" if rho == rho else "")
+    ax.set_title(title, fontsize=TITLE_FONT)
+    ax.legend(fontsize=SMALL_FONT, loc="upper left")
+    ax.grid(alpha=0.3)
+    return _save(fig, path, "gap.png")
 
 
 # ---------------------------------------------------------------- Grad-CAM

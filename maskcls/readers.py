@@ -188,25 +188,29 @@ CONFIG_KEYS = {
 }
 
 
-def fold_dirs(config, path=CONFIG_NAME):
-    """The fold folders a k-fold parent's config.json lists ([] for any other run); runs from
-    before `fold_dirs` kept them under `folds`. Each a plain folder name inside the run."""
-    dirs = config.get("fold_dirs")
+def member_dirs(config, path=CONFIG_NAME):
+    """The run folders a parent's config.json lists: a k-fold parent's folds (`fold_dirs`; runs
+    from before it kept them under `folds`) or a seed group's runs (`seed_dirs`, train.py
+    --seeds); [] for a single run. Each a plain folder name inside the parent."""
+    key = "seed_dirs" if config.get("seed_dirs") is not None else "fold_dirs"
+    dirs = config.get(key)
     if dirs is None and isinstance(config.get("folds"), list) and all(isinstance(f, str) for f in config["folds"]):
         dirs = config["folds"]
     if dirs is None:
         return []
     if not isinstance(dirs, list) or not all(isinstance(d, str) and d and d == os.path.basename(d)
                                              and d not in (".", "..") for d in dirs):
-        raise UserError(f"{path}: fold_dirs is {dirs!r}; expected a list of fold folder names (fold1, fold2, ...)")
+        raise UserError(f"{path}: {key} is {dirs!r}; expected a list of folder names inside the run (fold1, "
+                        f"seed0, ...)")
     return list(dirs)
+
 
 
 def check_config(config, path=CONFIG_NAME):
     """A run's config.json as inference and the tools read it: every key they use of the right
-    type and range, the classes as many as num_classes. A k-fold parent needs its fold_dirs and
-    classes only (its folds are checked one by one)."""
-    parent = bool(fold_dirs(config, path))
+    type and range, the classes as many as num_classes. A parent (a k-fold run, a seed group)
+    needs its member folders and classes only (its members are checked one by one)."""
+    parent = bool(member_dirs(config, path))
     for key, (check, expected, required) in CONFIG_KEYS.items():
         if key not in config:
             if required and not (parent and key != "classes"):

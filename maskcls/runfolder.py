@@ -143,6 +143,18 @@ def fold_status(run_dir):
     return ("done" if saved.get("finished") else "unfinished"), int(saved.get("epoch") or 0)
 
 
+def run_status(run_dir):
+    """'new', 'unfinished' or 'done' for a run folder of any kind: a single run (its last.pth), or
+    a k-fold parent (done once kfold.json is written after its last fold)."""
+    if not os.path.isfile(os.path.join(run_dir, CONFIG_NAME)):
+        return "new"
+    config = read_config(run_dir)
+    if config.get("fold_dirs"):
+        return "done" if os.path.isfile(os.path.join(run_dir, "kfold.json")) else "unfinished"
+    status, epochs = fold_status(run_dir)
+    return "new" if status == "unfinished" and not os.path.isfile(os.path.join(run_dir, "metrics.csv")) else status
+
+
 @contextlib.contextmanager
 def open_run(model_dir, name, resume, epochs, context):
     """The run folder, locked for this process (rank 0) while the block runs: --resume's

@@ -367,17 +367,21 @@ def test_help_shows_each_default_once():
     import inference
     import make_sample_data
     import persons
+    import runs
     import train
     import tune_bias
-    for module in (train, inference, ensemble, tune_bias, audit, persons, agecuts, make_sample_data):
-        parser = module.get_args_parser()
+    import validate
+    parsers = [m.get_args_parser() for m in (train, inference, ensemble, tune_bias, audit, persons, agecuts,
+                                             make_sample_data, validate)]
+    parsers += next(a for a in runs.get_args_parser()._actions if a.dest == "command").choices.values()
+    for parser in parsers:
         for action in parser._actions:
             if not action.option_strings or action.help == argparse.SUPPRESS:
                 continue
             text = parser._get_formatter()._expand_help(action) if action.help else ""
-            assert text.count("default") <= 1, (module.__name__, action.dest, text)
+            assert text.count("default") <= 1, (parser.prog, action.dest, text)
             if action.default not in (None, False, argparse.SUPPRESS) and action.dest != "help":
-                assert "default" in text, (module.__name__, action.dest, text)
+                assert "default" in text, (parser.prog, action.dest, text)
 
 
 def test_progress_in_a_log(monkeypatch, capsys):
