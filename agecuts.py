@@ -120,6 +120,14 @@ def fit_run(run_dir, cv=5, dry_run=False):
     return cuts, width, report
 
 
+def fit_trained_run(run_dir):
+    """After an --age_head regression run: the cut points fitted on its held-out predictions."""
+    if any(os.path.isfile(os.path.join(run_dir, name)) for name in ("oof.csv", "val_predictions.csv")):
+        fit_run(run_dir)
+    else:
+        print("age cut points: no held-out predictions (--val_ratio 0); inference uses 30, 60")
+
+
 def main(args):
     fit_run(args.run, args.cv, args.dry_run)
 

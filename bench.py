@@ -27,7 +27,7 @@ range of those ratios, `others CPU` the share of the machine other processes use
   its optimizer, fused AdamW; cross_entropy, no mixing) against the same step on a batch already
   in memory (the ceiling) and against a plain fp32 NCHW step in memory with torch's Adam. The real step is timed over whole
   epochs, the wait for the first batch included.
-- infer_vs_ceiling, infer_vs_fp32: inference.predict over the eval loader against the forward
+- infer_vs_ceiling, infer_vs_fp32: maskcls.predict.predict over the eval loader against the forward
   pass on in-memory batches (inference_mode), at the same precision and in plain fp32.
 - detect_batched_vs_single: facecrop.detect_boxes on batches of 16 same-size images against one
   image per call, on 384x512 canvases holding matplotlib's grace_hopper.jpg (MTCNN runs on CPU).
@@ -306,7 +306,7 @@ def section_train(args, plan, device):
 
 
 def section_infer(args, plan, device):
-    from inference import predict
+    from maskcls.predict import predict
     precision = resolve_precision("auto", device)
     paths, labels = training_images(args.data, plan["infer"], args.batch_size)
     # prepared to the input size, as for a run trained with a pipeline that starts with A.Resize

@@ -17,9 +17,8 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
 
-from augmentation import TTA_VIEWS, eval_transform, parse_tta, tta_logits, with_headroom
+from augmentation import TTA_VIEWS, eval_transform, parse_tta
 from dataset import read_csv_columns, read_eval_dir
 from ensemble import probs_path_for
 from facecrop import FACE_MARGIN, face_regions
@@ -29,10 +28,10 @@ from maskcls.heldout import BIAS_FILE, apply_bias, load_bias, load_cuts
 from maskcls.images import ImageDataset, make_loader
 from maskcls.labels import MASK_CLASSES
 from maskcls.metrics import macro_f1
-from maskcls.readers import is_number, labels_in_range, member_dirs, read_config, read_json
+from maskcls.readers import is_number, labels_in_range, read_config, read_json
+from maskcls.predict import expand_runs, load_run, predict_many, run_prepared_size
 from maskcls.runtime import resolve_device, resolve_precision
 from maskcls.summary import EVAL_SCORES, SEEDS_FILE
-from model import build_from_config, load_weights, set_age_cuts
 from persons import complete_groups, group_photos, pool, pooled_groups
 
 # Runs with the same preprocessing predict in one pass over the images while their weights
@@ -93,20 +92,6 @@ def newest_run(runs_root, checkpoint):
     return max(candidates)[1]
 
 
-def expand_runs(run_dirs, weights=None):
-    """Run folders with every parent replaced by its members (a k-fold run's folds, a seed
-    group's runs, in turn): an ensemble of them; and each one's weight (a parent's weight is
-    shared by its members)."""
-    expanded, expanded_weights = [], []
-    for run_dir, weight in zip(run_dirs, weights or [1.0] * len(run_dirs)):
-        config = read_config(run_dir)
-        members = [os.path.join(run_dir, m) for m in member_dirs(config, os.path.join(run_dir, "config.json"))]
-        inner = expand_runs(members, [weight / len(members)] * len(members)) if members else ([run_dir], [weight])
-        expanded += inner[0]
-        expanded_weights += inner[1]
-    return expanded, expanded_weights
-
-
 def read_recipe(path):
     """(members, weights) of an ensemble.py --fit recipe. Members are stored relative to the
     recipe's folder (recipes from before that: to where --fit ran, tried second); each weight a
@@ -137,16 +122,6 @@ def recipe_member(recipe_path, member):
     return member
 
 
-def load_run(run_dir, config, checkpoint, device):
-    """The model of a run folder, rebuilt from its config.json alone, in eval mode (an age head with
-    the run's fitted cut points)."""
-    model = build_from_config(config, source=os.path.join(run_dir, "config.json"))
-    load_weights(model, os.path.join(run_dir, checkpoint), config["model"])
-    if config.get("age_head") == "regression":
-        set_age_cuts(model, *load_cuts(run_dir)[:2])
-    return model.to(device).eval()
-
-
 def report_age_cuts(run_dirs, configs):
     """One line per age cut file the runs use (--age_head regression)."""
     seen = set()
@@ -159,37 +134,12 @@ def report_age_cuts(run_dirs, configs):
                       f"{width:g} years ({path or 'training defaults: no age_cuts.json'})")
 
 
-@torch.inference_mode()
-def predict(model, loader, device, precision, views=(), desc="predict"):
-    """Softmax probabilities (averaged over the TTA views) for every image, in loader order."""
-    return predict_many([model], loader, device, precision, views, desc)[0]
-
-
-@torch.inference_mode()
-def predict_many(models, loader, device, precision, views=(), desc="predict"):
-    """predict() for several models in one pass over the loader: each batch is decoded once and
-    goes through every model. One array per model."""
-    probs = [[] for _ in models]
-    for images, _ in cli.progress(loader, desc=desc, unit="batch"):
-        images = precision.batch(images.to(device, non_blocking=True))
-        with precision.autocast():
-            for model, out in zip(models, probs):
-                out.append(tta_logits(model, images, views)[1])
-    return [torch.cat(out).exp().cpu().numpy() for out in probs]
-
-
 def preprocessing(config):
     """What a run does to an image before its model sees it: runs that agree can share one
     decoding pass (the folds of a k-fold run always do)."""
     facecrop = bool(config.get("facecrop"))
     return (tuple(config["input_size"]), run_prepared_size(config), tuple(config["mean"]), tuple(config["std"]),
             facecrop, config.get("face_margin", FACE_MARGIN) if facecrop else None)
-
-
-def run_prepared_size(config):
-    """(H, W) the run's validation images were prepared to; runs from before config.json recorded
-    it were prepared with the headroom (their cache's size)."""
-    return tuple(config.get("prepared_size") or with_headroom(config["input_size"]))
 
 
 def weight_bytes(model):

@@ -320,3 +320,24 @@ class AgeRegressionLoss(nn.Module):
         age_loss = F.smooth_l1_loss(residual[known], torch.zeros_like(residual[known]), beta=AGE_BETA,
                                     reduction="sum") / known.sum().clamp(min=1)
         return loss + self.weight * age_loss
+
+
+class SoftTargetLoss(nn.Module):
+    """--soft_oof: the criterion on the hard label, blended with the cross-entropy against soft
+    targets (a k-fold run's out-of-fold probabilities): (1 - weight) x criterion + weight x
+    soft CE. In training the loader gives [N, 1 + C] targets (label, then the C probabilities)
+    and mixing keeps its contract (both terms are per-target losses); at validation the plain
+    labels: the criterion alone."""
+
+    def __init__(self, criterion, num_classes, weight=0.3):
+        super().__init__()
+        if not 0 <= weight <= 1:
+            raise UserError(f"--soft_weight must be in [0, 1], got {weight}")
+        self.criterion, self.num_classes, self.weight = criterion, num_classes, float(weight)
+
+    def forward(self, logits, target):
+        if target.dim() == 1:
+            return self.criterion(logits, target)
+        labels, soft = target[:, 0].long(), target[:, 1:1 + self.num_classes].float()
+        soft_ce = -(soft * torch.log_softmax(logits[:, :self.num_classes].float(), 1)).sum(1).mean()
+        return (1 - self.weight) * self.criterion(logits, labels) + self.weight * soft_ce

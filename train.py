@@ -25,7 +25,7 @@ from cutmix import MODES as CUTMIX_MODES
 from dataset import DATASETS
 from facecrop import FACE_MARGIN
 from loss import CRITERIONS
-from maskcls import cli, distributed
+from maskcls import cli, distributed, shortcuts
 from maskcls.data import TrainingData, open_image_cache, read_source
 from maskcls.fit import RunClock, train_fold
 from maskcls.heldout import write_oof
@@ -174,6 +174,15 @@ def add_loss_flags(loss):
     loss.add_argument("--beta", type=cli.number(float, 0, low_open=True), default=1.0, help="lambda ~ Beta(beta, beta)")
     loss.add_argument("--cutmix_mode", choices=CUTMIX_MODES, default="box",
                       help="box, or vertical: a full-height strip (faces are centred)")
+    loss.add_argument("--teacher", default=None, metavar="RUN",
+                      help="knowledge distillation: a trained run (a k-fold run: its folds averaged) gives soft "
+                           "targets on every training batch")
+    loss.add_argument("--kd_weight", type=share, default=0.5, help="--teacher: the distillation term's share of the loss")
+    loss.add_argument("--kd_temperature", type=cli.number(float, 0, low_open=True), default=4.0,
+                      help="--teacher: the softmax temperature of teacher and student")
+    loss.add_argument("--soft_oof", default=None, metavar="KFOLD_RUN",
+                      help="train on the labels blended with a k-fold run's out-of-fold probabilities (oof.csv)")
+    loss.add_argument("--soft_weight", type=share, default=0.3, help="--soft_oof: the out-of-fold targets' share")
     loss.add_argument("--val_tta", default="none", metavar="VIEWS",
                       help=f"test-time augmentation for validation, e.g. hflip,zoom ({TTA_VIEWS.help()})")
     CRITERIONS.add_arguments(loss)
@@ -182,9 +191,10 @@ def add_loss_flags(loss):
 
 def add_optimizer_flags(optim):
     optim.add_argument("--epochs", type=cli.positive_int, default=10, help="epochs to train")
-    optim.add_argument("--batch_size", "-b", type=cli.positive_int, default=None,
-                       help=f"training images per step (per process under torchrun); default: {DEFAULT_BATCH}, or "
-                            f"1/{MIN_UPDATES_PER_EPOCH} of the training images when that is fewer")
+    optim.add_argument("--batch_size", "-b", type=cli.positive_int_or("auto"), default=None,
+                       help=f"training images per step (per process under torchrun); auto: the largest power of two "
+                            f"that fits on the GPU; default: {DEFAULT_BATCH}, or 1/{MIN_UPDATES_PER_EPOCH} of the "
+                            f"training images when that is fewer")
     optim.add_argument("--valid_batch_size", type=cli.positive_int, default=128, help="validation images per batch")
     optim.add_argument("--grad_accum_steps", type=cli.positive_int, default=1, help="batches per optimizer update")
     optim.add_argument("--optimizer", "--opt", default=DEFAULT_OPTIMIZER, help="timm's: " + OPTIMIZERS.help())
@@ -246,24 +256,39 @@ def add_output_flags(out):
                      help="keep the K best epochs' weights (top-<epoch>.pth)")
     out.add_argument("--average_top", type=cli.number(int, 0), default=0, metavar="K",
                      help="average the K best epochs' weights into averaged.pth (inference --checkpoint averaged.pth)")
+    cli.bool_flag(out, "--smoke", help="run 2 training and 2 validation batches, write and read back a checkpoint, "
+                                       "predict a few eval images, then stop; writes nothing")
+    cli.bool_flag(out, "--dry_run", help="build everything, time a few steps, print the cost of an epoch and the "
+                                         "run (time, memory, cache, updates); writes nothing")
+    cli.bool_flag(out, "--lr_find", help="sweep the learning rate exponentially over a few hundred updates, plot the "
+                                         "loss and suggest --lr; no run folder")
+    cli.words_flag(out, "--lr_find_range", parse=cli.parse_floats, default=[1e-7, 10.0], metavar="MIN,MAX",
+                   help="--lr_find: the rates swept")
+    out.add_argument("--lr_find_steps", type=cli.number(int, 20), default=200, help="--lr_find: updates swept")
+    out.add_argument("--lr_find_plot", default=os.path.join("output", "lr_find.png"), metavar="PNG",
+                     help="--lr_find: where to draw the loss against the rate")
+    out.add_argument("--overfit_batches", type=cli.number(int, 0), default=0, metavar="N",
+                     help="train on the same N batches every epoch, without augmentation or mixing, validated on "
+                          "themselves: shows the model can learn at all (0: off)")
     out.add_argument("--wandb", default=None, metavar="PROJECT",
                      help="also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works)")
 
 
 # ---------------------------------------------------------------- the recipe
-def main(args):
-    """Check the flags, read the data, open the run folder, train each split (or fold), finish."""
+def main(args, monitor=None):
+    """Check the flags, read the data, open the run folder, train each split (or fold), finish.
+    `monitor(step, val_f1)` hears every validated epoch (tune.py: pruning)."""
     cli.stop_on_sigterm()  # a scheduler's or torchrun's SIGTERM stops a run as Ctrl-C does
     args = check_flags(args)
     runtime = Runtime.start(args.device, "fp32" if args.amp is False else args.precision, args.channels_last,
                             args.resize or input_size_of(args.model))
     try:
-        return run_training(args, runtime)
+        return run_training(args, runtime, monitor)
     finally:
         runtime.close()
 
 
-def run_training(args, runtime):
+def run_training(args, runtime, monitor=None):
     if args.seeds:
         return train_seeds(args, runtime)
     context = runtime.context
@@ -275,14 +300,19 @@ def run_training(args, runtime):
         raise cli.UserError("--sync_bn needs CUDA (NCCL); on the CPU, batch norms stay per process")
     splits = data.splits(args.kfold)
     args = resolved(args, data, splits, runtime)
+    if args.overfit_batches:  # the same images every epoch, and validated on them
+        train_idx = splits[0][0][:args.overfit_batches * args.batch_size]
+        splits = [(train_idx, train_idx)]
+    if args.smoke or args.dry_run or args.lr_find:  # no run folder
+        return shortcuts.run(args, data, splits[0], runtime)
     with open_run(args.model_dir, args.name, args.resume, args.epochs, context) as run_dir, \
             open_image_cache(data, args.cache, run_dir) as cache:
         if args.kfold:
-            train_kfold(args, data, splits, run_dir, runtime, cache)
+            train_kfold(args, data, splits, run_dir, runtime, cache, monitor)
         else:
-            train_fold(args, data, splits[0], run_dir, runtime, cache, resume=bool(args.resume))
+            train_fold(args, data, splits[0], run_dir, runtime, cache, resume=bool(args.resume), monitor=monitor)
         if args.age_head == "regression" and context.is_main:
-            fit_age_cuts(run_dir)
+            agecuts.fit_trained_run(run_dir)
     return run_dir
 
 
@@ -308,23 +338,21 @@ def train_seeds(args, runtime):
                    "resume": member if status == "unfinished" else None}
             run_training(argparse.Namespace(**{**vars(args), **one}), runtime)
         if context.is_main:
-            report_seeds(run_dir)
+            write_seed_summary(run_dir)
     return run_dir
-
-
-def report_seeds(run_dir):
-    summary = write_seed_summary(run_dir)
-    spread = [f"{key} {m['mean']:.4f} ± {m['sd']:.4f} (min {m['min']:.4f}, max {m['max']:.4f})"
-              for key, m in summary["metrics"].items() if key in ("val_f1", "oof_f1") and m["sd"] == m["sd"]]
-    print(f"seeds {', '.join(map(str, summary['seeds']))}: {'; '.join(spread) or 'see seeds.json'} -> "
-          f"{os.path.join(run_dir, 'seeds.json')}")
 
 
 def resolved(args, data, splits, runtime):
     """The options as the run uses them, what config.json records: the data's training pipeline,
     and a batch size. A copy: `args` stays as parsed."""
-    batch = args.batch_size or default_batch_size(len(splits[0][0]) + len(data.extra), runtime.context.world_size)
-    return argparse.Namespace(**{**vars(args), "augmentation": data.augmentation, "batch_size": batch})
+    batch = args.batch_size
+    if batch in (None, "auto"):
+        batch = default_batch_size(len(splits[0][0]) + len(data.extra), runtime.context.world_size)
+    out = argparse.Namespace(**{**vars(args), "augmentation": data.augmentation, "batch_size": batch})
+    if args.batch_size == "auto":
+        out.batch_size = shortcuts.fitting_batch_size(out, data, splits[0], runtime, batch)
+    return out
+
 
 
 def default_batch_size(train_images, world_size=1):
@@ -340,7 +368,7 @@ def default_batch_size(train_images, world_size=1):
     return batch
 
 
-def train_kfold(args, data, splits, run_dir, runtime, cache):
+def train_kfold(args, data, splits, run_dir, runtime, cache, monitor=None):
     """--kfold K: one run folder per fold (fold1..foldK, or the --folds chosen) under `run_dir`, then
     oof.csv and kfold.json. --resume of the parent skips finished folds and continues the rest."""
     context = runtime.context
@@ -359,19 +387,15 @@ def train_kfold(args, data, splits, run_dir, runtime, cache):
             os.makedirs(path, exist_ok=True)
         distributed.barrier(context)
         print(f"--- {fold_dir} of {len(splits)}{' (resumed)' if status == 'unfinished' else ''}")
-        train_fold(args, data, splits[number - 1], path, runtime, cache, resume=status == "unfinished", clock=clock)
+        # a monitor hears one step per epoch across the folds: fold 2's first epoch is step epochs + 1
+        step = None if monitor is None else \
+            (lambda epoch, f1, base=(number - 1) * args.epochs: monitor(base + epoch, f1))
+        train_fold(args, data, splits[number - 1], path, runtime, cache, resume=status == "unfinished", clock=clock,
+                   monitor=step)
     if context.is_main:
         summary = write_oof(run_dir, data.source, fold_dirs)
         print(f"k-fold: out-of-fold macro F1 {summary['oof_f1']:.4f}, per fold "
               f"{', '.join(f'{f:.4f}' for f in summary['fold_f1'])} -> {run_dir}")
-
-
-def fit_age_cuts(run_dir):
-    """--age_head regression: the age cut points fitted on the run's held-out predictions (agecuts.py)."""
-    if any(os.path.isfile(os.path.join(run_dir, name)) for name in ("oof.csv", "val_predictions.csv")):
-        agecuts.fit_run(run_dir)
-    else:
-        print("age cut points: no held-out predictions (--val_ratio 0); inference uses 30, 60")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ import pandas as pd
 from augmentation import TTA_VIEWS, eval_transform, parse_tta
 from dataset import DATASETS, read_csv_columns, read_eval_dir, resolve_train_dir
 from facecrop import FACE_MARGIN, face_regions
-from inference import predict, run_prepared_size
 from maskcls import cli
 from maskcls.atomic import check_outputs, replacing, write_csvs
 from maskcls.heldout import load_cuts
 from maskcls.images import ImageDataset, make_loader
 from maskcls.labels import MASK_CLASSES
 from maskcls.metrics import macro_f1
+from maskcls.predict import predict, run_prepared_size
 from maskcls.readers import labels_in_range, member_dirs, read_config, read_json
 from maskcls.runtime import resolve_device, resolve_precision
 from model import build_from_config, load_state, load_weights, read_checkpoint, set_age_cuts

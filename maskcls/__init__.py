@@ -11,7 +11,10 @@ loss.py, augmentation.py, dataset.py, cutmix.py).
   trains on, built once)
 - training: `runtime` (device, precision, processes), `fold` (the flags become one model's parts),
   `fit` (the epoch loop), `engine` (the step, the training and validation passes), `optim`
-  (optimizers and schedules), `distributed` (torchrun), `metrics` (macro F1), `plots` (figures)
+  (optimizers and schedules), `distill` (teacher, out-of-fold targets), `shortcuts` (--smoke,
+  --dry_run, --lr_find, --batch_size auto), `distributed` (torchrun)
+- results: `metrics` (macro F1 and its bootstrap), `summary` (a run in one row, seed groups),
+  `predict` (a run's models for prediction), `plots` (figures)
 
 Layers: the modules here import each other and the plug-in files at the top (model.py, loss.py,
 augmentation.py, cutmix.py, dataset.py, facecrop.py), never train.py, inference.py or a tool;

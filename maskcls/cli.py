@@ -128,6 +128,14 @@ def positive_int(text):
     return value
 
 
+def positive_int_or(word):
+    """positive_int, or the `word` itself (`--batch_size auto`)."""
+    def parse(text):
+        return word if str(text).strip().lower() == word else positive_int(text)
+    parse.__name__ = "int"
+    return parse
+
+
 def ratio(text):
     """A float strictly between 0 and 1."""
     try:

@@ -63,7 +63,7 @@ class TrainingData:
         """[(train indices, val indices)]: K person-grouped folds with --kfold K, else one split."""
         return self.source.folds(k) if k else [self.source.split()]
 
-    def dataset(self, paths, labels, transform, prepare_to, cache=None, soft=None, ages=None):
+    def dataset(self, paths, labels, transform, prepare_to, cache=None, soft=None, ages=None, targets=None):
         """An ImageDataset over `paths` with this data's face crops and the run's `cache`
         (RunCache). prepare_to None: the transform gets full-size photos (a pipeline that does not
         resize first), never cached."""
@@ -72,7 +72,7 @@ class TrainingData:
         return ImageDataset(paths, labels, transform, prepare_to=prepare_to, regions=regions,
                             cache=cache.images if cache is not None else None,
                             cache_slots=[cache.slots[p] for p in paths] if cache is not None else None,
-                            soft=soft, ages=ages)
+                            soft=soft, ages=ages, targets=targets)
 
 
 def read_source(args):

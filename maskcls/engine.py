@@ -42,6 +42,8 @@ class Step:
     on_updates: bool = False
     updates: int = 0           # updates so far in the run (the per-update schedule's clock)
     freezer: object = None     # optim.Freezer (--freeze_epochs), or None
+    teacher: object = None     # distill.Teacher (--teacher): blends its soft targets into the loss
+    classes: int = None        # class logits of the model's output (an age head adds one more)
 
 
 def _syncing(model, sync):
@@ -60,6 +62,8 @@ def forward_backward(model, images, labels, step, share=1.0, sync=True):
         with step.precision.autocast():
             logits = model(images)
             loss = mixed_loss(step.criterion, logits, y_a, y_b, lam)
+            if step.teacher is not None:
+                loss = step.teacher.blend(loss, logits, images)
         step.scaler.scale(loss * share if share != 1.0 else loss).backward()
     return loss.detach(), logits.detach(), lam
 
@@ -115,8 +119,8 @@ def train_one_epoch(model, loader, step, device, desc, context=distributed.Conte
         loss_sum += loss * len(labels)
         seen += len(labels)
         if lam == 1.0:  # accuracy of a mixed batch means nothing: count unmixed batches only
-            if labels.dim() == 2:  # --age_head regression: (label, age) targets, the age output last
-                logits, labels = logits[:, :-1], labels[:, 0]
+            if labels.dim() == 2:  # (label, age) or (label, soft targets): the label first
+                logits, labels = logits[:, :step.classes], labels[:, 0].long()
             correct += (logits.argmax(1) == labels).sum()
             unmixed += len(labels)
         if i % 10 == 0 and not math.isfinite(loss_sum.item()):  # a sync every 10 steps, not every step

@@ -102,11 +102,12 @@ def record_best(fold, checkpoint, val, weights, state, run_dir):
                               val["probs"], fold.config["classes"], val.get("ages"))
 
 
-def fit(fold, state, checkpoint, log, args, run_dir, context, clock):
+def fit(fold, state, checkpoint, log, args, run_dir, context, clock, monitor=None):
     """The epoch loop: train, validate (every --val_every epochs and the last), keep the best
     (best.pth; without validation, the last epoch), the top K (--checkpoint_hist), save last.pth,
     stop early (--patience). Updates `state` and returns the best epoch's validation output (None
-    when no epoch improved on the resumed best)."""
+    when no epoch improved on the resumed best). `monitor(epoch, val_f1)` hears every validated
+    epoch once it is saved (tune.py prunes there by raising)."""
     best_output, figures = None, BestFigures(fold, log) if context.is_main else None
     top = TopCheckpoints(run_dir, max(args.checkpoint_hist, args.average_top)) if context.is_main else None
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
@@ -132,6 +133,8 @@ def fit(fold, state, checkpoint, log, args, run_dir, context, clock):
             checkpoint.save_last(state)
             if is_best and val is not None:  # after last.pth: an interrupt while drawing (~2 s) loses no epoch
                 figures.maybe_draw(val, epoch)
+        if monitor is not None and val is not None:
+            monitor(epoch, row["val_f1"])
         if args.patience and validating and state["bad_epochs"] >= args.patience:
             print(f"early stop: no better val F1 for {state['bad_epochs']} epochs")
             break
@@ -148,9 +151,9 @@ def fresh_state():
             "finished": False}
 
 
-def train_fold(args, data, split, run_dir, runtime, cache=None, resume=False, clock=None):
+def train_fold(args, data, split, run_dir, runtime, cache=None, resume=False, clock=None, monitor=None):
     """Train one model on one `split` (train, val indices) into `run_dir` (or continue it:
-    `resume`); `clock` counts the time left of the whole run."""
+    `resume`); `clock` counts the time left of the whole run; `monitor` as `fit`'s."""
     context, resize, precision = runtime.context, runtime.input_size, runtime.precision
     fold = build_fold(args, data, split, runtime, cache, resume)
     checkpoint = Checkpoint(run_dir, fold.checkpoint_parts(), args.model)
@@ -169,7 +172,7 @@ def train_fold(args, data, split, run_dir, runtime, cache=None, resume=False, cl
               f"{'EMA ' if args.ema else ''}weights; that is the result")
     started = time.time()
     try:
-        fit(fold, state, checkpoint, log, args, run_dir, context, clock)
+        fit(fold, state, checkpoint, log, args, run_dir, context, clock, monitor)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (cli.stop_on_sigterm)
         if context.is_main:
             how = "stopped by SIGTERM" if isinstance(err, cli.Stopped) else "interrupted"

@@ -12,8 +12,9 @@ import torch
 from augmentation import eval_transform, parse_tta, train_transform
 from cutmix import BatchMixer
 from dataset import class_counts
-from loss import CRITERIONS, AgeRegressionLoss, MultiTaskLoss, build_criterion
+from loss import CRITERIONS, AgeRegressionLoss, MultiTaskLoss, SoftTargetLoss, build_criterion
 from maskcls import cli
+from maskcls.distill import Teacher, oof_targets
 from maskcls.engine import Step, updates_per_epoch
 from maskcls.images import EpochSampler, ImageDataset, make_loader
 from maskcls.labels import TASKS, training_label
@@ -102,9 +103,11 @@ def build_sides(args, data, train_idx, val_idx, runtime, cache=None):
     val_paths, val_labels = source.paths(val_idx), source.labels(val_idx)
     train_tf = train_transform(data.augmentation, resize, source.mean, source.std, vars(args))
     val_tf = eval_transform(resize, source.mean, source.std)
+    targets = oof_targets(args.soft_oof, train_samples, source.root, source.classes) if args.soft_oof else None
     train_set = data.dataset(train_paths, train_labels, train_tf, data.train_prepared, cache,
                              soft=[s.soft for s in train_samples],
-                             ages=[s.age for s in train_samples] if args.age_head == "regression" else None)
+                             ages=[s.age for s in train_samples] if args.age_head == "regression" else None,
+                             targets=targets)
     val_set = data.dataset(val_paths, val_labels, val_tf, data.prepared, cache)
     counts = class_counts(train_labels, source.num_classes)
     # --sampler weighted: each image drawn with weight 1/count of its class, so classes come up about equally
@@ -149,7 +152,8 @@ def build_networks(args, config, runtime, resume=False):
 
 
 def build_criterion_for(args, num_classes, tasks, counts, device):
-    """--criterion with its own options and --smoothing; one per task with --head multitask."""
+    """--criterion with its own options and --smoothing; one per task with --head multitask;
+    with the age loss (--age_head regression) or the soft out-of-fold targets (--soft_oof)."""
     options = {**CRITERIONS.values_for(args.criterion, vars(args)), "smoothing": args.smoothing}
     if args.head == "multitask":
         criterion = MultiTaskLoss(args.criterion, num_classes, tasks, args.task_weights, counts, **options)
@@ -157,10 +161,12 @@ def build_criterion_for(args, num_classes, tasks, counts, device):
         criterion = build_criterion(args.criterion, num_classes, class_counts=counts, **options)
     if args.age_head == "regression":
         criterion = AgeRegressionLoss(criterion, num_classes, args.age_weight, AGE_UNIT)
+    if args.soft_oof:
+        criterion = SoftTargetLoss(criterion, num_classes, args.soft_weight)
     return criterion.to(device)
 
 
-def build_step(args, net, criterion, ema, runtime, batches):
+def build_step(args, net, criterion, ema, runtime, batches, config):
     """The optimisation step's parts: mixing, optimizer (head and backbone split for
     --freeze_epochs), schedule, accumulation and clipping."""
     mixer = BatchMixer(args.cutmix, args.mixup, prob=args.cutmix_prob, beta=args.beta, mode=args.cutmix_mode,
@@ -171,9 +177,11 @@ def build_step(args, net, criterion, ema, runtime, batches):
     per_epoch = updates_per_epoch(batches, args.grad_accum_steps)
     scheduler = scheduler_for(args, optimizer, per_epoch)
     precision = runtime.precision
+    teacher = Teacher(args.teacher, config, args.kd_weight, args.kd_temperature, runtime.device, precision) \
+        if args.teacher else None
     return Step(criterion, optimizer, precision.scaler(), precision, mixer, ema, accum=args.grad_accum_steps,
                 clip=args.clip_grad, clip_mode=args.clip_mode, scheduler=scheduler, on_updates=args.sched_on_updates,
-                freezer=freezer)
+                freezer=freezer, teacher=teacher, classes=config["num_classes"])
 
 
 def build_fold(args, data, split, runtime, cache=None, resume=False):
@@ -186,5 +194,5 @@ def build_fold(args, data, split, runtime, cache=None, resume=False):
     train, val, sampler = build_sides(args, data, train_idx, val_idx, runtime, cache)
     counts = class_counts(train.labels, config["num_classes"])
     criterion = build_criterion_for(args, config["num_classes"], config["tasks"], counts, runtime.device)
-    step = build_step(args, net, criterion, ema, runtime, len(train.loader))
+    step = build_step(args, net, criterion, ema, runtime, len(train.loader), config)
     return Fold(config, net, model, train_model, step, sampler, train, val, parse_tta(args.val_tta), runtime.device)

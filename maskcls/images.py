@@ -220,7 +220,7 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths, labels, transform, prepare_to=None, regions=None, cache=None, cache_slots=None,
-                 soft=None, ages=None):
+                 soft=None, ages=None, targets=None):
         assert len(paths) == len(labels), "one label per image"
         assert ages is None or len(ages) == len(paths), "one age (or -1) per image"
         assert soft is None or len(soft) == len(paths), "one soft label (or None) per image"
@@ -240,6 +240,11 @@ class ImageDataset(torch.utils.data.Dataset):
             [None if p is None else np.cumsum(p) for p in soft]
         # --age_head regression: the target is (label, age in years or -1), a [2] tensor
         self.ages = None if ages is None else [int(a) for a in ages]
+        # --soft_oof: the target is (label, C probabilities), a [1 + C] tensor; an image without
+        # soft targets (None) gets its label's one-hot
+        assert targets is None or ages is None, "soft targets and ages share the target's columns"
+        self.targets = None if targets is None or all(t is None for t in targets) else list(targets)
+        self.num_classes = None if self.targets is None else len(next(t for t in self.targets if t is not None))
 
     def __len__(self):
         return len(self.paths)
@@ -268,6 +273,11 @@ class ImageDataset(torch.utils.data.Dataset):
                 label = int(np.searchsorted(self.soft[index], draw, side="right"))
         if self.ages is not None:
             label = torch.tensor([label, self.ages[index]])
+        elif self.targets is not None:
+            soft = self.targets[index]
+            soft = torch.nn.functional.one_hot(torch.tensor(label), self.num_classes).float() if soft is None \
+                else torch.as_tensor(soft, dtype=torch.float32)
+            label = torch.cat([torch.tensor([float(label)]), soft])
         return self.transform(image=self.read(index))["image"], label
 
 

@@ -110,6 +110,27 @@ def check_flags(args):
                             f"never train; freeze fewer epochs than the run has")
     if args.seeds is not None and (not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
         raise cli.UserError(f"--seeds {','.join(map(str, args.seeds))}: distinct whole numbers >= 0, e.g. 0,1,2")
+    shortcut = next((f for f in ("smoke", "dry_run", "lr_find") if getattr(args, f)), None)
+    if shortcut and (args.resume or args.seeds):
+        raise cli.UserError(f"--{shortcut} tries the run's parts without training it: not with --resume or --seeds")
+    low, high = args.lr_find_range if len(args.lr_find_range) == 2 else (0, 0)
+    if not 0 < low < high:
+        raise cli.UserError(f"--lr_find_range {','.join(map(str, args.lr_find_range))}: MIN,MAX with 0 < MIN < MAX")
+    if args.teacher:
+        read_config(args.teacher)  # a run folder, checked
+    if args.soft_oof:
+        if args.age_head == "regression":
+            raise cli.UserError("--soft_oof and --age_head regression both add to the training targets: give one")
+        if not os.path.isfile(os.path.join(args.soft_oof, "oof.csv")):
+            raise cli.UserError(f"--soft_oof {args.soft_oof}: no oof.csv; it takes a --kfold run's out-of-fold "
+                                f"predictions")
+    if args.overfit_batches:
+        if args.kfold or args.seeds:
+            raise cli.UserError("--overfit_batches trains one fixed set of batches: not with --kfold or --seeds")
+        # the same images every epoch, as they are: no augmentation, no mixing
+        args.augmentation, args.aa, args.reprob = "BaseAugmentation", None, 0.0
+        args.cutmix = args.mixup = False
+        args.cutmix_alpha = args.mixup_alpha = None
     if args.kfold == 1:
         raise cli.UserError(f"--kfold needs K >= 2 (or 0 for one split), got {args.kfold}")
     if args.folds and (not args.kfold or not all(1 <= f <= args.kfold for f in args.folds)):

@@ -8,6 +8,7 @@ the caller can also log it with `writer.add_figure(tag, fig)`.
     mistakes_png          -> mistakes.png          the most confident wrong predictions
     captioned_grid_png    -> suspects.png          audit.py's label suspects
     gap_png               -> gap.png               runs.py gap: validation against the leaderboard
+    lr_find_png           -> lr_find.png           train.py --lr_find: loss against learning rate
     gradcam_png           -> gradcam.png           Grad-CAM of the predicted class (or None)
 
 `path` is the PNG to write, or a folder (the run folder) to write the default name into.
@@ -314,6 +315,23 @@ def gap_png(path, validation, leaderboard, names, rho=math.nan):
     ax.legend(fontsize=SMALL_FONT, loc="upper left")
     ax.grid(alpha=0.3)
     return _save(fig, path, "gap.png")
+
+
+def lr_find_png(path, rates, losses, suggestion):
+    """train.py --lr_find: the smoothed loss against the learning rate (log scale), the suggested
+    rate (valley) and the steepest descent marked."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(rates, losses, color="tab:blue")
+    ax.set_xscale("log")
+    for key, colour in (("valley", "tab:red"), ("steepest", "tab:orange")):
+        rate = suggestion[key]
+        ax.axvline(rate, color=colour, linestyle="--", linewidth=1, label=f"{key}: {rate:.1e}")
+    ax.set(xlabel="learning rate", ylabel="training loss (smoothed)")
+    ax.set_title("learning-rate finder (the suggested --lr: the valley)", fontsize=TITLE_FONT)
+    ax.legend(fontsize=SMALL_FONT)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path, "lr_find.png")
 
 
 # ---------------------------------------------------------------- Grad-CAM

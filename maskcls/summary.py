@@ -125,7 +125,8 @@ def group_summary(run_dir, config):
 
 
 def write_seed_summary(run_dir):
-    """seeds.json of a seed group: each metric's mean, sd, min, max and per-seed values."""
+    """seeds.json of a seed group: each metric's mean, sd, min, max and per-seed values; one line
+    says the spread of its val (and out-of-fold) F1."""
     row = summarize(run_dir)
     members = [summarize(m) for m in row["members"]]
     summary = {"seeds": [m["config"].get("seed") for m in members], "runs": [os.path.basename(m["run"]) for m in members],
@@ -133,6 +134,10 @@ def write_seed_summary(run_dir):
                                  "max": row[f"{key}_max"], "values": [m[key] for m in members]}
                            for key in (*METRICS, "best_epoch", "minutes") if math.isfinite(row[key])}}
     write_json(os.path.join(run_dir, SEEDS_FILE), summary)
+    spread = [f"{key} {m['mean']:.4f} ± {m['sd']:.4f} (min {m['min']:.4f}, max {m['max']:.4f})"
+              for key, m in summary["metrics"].items() if key in ("val_f1", "oof_f1") and m["sd"] == m["sd"]]
+    print(f"seeds {', '.join(map(str, summary['seeds']))}: {'; '.join(spread) or 'see seeds.json'} -> "
+          f"{os.path.join(run_dir, SEEDS_FILE)}")
     return summary
 
 
