@@ -17,7 +17,6 @@ Example:
 import argparse
 import os
 import shutil
-import sys
 
 import agecuts
 from augmentation import AUGMENTATIONS, TTA_VIEWS
@@ -294,8 +293,6 @@ def run_training(args, runtime, monitor=None):
     context = runtime.context
     seed_everything(args.seed)
     data = TrainingData.load(args, runtime.input_size, context)
-    if data.source.warning and context.is_main:
-        print(f"warning: {data.source.warning}", file=sys.stderr)
     if args.sync_bn and context.enabled and runtime.device.type != "cuda":
         raise cli.UserError("--sync_bn needs CUDA (NCCL); on the CPU, batch norms stay per process")
     splits = data.splits(args.kfold)
@@ -352,7 +349,6 @@ def resolved(args, data, splits, runtime):
     if args.batch_size == "auto":
         out.batch_size = shortcuts.fitting_batch_size(out, data, splits[0], runtime, batch)
     return out
-
 
 
 def default_batch_size(train_images, world_size=1):

@@ -8,6 +8,7 @@ Example: python train.py --facecrop True --extra_data more/train --skip_bad_imag
 import contextlib
 import dataclasses
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -34,6 +35,8 @@ class TrainingData:
         """The data folder, the extra training images, their face crops (--facecrop), the
         training pipeline and the sizes images are prepared to for `input_size` (H, W)."""
         source = read_source(args)
+        if source.warning and context.is_main:  # a known trap of the entry chosen
+            print(f"warning: {source.warning}", file=sys.stderr)
         extra, groups = extra_images(args, source)
         if args.skip_bad_images:
             extra = drop_unreadable(source, extra)

@@ -87,7 +87,8 @@ def warn_ignored_options(args, given):
 
 def check_flags(args):
     """Fail on a typo or an impossible value before any work, and before the run folder exists.
-    Returns a copy of `args` with names (taken in any case) in their registered spelling."""
+    Returns a copy of `args` with names (taken in any case) in their registered spelling, and
+    what --overfit_batches implies."""
     args = argparse.Namespace(**vars(args))
     for registry, dest in ((DATASETS, "dataset"), (CRITERIONS, "criterion"), (OPTIMIZERS, "optimizer"),
                            (SCHEDULERS, "scheduler")):
@@ -102,12 +103,45 @@ def check_flags(args):
         if value is not None and len(value) != 2:
             raise cli.UserError(f"{flag} takes two numbers, MIN,MAX, got {','.join(map(str, value))}")
     check_optimizer_flags(args)
+    check_schedule_flags(args)
+    check_run_modes(args)
+    if args.amp is False and args.precision not in ("auto", "fp32"):
+        raise cli.UserError(f"--amp False asks for fp32, --precision {args.precision} for {args.precision}: "
+                            f"give one of the two")
+    if args.amp is True and args.precision == "fp32":
+        raise cli.UserError("--amp True asks for mixed precision, --precision fp32 for none: give one of the two")
+    if args.pseudo_soft and not args.pseudo_labels:
+        raise cli.UserError("--pseudo_soft needs --pseudo_labels PROBS_CSV")
+    if args.wandb:
+        require_wandb()
+    if args.resume:
+        check_resume(args)
+    return args
+
+
+def check_schedule_flags(args):
+    """Milestones in order, a freeze shorter than the run, a plateau schedule with validation; the
+    optimizer's and schedule's arguments tried on a probe (whether the model splits into layers
+    for --layer_decay is known once it is built)."""
     if args.decay_milestones != sorted(set(args.decay_milestones)) or min(args.decay_milestones, default=1) < 1:
         raise cli.UserError(f"--decay_milestones {','.join(map(str, args.decay_milestones))}: epochs from 1 up, "
                             f"each once, in increasing order (e.g. 30,60)")
     if args.freeze_epochs and args.freeze_epochs >= args.epochs:
         raise cli.UserError(f"--freeze_epochs {args.freeze_epochs} with --epochs {args.epochs}: the backbone would "
                             f"never train; freeze fewer epochs than the run has")
+    if args.val_ratio == 0 and args.scheduler == "plateau":
+        raise cli.UserError("--scheduler plateau follows val F1: it needs validation (--val_ratio > 0)")
+    probe = argparse.Namespace(**{**vars(args), "layer_decay": None})
+    scheduler_for(probe, optimizer_for(probe, torch.nn.Linear(2, 2)), 1)
+
+
+def check_run_modes(args):
+    """What kind of run: folds, seeds, a shortcut, a teacher, out-of-fold targets, a fixed set of
+    batches (which drops augmentation and mixing from `args`)."""
+    if args.kfold == 1:
+        raise cli.UserError(f"--kfold needs K >= 2 (or 0 for one split), got {args.kfold}")
+    if args.folds and (not args.kfold or not all(1 <= f <= args.kfold for f in args.folds)):
+        raise cli.UserError(f"--folds {','.join(map(str, args.folds))}: fold numbers 1..K of --kfold K")
     if args.seeds is not None and (not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
         raise cli.UserError(f"--seeds {','.join(map(str, args.seeds))}: distinct whole numbers >= 0, e.g. 0,1,2")
     shortcut = next((f for f in ("smoke", "dry_run", "lr_find") if getattr(args, f)), None)
@@ -131,28 +165,6 @@ def check_flags(args):
         args.augmentation, args.aa, args.reprob = "BaseAugmentation", None, 0.0
         args.cutmix = args.mixup = False
         args.cutmix_alpha = args.mixup_alpha = None
-    if args.kfold == 1:
-        raise cli.UserError(f"--kfold needs K >= 2 (or 0 for one split), got {args.kfold}")
-    if args.folds and (not args.kfold or not all(1 <= f <= args.kfold for f in args.folds)):
-        raise cli.UserError(f"--folds {','.join(map(str, args.folds))}: fold numbers 1..K of --kfold K")
-    if args.amp is False and args.precision not in ("auto", "fp32"):
-        raise cli.UserError(f"--amp False asks for fp32, --precision {args.precision} for {args.precision}: "
-                            f"give one of the two")
-    if args.amp is True and args.precision == "fp32":
-        raise cli.UserError("--amp True asks for mixed precision, --precision fp32 for none: give one of the two")
-    if args.pseudo_soft and not args.pseudo_labels:
-        raise cli.UserError("--pseudo_soft needs --pseudo_labels PROBS_CSV")
-    if args.val_ratio == 0 and args.scheduler == "plateau":
-        raise cli.UserError("--scheduler plateau follows val F1: it needs validation (--val_ratio > 0)")
-    if args.wandb:
-        require_wandb()
-    # the optimizer's and schedule's arguments, on a probe (whether the model splits into layers
-    # for --layer_decay is known once the model is built)
-    probe = argparse.Namespace(**{**vars(args), "layer_decay": None})
-    scheduler_for(probe, optimizer_for(probe, torch.nn.Linear(2, 2)), 1)
-    if args.resume:
-        check_resume(args)
-    return args
 
 
 OWN_FLAGS = {"lr": "--lr", "weight_decay": "--weight_decay", "momentum": "--momentum", "betas": "--opt_betas",
