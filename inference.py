@@ -24,12 +24,13 @@ from ensemble import probs_path_for
 from facecrop import FACE_MARGIN, face_regions
 from maskcls import cli
 from maskcls.atomic import check_outputs, write_csvs
+from maskcls.data import store_folder
 from maskcls.heldout import BIAS_FILE, apply_bias, load_bias, load_cuts
-from maskcls.images import ImageDataset, make_loader
+from maskcls.images import ImageDataset, make_loader, open_store
 from maskcls.labels import MASK_CLASSES
 from maskcls.metrics import macro_f1
-from maskcls.readers import is_number, labels_in_range, read_config, read_json
 from maskcls.predict import expand_runs, load_run, predict_many, run_prepared_size
+from maskcls.readers import is_number, labels_in_range, read_config, read_json
 from maskcls.runtime import resolve_device, resolve_precision
 from maskcls.summary import EVAL_SCORES, SEEDS_FILE
 from persons import complete_groups, group_photos, pool, pooled_groups
@@ -74,6 +75,9 @@ def get_args_parser():
     parser.add_argument("--num_workers", "--workers", "-j", type=cli.number(int, 0), default=min(4, os.cpu_count() or 1),
                         help="DataLoader worker processes (0: load in the main process)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA where there is a GPU")
+    parser.add_argument("--cache_dir", default="auto", metavar="DIR",
+                        help="prepared images kept across inferences and ensembles (auto: <data_dir>/.prepared_cache; "
+                             "none: off)")
     return parser
 
 
@@ -147,8 +151,9 @@ def weight_bytes(model):
 
 
 def ensemble_probs(run_dirs, configs, checkpoint, paths, views, batch_size, num_workers, device, precision,
-                   weights=None):
-    """The (weighted) mean of the runs' softmax probabilities on `paths` (float64).
+                   weights=None, store=None):
+    """The (weighted) mean of the runs' softmax probabilities on `paths` (float64), the prepared
+    images read from `store` (images.PreparedStore) where it holds them.
 
     Each run gets its own input size, normalization and face crop from its config. Runs whose
     preprocessing agrees share one pass over the images: each batch is decoded once and goes
@@ -168,7 +173,7 @@ def ensemble_probs(run_dirs, configs, checkpoint, paths, views, batch_size, num_
             regions = face_regions(paths, os.path.commonpath([os.path.dirname(p) for p in paths]),
                                    config.get("face_margin", FACE_MARGIN))
         dataset = ImageDataset(paths, [-1] * len(paths), eval_transform(size, config["mean"], config["std"]),
-                               prepare_to=run_prepared_size(config), regions=regions)
+                               prepare_to=run_prepared_size(config), regions=regions, store=store)
         loader = make_loader(dataset, batch_size, num_workers, device)
         models, held = [], 0
         for i, (k, run_dir, run_config) in enumerate(members):
@@ -250,8 +255,10 @@ def main(args):
     largest = max((tuple(c["input_size"]) for c in configs), key=lambda size: size[0] * size[1])
     precision = resolve_precision(args.precision, device, args.channels_last, largest)
     report_age_cuts(run_dirs, configs)
+    store = open_store(store_folder(args.cache_dir, args.data_dir), len(eval_set.paths),
+                       max((run_prepared_size(c) for c in configs), key=lambda s: s[0] * s[1]))
     probs = ensemble_probs(run_dirs, configs, args.checkpoint, eval_set.paths, views, args.batch_size,
-                           args.num_workers, device, precision, run_weights)
+                           args.num_workers, device, precision, run_weights, store)
     if args.person_pool:
         probs = person_pooled(probs, eval_set.paths, args.photos_per_person)
     probs = maybe_bias(probs, given, classes, args.no_bias)

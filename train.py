@@ -25,7 +25,7 @@ from dataset import DATASETS
 from facecrop import FACE_MARGIN
 from loss import CRITERIONS
 from maskcls import cli, distributed, shortcuts
-from maskcls.data import TrainingData, open_image_cache, read_source
+from maskcls.data import TrainingData, open_image_cache, read_source, store_folder
 from maskcls.fit import RunClock, train_fold
 from maskcls.heldout import write_oof
 from maskcls.optim import OPTIMIZERS, SCHEDULERS
@@ -86,6 +86,9 @@ def add_data_flags(data):
                       help="keep decoded (face-cropped) images from the first epoch: in shared memory (ram), "
                            "or in a memory-mapped file in the run folder for data larger than RAM (disk); "
                            "auto: ram when it takes under half of the free shared memory, else none")
+    data.add_argument("--cache_dir", default="auto", metavar="DIR",
+                      help="prepared images kept across runs and inference (auto: <data folder>/.prepared_cache; "
+                           "none: off); --cache none turns it off too")
     data.add_argument("--seed", type=cli.number(int, 0), default=42, help="seeds the split, init, shuffling, augmentation")
     data.add_argument("--split_seed", type=cli.number(int, 0), default=None,
                       help="seeds the validation split and the folds alone (default: --seed): runs of other seeds "
@@ -302,8 +305,9 @@ def run_training(args, runtime, monitor=None):
         splits = [(train_idx, train_idx)]
     if args.smoke or args.dry_run or args.lr_find:  # no run folder
         return shortcuts.run(args, data, splits[0], runtime)
+    store = store_folder(args.cache_dir, data.source.root)
     with open_run(args.model_dir, args.name, args.resume, args.epochs, context) as run_dir, \
-            open_image_cache(data, args.cache, run_dir) as cache:
+            open_image_cache(data, args.cache, run_dir, store, announce=context.is_main) as cache:
         if args.kfold:
             train_kfold(args, data, splits, run_dir, runtime, cache, monitor)
         else:

@@ -17,7 +17,8 @@ from augmentation import prepared_size, train_transform
 from dataset import DATASETS, read_extra, read_pseudo_labels
 from facecrop import face_regions
 from maskcls import cli, distributed
-from maskcls.images import ImageDataset, cache_shape, load_image, open_cache, shared_memory_free
+from maskcls.images import (STORE_NAME, ImageDataset, cache_shape, load_image, open_cache, open_store,
+                            shared_memory_free)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +72,10 @@ class TrainingData:
         (RunCache). prepare_to None: the transform gets full-size photos (a pipeline that does not
         resize first), never cached."""
         regions = [self.regions[p] for p in paths] if self.regions else None
-        cache = cache if prepare_to is not None else None
-        return ImageDataset(paths, labels, transform, prepare_to=prepare_to, regions=regions,
-                            cache=cache.images if cache is not None else None,
-                            cache_slots=[cache.slots[p] for p in paths] if cache is not None else None,
-                            soft=soft, ages=ages, targets=targets)
+        images = cache.images if cache is not None and prepare_to is not None else None
+        return ImageDataset(paths, labels, transform, prepare_to=prepare_to, regions=regions, cache=images,
+                            cache_slots=[cache.slots[p] for p in paths] if images is not None else None,
+                            soft=soft, ages=ages, targets=targets, store=cache.store if cache is not None else None)
 
 
 def read_source(args):
@@ -133,30 +133,46 @@ def drop_unreadable(source, extra):
 
 @dataclasses.dataclass(frozen=True)
 class RunCache:
-    """--cache: prepared images of every image the folds use, shared by all folds and workers."""
-    images: object  # an images.ImageCache
-    slots: dict     # full image path -> its slot
+    """--cache: prepared images of every image the folds use, shared by all folds and workers (in
+    RAM or a file, for the run; None where --cache auto finds them too large), and the prepared-image
+    store that outlives the run (--cache_dir; None where it is off or cannot be written)."""
+    images: object  # an images.ImageCache, or None
+    slots: dict     # full image path -> its slot in `images`
+    store: object = None  # an images.PreparedStore, or None
+
+
+def store_folder(cache_dir, data_root):
+    """Where the prepared images that outlive the run live: --cache_dir, 'auto' beside the data."""
+    if cache_dir in (None, "none"):
+        return None
+    return os.path.join(data_root, STORE_NAME) if cache_dir == "auto" else cache_dir
 
 
 @contextlib.contextmanager
-def open_image_cache(data, kind, run_dir):
-    """--cache for the run's lifetime: a RunCache (kind "auto": in RAM when it fits), or None
-    (--cache none, or too large for RAM); closed (a disk cache's file removed) at the end."""
+def open_image_cache(data, kind, run_dir, store_dir=None, announce=True):
+    """--cache for the run's lifetime (kind "auto": in RAM when it fits; the file of a disk cache
+    removed at the end) and the store of --cache_dir: a RunCache, or None with --cache none."""
+    if kind == "none":
+        yield None
+        return
     paths = data.all_paths()
+    store = open_store(store_dir, len(paths), data.prepared, announce) if store_dir else None
     if kind == "auto":
         # under torchrun every process on this machine holds its own cache
         need = int(np.prod(cache_shape(len(paths), data.prepared))) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         free, where = shared_memory_free()
-        kind = "ram" if need <= free / 2 else "none"
-        if kind == "none":
-            print(f"cache: off (decoded images would take {need / 2**30:.1f} GiB, {where} has "
+        kind = "ram" if need <= free / 2 else None
+        if kind is None and announce:
+            print(f"cache: off in memory (decoded images would take {need / 2**30:.1f} GiB, {where} has "
                   f"{free / 2**30:.1f} GiB free; --cache disk keeps them in a file)")
-    if kind == "none":
-        yield None
-        return
-    images = open_cache(len(paths), data.prepared, kind, path=os.path.join(run_dir, f".image_cache{os.getpid()}.npy"))
-    print(f"cache: {len(paths)} decoded images at {images.shape[1]}x{images.shape[2]} in {kind}")
+    images = None if kind is None else open_cache(len(paths), data.prepared, kind,
+                                                  path=os.path.join(run_dir, f".image_cache{os.getpid()}.npy"))
+    if announce:
+        where = f"{kind}" if images is not None else "no in-run cache"
+        kept = f"; prepared images kept across runs in {store.folder}" if store is not None else ""
+        print(f"cache: {len(paths)} images at {data.prepared[0]}x{data.prepared[1]} in {where}{kept}")
     try:
-        yield RunCache(images, {p: i for i, p in enumerate(paths)})
+        yield RunCache(images, {p: i for i, p in enumerate(paths)}, store)
     finally:
-        images.close()
+        if images is not None:
+            images.close()

@@ -14,6 +14,8 @@ Example: python train.py --cache disk --num_workers 4
 """
 import contextlib
 import functools
+import hashlib
+import io
 import os
 import random
 import signal
@@ -37,16 +39,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 # ---------------------------------------------------------------- reading images
-def load_image(path, min_size=None, region=None):
+def load_image(path, min_size=None, region=None, data=None):
     """Read an image as an RGB uint8 array, upright (EXIF orientation applied).
 
     `region=(x1, y1, x2, y2)` crops it (pixel coordinates of the full-size upright image).
     `min_size=(H, W)` lets a JPEG decode at a reduced scale (PIL draft mode) that still leaves
     the image (or the region) at least that large: much faster when the model input is smaller
-    than the photo.
+    than the photo. `data`: the file's bytes, already read (the path then only names it).
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # stored turned by 90 degrees
             full_w, full_h = img.size[::-1] if rotated else img.size  # upright size
             if min_size is not None and img.format == "JPEG":
@@ -200,6 +202,94 @@ class DiskCache(ImageCache):
             os.remove(self.path)
 
 
+class PreparedStore:
+    """Prepared images that outlive the run: one file per image and preparation, named by a hash of
+    the photo's bytes and of everything that changes the prepared pixels (the size, the face crop
+    region, PREPARE_VERSION), in a folder beside the data (`<data folder>/.prepared_cache`). The
+    first run that needs an image writes it; every later run, and inference, reads it memory-mapped
+    instead of decoding the photo. A changed photo has another hash: it is prepared again. Each
+    entry is written to a temporary name and renamed, so runs filling it at once never see half an
+    entry; a full disk (or a folder that cannot be written) stops the writing, not the run."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.writing = True
+
+    def key(self, data, size, region):
+        digest = hashlib.blake2b(data, digest_size=20)
+        digest.update(repr((PREPARE_VERSION, tuple(size), None if region is None else tuple(map(int, region))))
+                      .encode())
+        name = digest.hexdigest()
+        return os.path.join(self.folder, name[:2], f"{name}.npy")
+
+    def get(self, path, size):
+        """The prepared image stored at `path` (a key), or None."""
+        try:
+            stored = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError):  # missing, or damaged: prepared again
+            return None
+        return np.array(stored) if stored.shape == (*size, 3) and stored.dtype == np.uint8 else None
+
+    def put(self, path, image):
+        if not self.writing:
+            return
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(image))
+            os.replace(tmp, path)
+        except OSError:  # a full disk (numpy says "N requested and M written"), no permission...
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            self.writing = False  # this process writes no more; reading goes on
+
+    def read(self, path, size, region):
+        """(prepared image, whether it came from the store): the file read once, its bytes hashed
+        and, on a miss, decoded and prepared (then stored)."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise UserError(f"cannot read image {path}: {err.strerror}") from None
+        key = self.key(data, size, region)
+        image = self.get(key, size)
+        if image is not None:
+            return image, True
+        image = prepare_image(load_image(path, size, region, data=data), size)
+        self.put(key, image)
+        return image, False
+
+
+PREPARE_VERSION = 1  # bump when prepare_image or load_image changes the pixels: old entries are then unused
+STORE_NAME = ".prepared_cache"  # beside the data, like the face box cache; hidden from the dataset readers
+
+
+def open_store(folder, images, size, announce=True):
+    """A PreparedStore at `folder`, or None (with one line) where it cannot be written or the
+    disk lacks room for `images` more prepared images of `size`."""
+    if folder is None:
+        return None
+    need = images * (int(np.prod(size)) * 3 + 128)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".probe{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+        stat = os.statvfs(folder)
+    except OSError as err:
+        if announce:
+            print(f"note: no prepared-image cache at {folder} ({err.strerror}); --cache_dir DIR puts it elsewhere")
+        return None
+    if stat.f_bavail * stat.f_frsize < need:
+        if announce:
+            print(f"note: no prepared-image cache at {folder}: it may need {need / 2**30:.2f} GiB, "
+                  f"{stat.f_bavail * stat.f_frsize / 2**30:.2f} GiB are free; images are decoded every run")
+        return None
+    return PreparedStore(folder)
+
+
 def open_cache(count, size, kind="ram", path=None):
     """An empty cache of `count` prepared images of `size` (H, W): in shared memory, or in a file."""
     if kind == "ram":
@@ -220,7 +310,7 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths, labels, transform, prepare_to=None, regions=None, cache=None, cache_slots=None,
-                 soft=None, ages=None, targets=None):
+                 soft=None, ages=None, targets=None, store=None):
         assert len(paths) == len(labels), "one label per image"
         assert ages is None or len(ages) == len(paths), "one age (or -1) per image"
         assert soft is None or len(soft) == len(paths), "one soft label (or None) per image"
@@ -232,6 +322,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.regions = regions  # face crops, or None for the whole photo
         self.cache = cache      # an ImageCache, or None
         self.cache_slots = list(range(len(self.paths))) if cache_slots is None else list(cache_slots)
+        self.store = store if prepare_to is not None else None  # a PreparedStore: prepared images across runs
         # --pseudo_soft: per image None or class probabilities; in training (an augmentation seed
         # given) the label is drawn from them with that seed, so the expected loss is the loss
         # against the soft target, every criterion and mixer still gets a class index, and the
@@ -257,7 +348,10 @@ class ImageDataset(torch.utils.data.Dataset):
             region = None if self.regions is None else self.regions[index]
             if self.prepare_to is None:
                 return load_image(self.paths[index], None, region)
-            image = prepare_image(load_image(self.paths[index], self.prepare_to, region), self.prepare_to)
+            if self.store is not None:
+                image, _ = self.store.read(self.paths[index], self.prepare_to, region)
+            else:
+                image = prepare_image(load_image(self.paths[index], self.prepare_to, region), self.prepare_to)
             if self.cache is not None:
                 image = self.cache.put(slot, image)
         return image

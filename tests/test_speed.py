@@ -171,7 +171,7 @@ def test_cache_auto_takes_ram_only_where_it_fits(sample_data, tmp_path, monkeypa
         assert len(cache.slots) == len(source.samples)
     monkeypatch.setattr(data_module, "shared_memory_free", lambda: (2**20, "/dev/shm"))  # a docker default
     with data_module.open_image_cache(data, "auto", str(tmp_path)) as small:
-        assert small is None and "cache: off" in capsys.readouterr().out
+        assert small.images is None and "cache: off" in capsys.readouterr().out
     from maskcls import images as images_module
     monkeypatch.setattr(images_module, "shared_memory_free", lambda: (2**20, "/dev/shm"))
     with pytest.raises(UserError, match="/dev/shm has 0.00 GiB free"):
