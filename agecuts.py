@@ -16,6 +16,7 @@ inference.py applies the file; run it again by hand with:
 
 Example: python agecuts.py runs/kf
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import os
 
 import numpy as np

@@ -18,6 +18,7 @@ top suspects' photos with their paths, labelled and suggested values).
 
 Example: python audit.py runs/kf --top 40
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import os
 import shutil
 

@@ -42,6 +42,7 @@ range of those ratios, `others CPU` the share of the machine other processes use
 Each section runs in a process of its own (`--section`), so no section inherits another's memory.
 Nothing here fails on a timing: the table says met or NOT met.
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import argparse
 import ctypes
 import gc

@@ -33,6 +33,7 @@ Examples:
     python ensemble.py --fit runs/kf runs/kf2 runs/kf3 && python inference.py --recipe output/ensemble_recipe.json
     python ensemble.py a_probs.csv b_probs.csv c_probs.csv --weights 2,1,1 --output output/w.csv
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import os
 
 import numpy as np

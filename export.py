@@ -14,6 +14,7 @@ expected in fp32).
 
 onnx and onnxruntime are optional: `pip install onnx onnxruntime` (one line says so when missing).
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import os
 import warnings
 

@@ -18,6 +18,7 @@ Examples:
     python facecrop.py --data_dir data/train                     # fill the cache, one summary line
     python facecrop.py --data_dir data/eval --preview 16 --out preview.png   # check the crops by eye
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import argparse
 import csv
 import hashlib

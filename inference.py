@@ -12,6 +12,7 @@ folder), ans (class index) and class_name.
 Example:
     python inference.py --model_dir runs/exp --model_dir runs/exp2 --answers data/eval/answers.csv
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import os
 import time
 

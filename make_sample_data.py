@@ -25,6 +25,7 @@ train/label_noise.csv (path under images/, the written label, the true one); eva
 
 Example: `python make_sample_data.py --out data --persons 300 --eval-persons 150 --seed 0`
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import csv
 import multiprocessing
 import os

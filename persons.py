@@ -24,6 +24,7 @@ who is on each photo).
 
 Example: python persons.py runs/kf --eval_dir data/eval
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import json
 import os
 import time

@@ -21,6 +21,7 @@ interval. Runs that did not predict the same held-out images are refused in one 
 `gap` draws validation against the leaderboard, one point per submission, and says in one line
 whether validation ranks the submissions as the leaderboard does (Spearman's rank correlation).
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import math
 import os
 import time

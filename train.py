@@ -14,6 +14,7 @@ Example:
         --criterion new_focal --lr 1e-4 --batch_size 16 --valid_batch_size 64 \\
         --dataset datasetSplitByClasses --optimizer Adam --cutmix True --resize 299,299
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import argparse
 import os
 import shutil
@@ -48,7 +49,7 @@ DEFAULT_SMOOTHING = 0.0         # off: it caps confidence, which --pseudo_thresh
 
 # what config.json records beside the flags: skipped when it is read back with --config / --resume
 DERIVED_KEYS = ("input_size", "prepared_size", "num_classes", "classes", "mean", "std", "label_scheme", "tasks",
-                "train_images", "val_images", "world_size", "fold_dirs", "seed_dirs")
+                "train_images", "val_images", "world_size", "fold_dirs", "seed_dirs", "precision_probe")
 
 
 # ---------------------------------------------------------------- the flags
@@ -283,7 +284,8 @@ def main(args, monitor=None):
     cli.stop_on_sigterm()  # a scheduler's or torchrun's SIGTERM stops a run as Ctrl-C does
     args = check_flags(args)
     runtime = Runtime.start(args.device, "fp32" if args.amp is False else args.precision, args.channels_last,
-                            args.resize or input_size_of(args.model))
+                            args.resize or input_size_of(args.model), args.model,
+                            args.batch_size if isinstance(args.batch_size, int) else DEFAULT_BATCH)
     try:
         return run_training(args, runtime, monitor)
     finally:

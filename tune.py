@@ -24,6 +24,7 @@ trials, each parameter's importance, and runs/<study>/best_config.yaml, which
 
 Optuna is optional: `pip install optuna` (a one-line message says so when it is missing).
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import math
 import os
 import sys

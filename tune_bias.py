@@ -18,6 +18,7 @@ and says so, `--no_bias` turns it off.
 
 Example: python tune_bias.py runs/kf
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import os
 import time
 

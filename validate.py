@@ -13,6 +13,7 @@ layout) confusion_tasks.png. On the run's own split with its checkpoint, precisi
 and validation TTA, the macro F1 is the run's best val F1 (it says so, or by how much it
 differs).
 """
+import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import os
 
 import numpy as np

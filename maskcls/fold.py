@@ -88,7 +88,7 @@ def fold_config(args, data, train_count, val_count, runtime):
             "prepared_size": list(data.prepared), "num_classes": source.num_classes, "classes": source.classes,
             "mean": list(source.mean), "std": list(source.std), "label_scheme": source.label_scheme, "tasks": tasks,
             "data_dir": source.root, "train_images": train_count, "val_images": val_count,
-            "precision": precision.name, "channels_last": precision.channels_last,
+            "precision": precision.name, "channels_last": precision.channels_last, "precision_probe": runtime.probe,
             "world_size": runtime.context.world_size}
 
 
@@ -170,7 +170,8 @@ def build_step(args, net, criterion, ema, runtime, batches, config):
     """The optimisation step's parts: mixing, optimizer (head and backbone split for
     --freeze_epochs), schedule, accumulation and clipping."""
     mixer = BatchMixer(args.cutmix, args.mixup, prob=args.cutmix_prob, beta=args.beta, mode=args.cutmix_mode,
-                       seed=args.seed + runtime.context.rank, cutmix_alpha=args.cutmix_alpha, mixup_alpha=args.mixup_alpha,
+                       seed=args.seed + runtime.context.rank, cutmix_alpha=args.cutmix_alpha,
+                       mixup_alpha=args.mixup_alpha,
                        switch_prob=args.mix_switch_prob)
     optimizer = optimizer_for(args, net)
     freezer = Freezer(net, optimizer, args.freeze_epochs) if args.freeze_epochs else None

@@ -35,6 +35,29 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
         resolve_precision("fp16", "cpu")
 
 
+def test_precision_auto_probes_the_faster_one_once_per_setup(monkeypatch, tmp_path):
+    from maskcls import runtime
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    timed, real_step = [], runtime._step_seconds
+
+    def step_seconds(model, size, batch, name, channels_last):
+        timed.append(name)
+        return {"fp32": 0.010, "bf16": 0.030}[name] if size == (32, 32) else {"fp32": 0.05, "bf16": 0.02}[name]
+    monkeypatch.setattr(runtime, "_step_seconds", step_seconds)
+    small = runtime.Runtime.start("cpu", "auto", None, (32, 32), "resnet18", 64)
+    assert small.precision.name == "fp32" and small.probe["fp32"] == 0.01 and not small.probe["cached"]
+    large = runtime.Runtime.start("cpu", "auto", None, (128, 128), "resnet18", 64)
+    assert large.precision.name == "bf16" and large.precision.channels_last
+    assert timed == ["fp32", "bf16", "fp32", "bf16"]
+    again = runtime.Runtime.start("cpu", "auto", None, (32, 32), "resnet18", 64)
+    assert again.precision.name == "fp32" and again.probe["cached"] and len(timed) == 4  # not probed again
+    assert runtime.Runtime.start("cpu", "bf16", None, (32, 32), "resnet18", 64).probe is None  # asked for: kept
+    monkeypatch.setattr(runtime, "_step_seconds", real_step)
+    real = runtime.probe_precision("BaseModel", (32, 24), 8)  # real steps, both precisions
+    assert real[0] in ("fp32", "bf16") and real[1]["fp32"] > 0 and real[1]["bf16"] > 0
+
+
 def test_bf16_channels_last_step_matches_fp32_closely():
     torch.manual_seed(0)
     net = create_model("BaseModel", 18).eval()
