@@ -27,8 +27,20 @@ range of those ratios, `others CPU` the share of the machine other processes use
   its optimizer, fused AdamW; cross_entropy, no mixing) against the same step on a batch already
   in memory (the ceiling) and against a plain fp32 NCHW step in memory with torch's Adam. The real step is timed over whole
   epochs, the wait for the first batch included.
+- loader_second_run_vs_naive: the training loader reading images.PreparedStore, the prepared
+  images a first run left beside the data (filled by the warm-up pass): a later run's first
+  epoch, before its in-run cache holds anything.
 - infer_vs_ceiling, infer_vs_fp32: maskcls.predict.predict over the eval loader against the forward
-  pass on in-memory batches (inference_mode), at the same precision and in plain fp32.
+  pass on in-memory batches (inference_mode), at the same precision and in plain fp32; cold (every
+  image decoded). infer_warm_vs_ceiling: the same with the store an earlier inference filled.
+- contended_slowdown: a training epoch as train.py runs it, beside one other CPU-bound process
+  (a busy loop), against the same epoch alone: how much slower, lower is better.
+- train_vs_baseline, train_vs_timm, infer_vs_baseline, infer_vs_timm (section peers): the same
+  model on the same images for the same steps, trained and predicting the project's way
+  (train.py's defaults: precision auto, the in-run cache; inference.py's) against the boostcamp
+  baseline's loop (PIL + torchvision, SGD, fp32) and timm's loop rebuilt from timm's library
+  (create_loader and its transforms, fp32 as train.py without --amp); with the minutes to a
+  submission at the real competition's sizes.
 - detect_batched_vs_single: facecrop.detect_boxes on batches of 16 same-size images against one
   image per call, on 384x512 canvases holding matplotlib's grace_hopper.jpg (MTCNN runs on CPU).
 - compile_train_vs_eager (full runs, or --sections compile): the in-memory training step of
@@ -67,7 +79,7 @@ from torchvision import transforms
 from augmentation import AUGMENTATIONS, eval_transform, prepared_size
 from dataset import MASK_MEAN, MASK_STD, read_mask_train
 from maskcls import cli
-from maskcls.images import EpochSampler, ImageDataset, make_loader, open_cache
+from maskcls.images import EpochSampler, ImageDataset, PreparedStore, make_loader, open_cache
 from maskcls.labels import NUM_CLASSES
 from maskcls.runtime import cpu_has_native_bf16, resolve_device, resolve_precision
 from model import create_model
@@ -77,16 +89,28 @@ PLANS = {"quick": dict(loader=256, train=96, infer=128, detect=32, rounds=3),
          "full": dict(loader=1024, train=256, infer=512, detect=96, rounds=5)}
 DETECT_BATCH = 16    # facecrop's own batch size
 SAMPLE_EVERY = 0.05  # s between memory samples
-# (JSON key, measurement, ours, reference, target ratio, compares precisions: n/a where auto is fp32)
-ROWS = [("loader_vs_naive", "loader, every image decoded", "loader", "naive", 3.0, False),
-        ("loader_cached_vs_naive", "loader, ImageCache(ram)", "loader_cached", "naive", 5.0, False),
-        ("train_vs_ceiling", "train step vs model-only", "train", "train_ceiling", 0.9, False),
-        ("train_vs_fp32", "train step vs plain fp32", "train", "train_fp32", 2.0, True),
-        ("infer_vs_ceiling", "predict vs model-only", "infer", "infer_ceiling", 0.9, False),
-        ("infer_vs_fp32", "predict vs plain fp32", "infer", "infer_fp32", 2.0, True),
+# (JSON key, measurement, ours, reference, target ratio, compares precisions: n/a where auto is fp32,
+# section). The ratio is ours / reference (higher is better, the target a floor), except for a
+# key ending in _slowdown: reference / ours, the target a ceiling.
+ROWS = [("loader_vs_naive", "loader, every image decoded", "loader", "naive", 3.0, False, "loader"),
+        ("loader_cached_vs_naive", "loader, ImageCache(ram)", "loader_cached", "naive", 5.0, False, "loader"),
+        ("loader_second_run_vs_naive", "loader, a later run's 1st epoch", "loader_stored", "naive", 5.0, False,
+         "loader"),
+        ("train_vs_ceiling", "train step vs model-only", "train", "train_ceiling", 0.9, False, "train"),
+        ("train_vs_fp32", "train step vs plain fp32", "train", "train_fp32", 2.0, True, "train"),
+        ("infer_vs_ceiling", "predict (cold) vs model-only", "infer", "infer_ceiling", 0.9, False, "infer"),
+        ("infer_warm_vs_ceiling", "predict (warm) vs model-only", "infer_warm", "infer_ceiling", 0.9, False, "infer"),
+        ("infer_vs_fp32", "predict vs plain fp32", "infer", "infer_fp32", 2.0, True, "infer"),
         ("detect_batched_vs_single", f"face detection, {DETECT_BATCH} vs 1", "detect_batched", "detect_single",
-         2.0, False),
-        ("compile_train_vs_eager", "model step, compiled vs not", "train_compiled", "train_eager", 1.0, False)]
+         2.0, False, "detect"),
+        ("compile_train_vs_eager", "model step, compiled vs not", "train_compiled", "train_eager", 1.0, False,
+         "compile"),
+        ("contended_slowdown", "train epoch beside a CPU hog", "train_hog", "train_quiet", 2.5, False, "contended"),
+        ("train_vs_baseline", "training vs the baseline's", "peer_ours", "peer_baseline", 2.0, False, "peers"),
+        ("train_vs_timm", "training vs timm's loop", "peer_ours", "peer_timm", 2.0, False, "peers"),
+        ("infer_vs_baseline", "inference vs the baseline's", "peer_ours_infer", "peer_baseline_infer", 2.0, False,
+         "peers"),
+        ("infer_vs_timm", "inference vs timm's", "peer_ours_infer", "peer_timm_infer", 2.0, False, "peers")]
 
 
 def get_args_parser():
@@ -269,17 +293,28 @@ def section_loader(args, plan, device):
     cache = open_cache(len(paths), prepared or args.resize, "ram")
     cached = training_loader(ImageDataset(paths, labels, augment, prepare_to=prepared or args.resize, cache=cache),
                              args, device)
+    # the prepared-image store a first run filled (its warm-up pass here), read by a later run's
+    # first epoch: no in-run cache yet, every image from the store
+    store = PreparedStore(tempfile.mkdtemp(prefix="bench-store-"))
+    stored = training_loader(ImageDataset(paths, labels, augment, prepare_to=prepared or args.resize, store=store),
+                             args, device)
     workers = args.num_workers
-    return compare({"naive": lambda: steady(naive, workers), "loader": lambda: steady(ours, workers),
-                    "loader_cached": lambda: steady(cached, workers)}, plan["rounds"], device)
+    try:
+        return compare({"naive": lambda: steady(naive, workers), "loader": lambda: steady(ours, workers),
+                        "loader_cached": lambda: steady(cached, workers),
+                        "loader_stored": lambda: steady(stored, workers)}, plan["rounds"], device)
+    finally:
+        shutil.rmtree(store.folder, ignore_errors=True)
 
 
-def section_train(args, plan, device):
+def project_training(args, plan, device):
+    """(fn() -> images of one training epoch as train.py runs it, the model, its optimizer, the
+    precision, one real batch and its target in memory, the steps an epoch, the criterion)."""
     from maskcls.engine import Step, train_one_epoch
     from loss import build_criterion
     from maskcls.optim import build_optimizer
     from train import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_WEIGHT_DECAY
-    precision = resolve_precision("auto", device, input_size=args.resize)
+    precision = auto_precision(args, device)
     paths, labels = training_images(args.data, plan["train"], args.batch_size)
     augment = AUGMENTATIONS.build(args.augmentation, resize=args.resize, mean=MASK_MEAN, std=MASK_STD)
     # train.py's default --cache auto keeps decoded images in RAM where they fit, as they do here:
@@ -293,17 +328,150 @@ def section_train(args, plan, device):
     model = precision.model(create_model(args.model, NUM_CLASSES).to(device))
     criterion = build_criterion("cross_entropy", NUM_CLASSES).to(device)
     optimizer = build_optimizer(DEFAULT_OPTIMIZER, model, DEFAULT_LR, DEFAULT_WEIGHT_DECAY)  # train.py's default
-    plain = create_model(args.model, NUM_CLASSES).to(device)
     step = Step(criterion, optimizer, precision.scaler(), precision)
 
     def real():
         train_one_epoch(model, loader, step, device, "bench")
         return steps * args.batch_size
+    return real, model, optimizer, precision, images, target, steps, criterion
 
+
+def auto_precision(args, device):
+    """What --precision auto gives train.py for this model, size and batch (probed on a CPU)."""
+    from maskcls.runtime import Runtime
+    return Runtime.start(str(device), "auto", None, args.resize, args.model, args.batch_size).precision
+
+
+def section_train(args, plan, device):
+    real, model, optimizer, precision, images, target, steps, criterion = project_training(args, plan, device)
+    plain = create_model(args.model, NUM_CLASSES).to(device)
     ceiling = in_memory_steps(model, optimizer, precision, images, target, steps, criterion)
     fp32 = in_memory_steps(plain, torch.optim.Adam(plain.parameters(), lr=1e-3), resolve_precision("fp32", device),
                            images, target, steps)
     return compare({"train": real, "train_ceiling": ceiling, "train_fp32": fp32}, plan["rounds"], device)
+
+
+def section_contended(args, plan, device):
+    """A training epoch as train.py runs it (loader workers and all), alone and beside one other
+    CPU-bound process (a busy loop started for the epoch and stopped after it)."""
+    real = project_training(args, plan, device)[0]
+
+    def beside_a_hog():
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.2)  # the hog running before the epoch starts
+            start = time.perf_counter()
+            images = real()
+            return images, time.perf_counter() - start
+        finally:
+            hog.kill()
+            hog.wait()
+    return compare({"train_quiet": real, "train_hog": beside_a_hog}, plan["rounds"], device)
+
+
+# ---------------------------------------------------------------- peers: the same work done their way
+def baseline_training(paths, labels, args, device):
+    """The boostcamp baseline's loop: its dataset (PIL, torchvision Resize/ToTensor/Normalize, one
+    image per __getitem__), a plain DataLoader with cpu_count // 2 workers, SGD (lr 1e-3, weight
+    decay 5e-4, its defaults), cross-entropy, fp32."""
+    loader = torch.utils.data.DataLoader(NaiveDataset(paths, labels, args.resize, MASK_MEAN, MASK_STD),
+                                         batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=max(1, (os.cpu_count() or 2) // 2),
+                                         pin_memory=device.type == "cuda")
+    torch.manual_seed(0)
+    model = create_model(args.model, NUM_CLASSES).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, weight_decay=5e-4)
+
+    def epoch():
+        model.train()
+        seen = 0
+        for images, target in loader:
+            images, target = images.to(device), target.to(device)
+            loss = torch.nn.functional.cross_entropy(model(images), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += len(target)
+        return seen
+
+    @torch.no_grad()
+    def infer():
+        model.eval()
+        return sum(len(model(images.to(device)).argmax(1)) for images, _ in loader)
+    return epoch, infer
+
+
+class PilImages(torch.utils.data.Dataset):
+    """(PIL image, label) pairs whose `transform` timm's create_loader sets."""
+
+    def __init__(self, paths, labels):
+        self.paths, self.labels, self.transform = paths, labels, None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        image = Image.open(self.paths[index]).convert("RGB")
+        return (self.transform(image) if self.transform else image), self.labels[index]
+
+
+def timm_training(paths, labels, args, device):
+    """timm's train.py loop rebuilt from timm's library: timm.data.create_loader with its training
+    transforms (random resized crop, flip, colour jitter 0.4) and its eval ones (resize, centre
+    crop), its optimizer factory (SGD, train.py's defaults), fp32: train.py's default without --amp."""
+    import timm.data
+    from timm.optim import create_optimizer_v2
+    torch.manual_seed(0)
+    model = create_model(args.model, NUM_CLASSES).to(device)
+    size = (3, *args.resize)
+    train_loader = timm.data.create_loader(PilImages(paths, labels), input_size=size, batch_size=args.batch_size,
+                                           is_training=True, use_prefetcher=False, num_workers=args.num_workers,
+                                           color_jitter=0.4, hflip=0.5, pin_memory=device.type == "cuda")
+    eval_loader = timm.data.create_loader(PilImages(paths, labels), input_size=size, batch_size=args.batch_size,
+                                          is_training=False, use_prefetcher=False, num_workers=args.num_workers)
+    optimizer = create_optimizer_v2(model, opt="sgd", lr=0.1 * args.batch_size / 256, weight_decay=2e-5,
+                                    momentum=0.9)
+
+    def epoch():
+        model.train()
+        seen = 0
+        for images, target in train_loader:
+            loss = torch.nn.functional.cross_entropy(model(images.to(device)), target.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += len(target)
+        return seen
+
+    @torch.no_grad()
+    def infer():
+        model.eval()
+        return sum(len(model(images.to(device))) for images, _ in eval_loader)
+    return epoch, infer
+
+
+def section_peers(args, plan, device):
+    """The same model trained and predicting on the same images for the same steps: the project
+    (train.py's defaults: precision auto, the in-run cache, its loader) against the baseline's loop
+    and timm's, each at the precision it would use by default."""
+    from maskcls.predict import predict
+    ours_train = project_training(args, plan, device)[0]
+    paths, labels = training_images(args.data, plan["train"], args.batch_size)
+    precision = auto_precision(args, device)
+    store = PreparedStore(tempfile.mkdtemp(prefix="bench-store-"))
+    eval_set = ImageDataset(paths, labels, eval_transform(args.resize, MASK_MEAN, MASK_STD), prepare_to=args.resize,
+                            store=store)
+    eval_loader = make_loader(eval_set, 128, args.num_workers, device)  # inference.py's default batch
+    torch.manual_seed(0)
+    model = precision.model(create_model(args.model, NUM_CLASSES).to(device).eval())
+    base_train, base_infer = baseline_training(paths, labels, args, device)
+    timm_train, timm_infer = timm_training(paths, labels, args, device)
+    try:
+        return compare({"peer_ours": ours_train, "peer_baseline": base_train, "peer_timm": timm_train,
+                        "peer_ours_infer": lambda: len(predict(model, eval_loader, device, precision, desc="bench")),
+                        "peer_baseline_infer": base_infer, "peer_timm_infer": timm_infer}, plan["rounds"], device)
+    finally:
+        shutil.rmtree(store.folder, ignore_errors=True)
 
 
 def section_infer(args, plan, device):
@@ -313,6 +481,11 @@ def section_infer(args, plan, device):
     # prepared to the input size, as for a run trained with a pipeline that starts with A.Resize
     dataset = ImageDataset(paths, labels, eval_transform(args.resize, MASK_MEAN, MASK_STD), prepare_to=args.resize)
     loader, batches = make_loader(dataset, args.batch_size, args.num_workers, device), len(paths) // args.batch_size
+    # warm: inference.py's store of prepared eval images, filled by an earlier inference (the warm-up)
+    store = PreparedStore(tempfile.mkdtemp(prefix="bench-store-"))
+    warm_loader = make_loader(ImageDataset(paths, labels, eval_transform(args.resize, MASK_MEAN, MASK_STD),
+                                           prepare_to=args.resize, store=store), args.batch_size, args.num_workers,
+                              device)
     images = torch.stack([dataset[i][0] for i in range(args.batch_size)]).to(device)
     torch.manual_seed(0)
     model = precision.model(create_model(args.model, NUM_CLASSES).to(device).eval())
@@ -321,6 +494,9 @@ def section_infer(args, plan, device):
 
     def real():
         return len(predict(model, loader, device, precision, desc="bench"))
+
+    def warm():
+        return len(predict(model, warm_loader, device, precision, desc="bench"))
 
     @torch.inference_mode()
     def ceiling():
@@ -335,7 +511,11 @@ def section_infer(args, plan, device):
             plain(images)
         return batches * args.batch_size
 
-    return compare({"infer": real, "infer_ceiling": ceiling, "infer_fp32": fp32}, plan["rounds"], device)
+    try:
+        return compare({"infer": real, "infer_warm": warm, "infer_ceiling": ceiling, "infer_fp32": fp32},
+                       plan["rounds"], device)
+    finally:
+        shutil.rmtree(store.folder, ignore_errors=True)
 
 
 def face_canvases(n, seed=0):
@@ -592,7 +772,8 @@ def quality_table(rows, plan, model):
 
 
 SECTIONS = {"loader": section_loader, "train": section_train, "infer": section_infer, "detect": section_detect,
-            "compile": section_compile, "quality_timm": section_quality_timm}
+            "compile": section_compile, "contended": section_contended, "peers": section_peers,
+            "quality_timm": section_quality_timm}
 
 
 # ---------------------------------------------------------------- the report
@@ -647,16 +828,18 @@ def summarize(raw, others, precision):
     header = (f"{'measurement':<28} {'ours':>7} {'ref':>7} {'ratio':>6} {'spread':>6}  {'target':<7} {'':<14} "
               f"{'peak RSS MB':>13} {'others':>6}\n{'':<28} {'img/s':>7} {'img/s':>7} {'':>6} {'':>6}  {'':<7} "
               f"{'':<14} {'ours / ref':>13} {'CPU':>6}")
-    for key, what, ours, ref, target, precisions in ROWS:
+    for key, what, ours, ref, target, precisions, section in ROWS:
         if ours not in raw:
             continue
-        ratios = [a / b for a, b in zip(raw[ours]["rates"], raw[ref]["rates"])]
+        slowdown = key.endswith("_slowdown")  # reference / ours: lower is better
+        ratios = [(b / a) if slowdown else (a / b) for a, b in zip(raw[ours]["rates"], raw[ref]["rates"])]
         ratio = figures[key] = round(statistics.median(ratios), 3)
-        verdict = "n/a: auto=fp32" if precisions and precision == "fp32" else "met" if ratio >= target else "NOT met"
-        busy = others[key.split("_")[0]]
+        good = ratio <= target if slowdown else ratio >= target
+        verdict = "n/a: auto=fp32" if precisions and precision == "fp32" else "met" if good else "NOT met"
+        busy = others.get(section)
         lines.append(f"{what:<28} {figures[ours + '_imgs_per_s']:>7.1f} {figures[ref + '_imgs_per_s']:>7.1f} "
-                     f"{ratio:>5.2f}x {(max(ratios) - min(ratios)) / ratio:>6.0%}  >= {target:<4g} {verdict:<14} "
-                     f"{figures[ours + '_peak_rss_mb']:>6} / {figures[ref + '_peak_rss_mb']:<4} "
+                     f"{ratio:>5.2f}x {(max(ratios) - min(ratios)) / ratio:>6.0%}  {'<=' if slowdown else '>='} "
+                     f"{target:<4g} {verdict:<14} {figures[ours + '_peak_rss_mb']:>6} / {figures[ref + '_peak_rss_mb']:<4} "
                      f"{'?' if busy is None else format(busy, '.0%'):>6}")
     return figures, "\n".join([header, "-" * len(header.splitlines()[0]), *lines])
 
@@ -669,7 +852,7 @@ def main(args):
             json.dump(SECTIONS[args.section](args, plan, device), f)
         return None
     AUGMENTATIONS.get(args.augmentation)  # an unknown name: one line, before any work
-    default = "loader,train,infer,detect" + ("" if args.quick else ",compile")
+    default = "loader,train,infer,detect,contended,peers" + ("" if args.quick else ",compile")
     sections = [s.strip() for s in (args.sections or default).split(",") if s.strip()]
     choices = [*(name for name in SECTIONS if name != "quality_timm"), "quality"]
     unknown = [s for s in sections if s not in choices]
@@ -682,6 +865,25 @@ def main(args):
         json.dump(figures, f, indent=2)
     print(f"wrote {args.json}")
     return figures
+
+
+SUBMISSION_EPOCHS, SUBMISSION_TRAIN, SUBMISSION_EVAL = 20, 15_120, 12_600  # 80% of 18,900 photos; 12,600 eval
+
+
+def time_to_submission(figures):
+    """Minutes to train SUBMISSION_EPOCHS epochs and predict the eval set, from the peers' rates;
+    our first epoch at the rate of a first epoch (every image decoded: the loader row), where known."""
+    rates = {k: figures.get(f"peer_{k}_imgs_per_s") for k in ("ours", "baseline", "timm", "ours_infer",
+                                                              "baseline_infer", "timm_infer")}
+    if None in rates.values():
+        return {}
+    first = min(rates["ours"], figures.get("loader_imgs_per_s", rates["ours"]))
+    ours = (SUBMISSION_EPOCHS - 1) * SUBMISSION_TRAIN / rates["ours"] + SUBMISSION_TRAIN / first
+    out = {"submission_minutes_ours": (ours + SUBMISSION_EVAL / rates["ours_infer"]) / 60}
+    for peer in ("baseline", "timm"):
+        out[f"submission_minutes_{peer}"] = (SUBMISSION_EPOCHS * SUBMISSION_TRAIN / rates[peer] +
+                                             SUBMISSION_EVAL / rates[f"{peer}_infer"]) / 60
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def throughput(args, sections, plan, device):
@@ -717,6 +919,13 @@ def throughput(args, sections, plan, device):
           f"{plan['train']} train, {plan['infer']} infer, {plan['detect']} detect ({faces or '-'} with a face found); "
           f"{plan['rounds']} rounds; {info['seconds']} s")
     print(table)
+    submission = time_to_submission(figures)
+    if submission:
+        figures.update(submission)
+        print(f"time to a submission ({SUBMISSION_EPOCHS} epochs of {SUBMISSION_TRAIN:,} images, then "
+              f"{SUBMISSION_EVAL:,} eval images: the real competition's sizes): ours "
+              f"{submission['submission_minutes_ours']:.0f} min, the baseline's {submission['submission_minutes_baseline']:.0f}"
+              f" min, timm's {submission['submission_minutes_timm']:.0f} min")
     if compile_seconds is not None:
         print(f"compiling the training step took {compile_seconds:.0f} s (paid once per run)")
     if any(share is not None and share > 0.1 for share in others.values()):
