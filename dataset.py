@@ -32,7 +32,7 @@ from maskcls.images import IMAGE_EXTENSIONS
 from maskcls.labels import (AGE_NAMES, GENDER_NAMES, GENDERS, MASK_CLASSES, MASK_VALUES, MAX_AGE, NUM_CLASSES,
                             PHOTO_MASK, age_band, decode_label, encode_label)
 from maskcls.readers import read_probs
-from maskcls.registry import Registry
+from maskcls.registry import Option, Registry
 
 DATASETS = Registry("dataset")
 
@@ -358,8 +358,129 @@ class ImageFolder(SplitDataset):
         super().__init__(root, samples, classes, val_ratio, seed)
 
 
+def resolve_image(root, name, source, row):
+    """The image a CSV row names, relative to `root`: as written, or with a known extension added
+    (Kaggle CSVs name images by id); one line where it is missing or leaves `root`."""
+    text = str(name).strip()
+    if not text or os.path.isabs(text) or ".." in text.replace("\\", "/").split("/"):
+        raise UserError(f"{source}: row {row}: image {text!r} is empty or leaves {root}")
+    for candidate in (text, *(text + ext for ext in IMAGE_EXTENSIONS)):
+        if os.path.isfile(os.path.join(root, candidate)):
+            return candidate
+    raise UserError(f"{source}: row {row}: no image {text!r} in {root} (tried {', '.join(IMAGE_EXTENSIONS)} too)")
+
+
+def csv_column(frame, given, default_index, source, what):
+    """The column named `given` (a name, or a 0-based index as digits), or the default_index-th."""
+    columns = list(frame.columns)
+    if given is None:
+        if len(columns) <= default_index:
+            raise UserError(f"{source} has {len(columns)} column(s): name the {what} column (--{what}_col)")
+        return columns[default_index]
+    if str(given).isdigit() and given not in columns:
+        index = int(given)
+        if index >= len(columns):
+            raise UserError(f"{source}: --{what}_col {given}: only {len(columns)} columns")
+        return columns[index]
+    if given not in columns:
+        raise UserError(f"{source}: no column {given!r} (--{what}_col); columns: {', '.join(columns)}")
+    return given
+
+
+def class_order(values):
+    """The distinct labels in class-index order: numerically where every one is a whole number."""
+    distinct = sorted(set(values))
+    if all(v.lstrip("-").isdigit() for v in distinct):
+        return sorted(distinct, key=int)
+    return distinct
+
+
+class CSV(SplitDataset):
+    """A CSV of images and labels, as most competitions ship them: `--labels train.csv` (in or
+    relative to --data_dir), one row per image, the image relative to --data_dir (an id without
+    extension works too), its label (any text; classes are the distinct labels, numerically
+    ordered where they are numbers). `--group_col` (a patient, site or person): the split and the
+    folds keep each group on one side, stratified by label, exactly like the person split.
+    `--fold_col`: the folds given (--kfold uses them, so every model family shares them; a single
+    split holds out the first fold). Columns by name or 0-based index."""
+
+    def __init__(self, data_dir, val_ratio=0.2, seed=42, labels="train.csv", image_col=None, label_col=None,
+                 group_col=None, fold_col=None, **kwargs):
+        if not os.path.isdir(data_dir):
+            raise UserError(f"data folder {data_dir} does not exist")
+        root = os.path.normpath(data_dir)
+        source = labels if os.path.isfile(labels) else os.path.join(root, labels)
+        frame = read_csv_columns(source, ())
+        if frame.empty:
+            raise UserError(f"{source} lists no image")
+        image_col, label_col = (csv_column(frame, image_col, 0, source, "image"),
+                                csv_column(frame, label_col, 1, source, "label"))
+        group_col = csv_column(frame, group_col, 0, source, "group") if group_col is not None else None
+        fold_col = csv_column(frame, fold_col, 0, source, "fold") if fold_col is not None else None
+        names = [str(v).strip() for v in frame[label_col]]
+        empty = [i for i, v in enumerate(names) if not v]
+        if empty:
+            raise UserError(f"{source}: row {empty[0] + 2}: no label in column {label_col!r}")
+        classes = class_order(names)
+        index = {c: i for i, c in enumerate(classes)}
+        paths = [resolve_image(root, name, source, row + 2) for row, name in enumerate(frame[image_col])]
+        seen = {}
+        for row, path in enumerate(paths):
+            if path in seen:
+                raise UserError(f"{source}: rows {seen[path] + 2} and {row + 2} both name {path}")
+            seen[path] = row
+        groups = [str(g) for g in frame[group_col]] if group_col else [""] * len(paths)
+        samples = [Sample(p, index[n], g) for p, n, g in zip(paths, names, groups)]
+        super().__init__(root, samples, classes, val_ratio, seed)
+        self.splits_by_person = group_col is not None
+        self.given_folds = [str(f) for f in frame[fold_col]] if fold_col else None
+        if len(classes) < 2:
+            raise UserError(f"{source}: column {label_col!r} holds one label ({classes[0]!r}): nothing to learn")
+
+    def split(self):
+        if self.given_folds is not None:  # the first of the given folds is held out
+            first = sorted(set(self.given_folds), key=lambda f: (len(f), f))[0]
+            val = [i for i, f in enumerate(self.given_folds) if f == first] if self.val_ratio else []
+            held = set(val)
+            return [i for i in range(len(self.samples)) if i not in held], val
+        if self.splits_by_person:
+            return self.group_split()
+        return super().split()
+
+    def group_split(self):
+        """About --val_ratio of the groups held out, stratified by label (StratifiedGroupKFold)."""
+        if not self.val_ratio:
+            return list(range(len(self.samples))), []
+        parts = max(2, round(1 / self.val_ratio))
+        labels, groups = [s.label for s in self.samples], [s.person for s in self.samples]
+        if len(set(groups)) < parts:
+            raise UserError(f"--val_ratio {self.val_ratio}: only {len(set(groups))} groups to split")
+        splitter = StratifiedGroupKFold(n_splits=parts, shuffle=True, random_state=self.seed)
+        train, val = next(splitter.split(np.zeros(len(labels)), labels, groups))
+        return sorted(train.tolist()), sorted(val.tolist())
+
+    def folds(self, k):
+        if self.given_folds is None:
+            return super().folds(k)
+        names = sorted(set(self.given_folds), key=lambda f: (len(f), f))
+        if len(names) != k:
+            raise UserError(f"--kfold {k}: the fold column holds {len(names)} folds ({', '.join(names)}); "
+                            f"give --kfold {len(names)}")
+        return [([i for i, f in enumerate(self.given_folds) if f != name],
+                 [i for i, f in enumerate(self.given_folds) if f == name]) for name in names]
+
+
+CSV_OPTIONS = {"labels": Option("CSV: the file listing images and labels (in --data_dir, or a path)", type=str),
+               "image_col": Option("CSV: the image column, a name or 0-based index (default: the first)", type=str,
+                                   default=None),
+               "label_col": Option("CSV: the label column (default: the second)", type=str, default=None),
+               "group_col": Option("CSV: a group column (patient, site, person): never split across train and "
+                                   "validation", type=str, default=None),
+               "fold_col": Option("CSV: a column of given folds, used by --kfold", type=str, default=None)}
+
 for _entry in (MaskBaseDataset, MaskSplitByProfileDataset, datasetSplitByClasses, ImageFolder):
     DATASETS.register()(_entry)
+DATASETS.register("CSV", options=CSV_OPTIONS)(CSV)
 
 
 def write_split_csv(path, source, train_idx, val_idx, extra=()):
@@ -436,6 +557,23 @@ class EvalSet:
     image_ids: list   # what goes into the ImageID column
     paths: list       # full paths, same order
     info: object      # info.csv as a DataFrame, or None for a plain folder
+
+
+def read_eval_csv(data_dir, csv_path, image_col=None):
+    """The images a CSV lists (a test CSV, a sample submission), in its order, relative to
+    `data_dir` (an id without extension works too); its table is the submission's frame."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"folder {data_dir} does not exist")
+    frame = read_csv_columns(csv_path, ())
+    if frame.empty:
+        raise UserError(f"{csv_path} lists no image: nothing to predict")
+    column = csv_column(frame, image_col, 0, csv_path, "image")
+    root = os.path.normpath(data_dir)
+    found = [resolve_image(root, name, csv_path, row + 2) for row, name in enumerate(frame[column])]
+    twice = [p for p in set(found) if found.count(p) > 1] if len(set(found)) < len(found) else []
+    if twice:
+        raise UserError(f"{csv_path}: {twice[0]} is listed more than once")
+    return EvalSet(frame[column].tolist(), [os.path.join(root, p) for p in found], frame)
 
 
 def read_eval_dir(eval_dir):

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from augmentation import TTA_VIEWS, eval_transform, parse_tta
-from dataset import read_csv_columns, read_eval_dir
+from dataset import read_csv_columns, read_eval_csv, read_eval_dir
 from ensemble import probs_path_for
 from facecrop import FACE_MARGIN, face_regions
 from maskcls import cli
@@ -46,6 +46,11 @@ def get_args_parser():
                                 epilog="Every flag also has a kebab-case spelling (--model-dir).")
     parser.add_argument("--data_dir", default=os.path.join("data", "eval"),
                         help="eval folder: info.csv + images/, or any folder of images")
+    parser.add_argument("--csv", default=None, metavar="CSV",
+                        help="predict the images this CSV lists (a test CSV, a sample submission), relative to "
+                             "--data_dir; the output is its rows with ans and class_name")
+    parser.add_argument("--image_col", default=None, help="with --csv: the image column, name or 0-based index "
+                                                          "(default: the first)")
     parser.add_argument("--model_dir", action="append", default=None, metavar="RUN",
                         help="a run folder; repeat for an ensemble (default: the newest run under --runs)")
     parser.add_argument("--recipe", default=None, metavar="JSON",
@@ -252,7 +257,8 @@ def main(args):
     classes = configs[0]["classes"]
     if args.person_pool and classes != MASK_CLASSES:
         raise cli.UserError("--person_pool needs the competition's 18 classes (mask x gender x age band)")
-    eval_set = read_eval_dir(args.data_dir)  # checks every image exists
+    # checks every image exists
+    eval_set = read_eval_csv(args.data_dir, args.csv, args.image_col) if args.csv else read_eval_dir(args.data_dir)
     largest = max((tuple(c["input_size"]) for c in configs), key=lambda size: size[0] * size[1])
     precision = resolve_precision(args.precision, device, args.channels_last, largest)
     report_age_cuts(run_dirs, configs)
@@ -269,6 +275,8 @@ def main(args):
     if eval_set.info is not None:
         submission = eval_set.info.copy()
         submission["ans"] = preds
+        if args.csv:  # a CSV of image names: the class name beside its index
+            submission["class_name"] = [classes[p] for p in preds]
     else:
         submission = pd.DataFrame({"ImageID": eval_set.image_ids, "ans": preds,
                                    "class_name": [classes[p] for p in preds]})

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import math
 import os
+import sys
 import time
 
 from dataset import write_split_csv
@@ -15,6 +16,8 @@ from maskcls import cli, distributed, plots
 from maskcls.engine import evaluate, is_better, train_one_epoch, updates_per_epoch
 from maskcls.fold import build_fold
 from maskcls.heldout import write_val_predictions
+from maskcls.labels import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, decode_label
+from maskcls.metrics import macro_f1
 from maskcls.runfolder import (PREVIEW_IMAGES, Checkpoint, RunLog, TopCheckpoints, best_epoch_figures, final_figures,
                                spread, write_config)
 from model import load_weights, save_checkpoint
@@ -172,7 +175,7 @@ def train_fold(args, data, split, run_dir, runtime, cache=None, resume=False, cl
               f"{'EMA ' if args.ema else ''}weights; that is the result")
     started = time.time()
     try:
-        fit(fold, state, checkpoint, log, args, run_dir, context, clock, monitor)
+        best_output = fit(fold, state, checkpoint, log, args, run_dir, context, clock, monitor)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (cli.stop_on_sigterm)
         if context.is_main:
             how = "stopped by SIGTERM" if isinstance(err, cli.Stopped) else "interrupted"
@@ -186,6 +189,26 @@ def train_fold(args, data, split, run_dir, runtime, cache=None, resume=False, cl
     best = state["best"]
     print(f"done in {(time.time() - started) / 60:.1f} min: best epoch {best['epoch']} "
           f"val_f1 {best['val_f1']:.4f} val_acc {best.get('val_acc', 0):.3f} -> {checkpoint.best}")
+    if best_output is not None and context.is_main:
+        for line in collapsed(best_output["labels"].numpy(), best_output["preds"].numpy(), fold.config["classes"],
+                              fold.tasks is not None):
+            print(f"warning: at the best epoch ({best['epoch']}) {line}", file=sys.stderr)
+
+
+def collapsed(labels, preds, classes, per_task):
+    """A line per (sub-)task whose validation predictions are all one value though its labels are
+    not: the model has not learned that task, whatever the macro F1 says of the rest."""
+    tasks = [(name, [decode_label(y)[i] for y in labels], [decode_label(p)[i] for p in preds], names)
+             for i, (name, names) in enumerate(zip(TASKS, (MASK_NAMES, GENDER_NAMES, AGE_NAMES)))] \
+        if per_task else [("the class", list(labels), list(preds), classes)]
+    lines = []
+    for name, truth, guessed, names in tasks:
+        if len(set(guessed)) == 1 and len(set(truth)) > 1:
+            score = macro_f1(truth, guessed, len(names))
+            lines.append(f"every validation image is predicted {names[guessed[0]]!r} for {name} (its macro F1 "
+                         f"{score:.3f}): it is not learned; more epochs, a higher --lr, --criterion new_focal or "
+                         f"--sampler weighted can help")
+    return lines
 
 
 def finish_run_folder(fold, checkpoint, log, args, run_dir, context):
