@@ -174,6 +174,8 @@ def add_loss_flags(loss):
                       help="both on: chance a mixed batch uses CutMix")
     loss.add_argument("--mix_off_epoch", "--mixup_off_epoch", type=cli.number(int, 0), default=0,
                       help="stop mixing from this epoch (0: never)")
+    loss.add_argument("--aug_off_epoch", type=cli.number(int, 0), default=0,
+                      help="from this epoch, training images get the validation transform: no augmentation (0: never)")
     loss.add_argument("--beta", type=cli.number(float, 0, low_open=True), default=1.0, help="lambda ~ Beta(beta, beta)")
     loss.add_argument("--cutmix_mode", choices=CUTMIX_MODES, default="box",
                       help="box, or vertical: a full-height strip (faces are centred)")
@@ -217,6 +219,8 @@ def add_optimizer_flags(optim):
     optim.add_argument("--clip_mode", choices=("norm", "value", "agc"), default="norm", help="how --clip_grad clips")
     optim.add_argument("--freeze_epochs", type=cli.number(int, 0), default=0,
                        help="train only the head for the first N epochs")
+    optim.add_argument("--backbone_lr_ratio", type=cli.number(float, 1), default=1.0,
+                       help="the backbone learns at --lr / this (the head at --lr): fastai's discriminative rates")
 
 
 def add_schedule_flags(sched):
@@ -233,6 +237,12 @@ def add_schedule_flags(sched):
                    help="multistep: the epochs (counting from 1) that start at the lower rate")
     sched.add_argument("--gamma", "--decay_rate", type=cli.number(float, 0, low_open=True), default=0.5,
                        help="step, multistep, plateau: lr multiplier at each decay")
+    sched.add_argument("--cycle_limit", type=cli.positive_int, default=1,
+                       help="cosine, tanh: cycles in the run (warm restarts; timm's cycle_limit)")
+    sched.add_argument("--cycle_mul", type=cli.number(float, 0, low_open=True), default=1.0,
+                       help="cosine, tanh: each cycle this many times as long as the one before")
+    sched.add_argument("--cycle_decay", type=cli.number(float, 0, 1, low_open=True), default=1.0,
+                       help="cosine, tanh: each cycle's peak rate this share of the one before")
     sched.add_argument("--patience_epochs", type=cli.number(int, 0), default=10,
                        help="plateau: epochs without a better val F1 before a decay")
     sched.add_argument("--patience", type=cli.number(int, 0), default=0,

@@ -59,6 +59,11 @@ def run_epoch(fold, epoch, epochs, validating, context):
     step = fold.step
     if step.freezer is not None:
         step.freezer.set_epoch(epoch)
+    off = fold.config.get("aug_off_epoch")
+    if off and epoch >= off and fold.train.plain is not None:  # from here on, no augmentation
+        fold.train.loader, fold.train.plain = fold.train.plain(), None
+        print(f"epoch {epoch}: the training images go through the validation transform from now on "
+              f"(--aug_off_epoch {off})")
     step.mixer.active = not (fold.config["mix_off_epoch"] and epoch >= fold.config["mix_off_epoch"])
     step.updates = (epoch - 1) * updates_per_epoch(len(fold.train.loader), step.accum)  # the per-update clock
     row = {"epoch": epoch, "lr": max(group["lr"] for group in step.optimizer.param_groups)}

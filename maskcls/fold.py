@@ -34,7 +34,8 @@ def scheduler_for(args, optimizer, per_epoch):
     return build_scheduler(optimizer, args.scheduler, args.epochs, per_epoch, args.sched_on_updates,
                            warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
                            decay_epochs=args.lr_decay_step, decay_milestones=args.decay_milestones,
-                           decay_rate=args.gamma, patience_epochs=args.patience_epochs)
+                           decay_rate=args.gamma, patience_epochs=args.patience_epochs, cycle_limit=args.cycle_limit,
+                           cycle_mul=args.cycle_mul, cycle_decay=args.cycle_decay)
 
 
 @dataclasses.dataclass
@@ -48,6 +49,7 @@ class Side:
     dataset: ImageDataset
     loader: torch.utils.data.DataLoader
     rows: list = None  # (path as in split.csv, person) per image: val_predictions.csv
+    plain: object = None  # fn() -> the training loader with the validation transform (--aug_off_epoch)
 
 
 @dataclasses.dataclass
@@ -121,7 +123,12 @@ def build_sides(args, data, train_idx, val_idx, runtime, cache=None):
         if val_paths else None
     regions = {"train": [data.regions[p] for p in train_paths], "val": [data.regions[p] for p in val_paths]} \
         if data.regions else {"train": None, "val": None}
-    train = Side(train_paths, train_labels, regions["train"], train_tf, train_set, train_loader)
+    def plain():  # --aug_off_epoch: the same images, order and labels through the validation transform
+        plain_set = data.dataset(train_paths, train_labels, val_tf, data.train_prepared, cache,
+                                 soft=[s.soft for s in train_samples], ages=train_set.ages, targets=targets)
+        return make_loader(plain_set, args.batch_size, args.num_workers, device,
+                           drop_last=len(sampler) > args.batch_size, sampler=sampler)
+    train = Side(train_paths, train_labels, regions["train"], train_tf, train_set, train_loader, plain=plain)
     val_rows = [(source.samples[i].path, source.samples[i].person, source.samples[i].age) for i in val_idx]
     return train, Side(val_paths, val_labels, regions["val"], val_tf, val_set, val_loader, val_rows), sampler
 
@@ -174,7 +181,8 @@ def build_step(args, net, criterion, ema, runtime, batches, config):
                        mixup_alpha=args.mixup_alpha,
                        switch_prob=args.mix_switch_prob)
     optimizer = optimizer_for(args, net)
-    freezer = Freezer(net, optimizer, args.freeze_epochs) if args.freeze_epochs else None
+    freezer = Freezer(net, optimizer, args.freeze_epochs, args.backbone_lr_ratio) \
+        if args.freeze_epochs or args.backbone_lr_ratio != 1 else None
     per_epoch = updates_per_epoch(batches, args.grad_accum_steps)
     scheduler = scheduler_for(args, optimizer, per_epoch)
     precision = runtime.precision

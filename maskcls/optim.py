@@ -17,6 +17,7 @@ An optimizer of your own: `OPTIMIZERS.register("myopt")(factory)` with
 Example: python train.py --opt adamw --lr 1e-3 --weight_decay 0.05 --sched cosine --warmup_epochs 2
 """
 import functools
+import math
 
 import timm.optim
 import timm.scheduler
@@ -42,13 +43,68 @@ SCHEDULERS = Registry("scheduler")
 
 def _timm_scheduler(sched, optimizer, epochs, updates_per_epoch, on_updates=False, warmup_epochs=0,
                     warmup_lr=1e-5, min_lr=0.0, decay_epochs=30, decay_milestones=(30, 60), decay_rate=0.1,
-                    patience_epochs=10):
+                    patience_epochs=10, cycle_limit=1, cycle_mul=1.0, cycle_decay=1.0, **kwargs):
+    """timm's scheduler `sched`. Cosine and tanh take timm's cycle options: `cycle_limit` cycles
+    (restarts), each `cycle_mul` times as long as the one before and its peak `cycle_decay`
+    times as high, fitted into `epochs` (timm counts --epochs per cycle; here the run keeps
+    its length)."""
+    cycles = sum(cycle_mul ** i for i in range(cycle_limit)) if sched in ("cosine", "tanh") else 1
     scheduler, _ = timm.scheduler.create_scheduler_v2(
-        optimizer, sched=sched, num_epochs=epochs, decay_epochs=decay_epochs,
-        decay_milestones=list(decay_milestones), decay_rate=decay_rate, min_lr=min_lr, warmup_lr=warmup_lr,
-        warmup_epochs=warmup_epochs, patience_epochs=patience_epochs, plateau_mode="max",
+        optimizer, sched=sched, num_epochs=max(1, round(epochs / cycles)) if cycles != 1 else epochs,
+        decay_epochs=decay_epochs, decay_milestones=list(decay_milestones), decay_rate=decay_rate, min_lr=min_lr,
+        warmup_lr=warmup_lr, warmup_epochs=warmup_epochs, patience_epochs=patience_epochs, plateau_mode="max",
+        cycle_limit=cycle_limit, cycle_mul=cycle_mul, cycle_decay=cycle_decay,
         step_on_epochs=not on_updates, updates_per_epoch=updates_per_epoch)
     return scheduler
+
+
+class ShapedLR(timm.scheduler.scheduler.Scheduler):
+    """A schedule given as the share of the peak rate at each point of the run (`shape(f)`, f in
+    [0, 1)), after a linear warmup from `warmup_lr` over `warmup_t`; stepped per epoch or per
+    update like timm's own. A floor of `min_lr`."""
+
+    def __init__(self, optimizer, shape, total_t, warmup_t=0, warmup_lr=1e-5, min_lr=0.0, t_in_epochs=True):
+        super().__init__(optimizer, param_group_field="lr", t_in_epochs=t_in_epochs)
+        self.shape, self.total_t, self.warmup_t = shape, max(total_t, 1), warmup_t
+        self.warmup_lr, self.min_lr = warmup_lr, min_lr
+        super().update_groups(self._get_lr(0))  # the first epoch's rate from the start
+
+    def state_dict(self):  # plain data for last.pth (weights_only loading): the shape is code, not state
+        return {key: value for key, value in super().state_dict().items() if key != "shape"}
+
+    def _get_lr(self, t):
+        if t < self.warmup_t:
+            return [self.warmup_lr + (peak - self.warmup_lr) * t / self.warmup_t for peak in self.base_values]
+        fraction = min((t - self.warmup_t) / max(self.total_t - self.warmup_t, 1), 1.0)
+        return [max(self.min_lr, peak * self.shape(fraction)) for peak in self.base_values]
+
+
+ONE_CYCLE_RISE, ONE_CYCLE_DIV, ONE_CYCLE_FINAL_DIV = 0.3, 25.0, 1e4  # fastai's pct_start, div, div_final
+FLAT_SHARE = 0.72  # fastai's fit_flat_cos: the share of the run at the peak before the cosine
+
+
+def one_cycle(fraction):
+    """fastai's one-cycle: from 1/25 of the peak up to it (cosine) over the first 30%, then
+    (cosine) down to 1/10,000 of it."""
+    if fraction < ONE_CYCLE_RISE:
+        start = 1 / ONE_CYCLE_DIV
+        return start + (1 - start) * (1 - math.cos(math.pi * fraction / ONE_CYCLE_RISE)) / 2
+    end = 1 / ONE_CYCLE_FINAL_DIV
+    return end + (1 - end) * (1 + math.cos(math.pi * (fraction - ONE_CYCLE_RISE) / (1 - ONE_CYCLE_RISE))) / 2
+
+
+def flat_cosine(fraction):
+    """fastai's fit_flat_cos: the peak for the first 72% of the run, then a cosine to 0."""
+    if fraction < FLAT_SHARE:
+        return 1.0
+    return (1 + math.cos(math.pi * (fraction - FLAT_SHARE) / (1 - FLAT_SHARE))) / 2
+
+
+def _shaped(shape, optimizer, epochs, updates_per_epoch, on_updates=False, warmup_epochs=0, warmup_lr=1e-5,
+            min_lr=0.0, **kwargs):
+    scale = updates_per_epoch if on_updates else 1
+    return ShapedLR(optimizer, shape, epochs * scale, warmup_epochs * scale, warmup_lr, min_lr,
+                    t_in_epochs=not on_updates)
 
 
 for _name, _timm_name, _meta in (("none", "constant", {}), ("constant", "constant", {}), ("step", "step", {}),
@@ -56,6 +112,8 @@ for _name, _timm_name, _meta in (("none", "constant", {}), ("constant", "constan
                                  ("tanh", "tanh", {"length": True}), ("poly", "poly", {"length": True}),
                                  ("plateau", "plateau", {"per_epoch_only": True})):
     SCHEDULERS.register(_name, **_meta)(functools.partial(_timm_scheduler, _timm_name))
+SCHEDULERS.register("onecycle", length=True)(functools.partial(_shaped, one_cycle))
+SCHEDULERS.register("flatcos", length=True)(functools.partial(_shaped, flat_cosine))
 
 
 def stretchable(sched):
@@ -145,10 +203,12 @@ class Freezer:
     are split into head and backbone twins (same settings) once; while frozen, a backbone
     group's `lr_scale` (which timm's schedulers multiply in) is 0 and the backbone's batch
     norms stay in eval mode. Zero learning rate rather than requires_grad=False: DDP and the
-    optimizer state see the same parameters all along."""
+    optimizer state see the same parameters all along. Thawed, the backbone learns at
+    1 / `backbone_ratio` of the head's rate (--backbone_lr_ratio: fastai's discriminative rates;
+    with no frozen epochs, from the start)."""
 
-    def __init__(self, model, optimizer, epochs):
-        self.epochs, self.optimizer = epochs, optimizer
+    def __init__(self, model, optimizer, epochs, backbone_ratio=1.0):
+        self.epochs, self.optimizer, self.backbone_ratio = epochs, optimizer, backbone_ratio
         head = {id(p) for p in head_parameters(model)}
         groups = []
         for group in optimizer.param_groups:
@@ -166,7 +226,7 @@ class Freezer:
         frozen, value = epoch <= self.epochs, self._scheduled()
         for group, scale in zip(self.optimizer.param_groups, self.scales):
             if group["backbone"]:
-                group["lr_scale"] = 0.0 if frozen else scale
+                group["lr_scale"] = 0.0 if frozen else scale / self.backbone_ratio
                 group["lr"] = value * group["lr_scale"]
         self.frozen = frozen
 

@@ -129,6 +129,13 @@ def check_schedule_flags(args):
     if args.freeze_epochs and args.freeze_epochs >= args.epochs:
         raise cli.UserError(f"--freeze_epochs {args.freeze_epochs} with --epochs {args.epochs}: the backbone would "
                             f"never train; freeze fewer epochs than the run has")
+    if args.aug_off_epoch > args.epochs:
+        raise cli.UserError(f"--aug_off_epoch {args.aug_off_epoch} with --epochs {args.epochs}: it would never take "
+                            f"effect; give an epoch of the run (or 0: never)")
+    cycles = (args.cycle_limit, args.cycle_mul, args.cycle_decay) != (1, 1.0, 1.0)
+    if cycles and args.scheduler not in ("cosine", "tanh"):
+        raise cli.UserError(f"--cycle_limit/--cycle_mul/--cycle_decay shape cosine or tanh restarts; "
+                            f"--scheduler {args.scheduler} has no cycles")
     if args.val_ratio == 0 and args.scheduler == "plateau":
         raise cli.UserError("--scheduler plateau follows val F1: it needs validation (--val_ratio > 0)")
     probe = argparse.Namespace(**{**vars(args), "layer_decay": None})
