@@ -78,3 +78,12 @@ def run_here(capsys, monkeypatch):
             raise AssertionError(f"{script} {args} failed ({code}):\n{out[-3000:]}\n{err[-3000:]}")
         return subprocess.CompletedProcess(args, code, out, err)
     return call
+
+
+def lrs_by_epoch(scheduler, optimizer, epochs):
+    """The first group's learning rate at the start of each of `epochs` epochs, stepping `scheduler`."""
+    out = []
+    for epoch in range(1, epochs + 1):
+        out.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(epoch)
+    return out

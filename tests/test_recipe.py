@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from augmentation import train_transform
-from conftest import FAST, run_cli
+from conftest import FAST, lrs_by_epoch, run_cli
 from cutmix import BatchMixer
 from dataset import MASK_MEAN, MASK_STD
 from loss import CRITERIONS, build_criterion
@@ -105,19 +105,11 @@ def test_clipping_bounds_the_gradient_norm(scaled):
     assert unclipped.weight.grad.norm() > 1  # the clip did bite
 
 
-def _lrs(scheduler, optimizer, epochs):
-    out = []
-    for epoch in range(1, epochs + 1):
-        out.append(optimizer.param_groups[0]["lr"])
-        scheduler.step(epoch)
-    return out
-
-
 def test_warmup_first_lrs_then_the_schedule_and_its_floor():
     model = torch.nn.Linear(4, 2)
     optimizer = build_optimizer("adamw", model, lr=1e-3)
     scheduler = build_scheduler(optimizer, "cosine", 10, 1, warmup_epochs=3, warmup_lr=1e-5, min_lr=1e-4)
-    lrs = _lrs(scheduler, optimizer, 10)
+    lrs = lrs_by_epoch(scheduler, optimizer, 10)
     assert lrs[:3] == pytest.approx([1e-5, 1e-5 + (1e-3 - 1e-5) / 3, 1e-5 + 2 * (1e-3 - 1e-5) / 3])
     assert lrs[3] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * 3 / 10)))
     assert min(lrs[3:]) >= 1e-4 and lrs[-1] < lrs[4]  # after the warmup: never under the floor
@@ -137,7 +129,7 @@ def test_warmup_first_lrs_then_the_schedule_and_its_floor():
 def test_step_multistep_and_plateau():
     model = torch.nn.Linear(4, 2)
     optimizer = build_optimizer("sgd", model, lr=0.1)
-    assert _lrs(build_scheduler(optimizer, "multistep", 6, 1, decay_milestones=(2, 4), decay_rate=0.5), optimizer, 6) \
+    assert lrs_by_epoch(build_scheduler(optimizer, "multistep", 6, 1, decay_milestones=(2, 4), decay_rate=0.5), optimizer, 6) \
         == pytest.approx([0.1, 0.05, 0.05, 0.025, 0.025, 0.025])  # epochs 2 and 4 start lower (timm)
     optimizer = build_optimizer("sgd", model, lr=0.1)
     plateau = build_scheduler(optimizer, "plateau", 10, 1, decay_rate=0.5, patience_epochs=1)
@@ -145,7 +137,7 @@ def test_step_multistep_and_plateau():
         plateau.step(epoch, f1)
     assert optimizer.param_groups[0]["lr"] < 0.1  # no better F1 for longer than the patience: decayed
     optimizer = build_optimizer("sgd", model, lr=0.1)
-    assert _lrs(build_scheduler(optimizer, "none", 3, 1), optimizer, 3) == pytest.approx([0.1] * 3)
+    assert lrs_by_epoch(build_scheduler(optimizer, "none", 3, 1), optimizer, 3) == pytest.approx([0.1] * 3)
 
 
 def test_a_resumed_plateau_schedule_decays_when_an_uninterrupted_one_does():

@@ -8,17 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FAST
+from conftest import FAST, lrs_by_epoch
 from maskcls.optim import FLAT_SHARE, ONE_CYCLE_DIV, Freezer, build_optimizer, build_scheduler
 from model import create_model
-
-
-def _lrs(scheduler, optimizer, epochs):
-    out = []
-    for epoch in range(1, epochs + 1):
-        out.append(optimizer.param_groups[0]["lr"])
-        scheduler.step(epoch)
-    return out
 
 
 def _optimizer(lr=1e-2):
@@ -27,7 +19,7 @@ def _optimizer(lr=1e-2):
 
 def test_one_cycle_rises_to_the_peak_at_30_percent_then_anneals_to_almost_nothing():
     optimizer = _optimizer()
-    lrs = _lrs(build_scheduler(optimizer, "onecycle", 20, 1), optimizer, 20)
+    lrs = lrs_by_epoch(build_scheduler(optimizer, "onecycle", 20, 1), optimizer, 20)
     assert lrs[0] == pytest.approx(1e-2 / ONE_CYCLE_DIV)
     assert max(lrs) == pytest.approx(1e-2) and lrs.index(max(lrs)) == 6  # 30% of 20 epochs
     assert all(a < b for a, b in zip(lrs[:6], lrs[1:7])) and all(a > b for a, b in zip(lrs[6:], lrs[7:]))
@@ -45,7 +37,7 @@ def test_one_cycle_rises_to_the_peak_at_30_percent_then_anneals_to_almost_nothin
 
 def test_flat_then_cosine_holds_the_peak_then_anneals():
     optimizer = _optimizer()
-    lrs = _lrs(build_scheduler(optimizer, "flatcos", 25, 1, min_lr=1e-5), optimizer, 25)
+    lrs = lrs_by_epoch(build_scheduler(optimizer, "flatcos", 25, 1, min_lr=1e-5), optimizer, 25)
     flat = math.ceil(FLAT_SHARE * 25)  # the first 72% of the epochs at the peak
     assert lrs[:flat] == pytest.approx([1e-2] * flat)
     assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[flat + 1] < lrs[flat]
@@ -54,11 +46,11 @@ def test_flat_then_cosine_holds_the_peak_then_anneals():
 
 def test_cosine_warm_restarts_fit_their_cycles_into_the_run():
     optimizer = _optimizer()
-    lrs = _lrs(build_scheduler(optimizer, "cosine", 12, 1, cycle_limit=2, cycle_decay=0.5), optimizer, 12)
+    lrs = lrs_by_epoch(build_scheduler(optimizer, "cosine", 12, 1, cycle_limit=2, cycle_decay=0.5), optimizer, 12)
     assert lrs[0] == pytest.approx(1e-2) and lrs[6] == pytest.approx(0.5e-2)  # the restart, at half the peak
     assert lrs[5] < 1e-3 and lrs[-1] < lrs[6] / 5  # each cycle anneals
     optimizer = _optimizer()  # cycle_mul 2: 3 cycles of 2, 4 and 8 epochs in a 14-epoch run
-    lrs = _lrs(build_scheduler(optimizer, "cosine", 14, 1, cycle_limit=3, cycle_mul=2.0), optimizer, 14)
+    lrs = lrs_by_epoch(build_scheduler(optimizer, "cosine", 14, 1, cycle_limit=3, cycle_mul=2.0), optimizer, 14)
     restarts = [i for i in range(1, 14) if lrs[i] > lrs[i - 1]]
     assert restarts == [2, 6] and lrs[2] == pytest.approx(1e-2)
 
@@ -67,7 +59,7 @@ def test_cosine_warm_restarts_fit_their_cycles_into_the_run():
 def test_shaped_schedules_resume_where_they_stopped(sched):
     optimizer = _optimizer()
     scheduler = build_scheduler(optimizer, sched, 10, 1)
-    lrs = _lrs(scheduler, optimizer, 10)
+    lrs = lrs_by_epoch(scheduler, optimizer, 10)
     state = scheduler.state_dict()
     assert "shape" not in state  # plain data: last.pth loads with weights_only=True
     optimizer = _optimizer()
