@@ -267,6 +267,12 @@ def add_output_flags(out):
     out.add_argument("--name", "--experiment", default="exp", help="run folder name; exp2, exp3, ... when taken")
     out.add_argument("--checkpoint_hist", type=cli.number(int, 0), default=0, metavar="K",
                      help="keep the K best epochs' weights (top-<epoch>.pth)")
+    out.add_argument("--swa_start", type=cli.number(int, 0), default=0, metavar="E",
+                     help="average the weights of every epoch from E on into swa.pth, BatchNorm recomputed (0: off)")
+    out.add_argument("--swa_lr", type=cli.number(float, 0, low_open=True), default=None,
+                     help="from --swa_start, torch's SWALR holds this rate (default: the run's schedule goes on)")
+    out.add_argument("--swa_anneal_epochs", type=cli.number(int, 0), default=0,
+                     help="epochs SWALR takes to reach --swa_lr (cosine; 0: at once)")
     out.add_argument("--average_top", type=cli.number(int, 0), default=0, metavar="K",
                      help="average the K best epochs' weights into averaged.pth (inference --checkpoint averaged.pth)")
     cli.bool_flag(out, "--smoke", help="run 2 training and 2 validation batches, write and read back a checkpoint, "

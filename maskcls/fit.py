@@ -20,6 +20,7 @@ from maskcls.labels import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, decode_la
 from maskcls.metrics import macro_f1
 from maskcls.runfolder import (PREVIEW_IMAGES, Checkpoint, RunLog, TopCheckpoints, best_epoch_figures, final_figures,
                                spread, write_config)
+from maskcls.swa import refresh_bn
 from model import load_weights, save_checkpoint
 
 FIGURE_REFRESH_SECONDS = 300  # best-epoch figures take ~2 s: redrawn on a new best at most every 5 minutes
@@ -65,11 +66,17 @@ def run_epoch(fold, epoch, epochs, validating, context):
         print(f"epoch {epoch}: the training images go through the validation transform from now on "
               f"(--aug_off_epoch {off})")
     step.mixer.active = not (fold.config["mix_off_epoch"] and epoch >= fold.config["mix_off_epoch"])
+    swa = fold.swa if fold.swa is not None and fold.swa.active(epoch) else None
+    if swa is not None and swa.swa_lr:  # SWALR holds the rate from here on; the run's schedule stops
+        swa.begin_epoch(epoch)
+        step.on_updates = False
     step.updates = (epoch - 1) * updates_per_epoch(len(fold.train.loader), step.accum)  # the per-update clock
     row = {"epoch": epoch, "lr": max(group["lr"] for group in step.optimizer.param_groups)}
     fold.sampler.set_epoch(epoch)  # the order and augmentation of an epoch depend on (seed, epoch) alone
     row["train_loss"], row["train_acc"] = train_one_epoch(fold.train_model, fold.train.loader, step, fold.device,
                                                           f"epoch {epoch}/{epochs}", context)
+    if swa is not None:
+        swa.end_epoch(epoch, fold.net)
     weights = step.ema.module if step.ema is not None and not fold.validates else fold.net
     val = validate(fold, fold.model, context) if validating else None
     row.update({k: v for k, v in (val or NO_VALIDATION).items() if k.startswith("val_")})
@@ -78,7 +85,8 @@ def run_epoch(fold, epoch, epochs, validating, context):
         row.update(ema_val_loss=ema_val["val_loss"], ema_val_f1=ema_val["val_f1"])
         if is_better(ema_val, val):
             val, weights = ema_val, step.ema.module
-    step.scheduler.step(epoch, val["val_f1"] if val is not None else None)  # the next epoch's lr
+    if swa is None or not swa.swa_lr:
+        step.scheduler.step(epoch, val["val_f1"] if val is not None else None)  # the next epoch's lr
     return row, val, weights
 
 
@@ -221,6 +229,8 @@ def finish_run_folder(fold, checkpoint, log, args, run_dir, context):
     then curves.png and gradcam.png."""
     if args.average_top:
         average_best(fold, args.average_top, run_dir, context)
+    if fold.swa is not None:
+        save_swa(fold, run_dir)
     if os.path.exists(checkpoint.best):
         load_weights(fold.net, checkpoint.best, fold.config["model"])
     val = fold.val
@@ -242,14 +252,34 @@ def average_best(fold, k, run_dir, context):
     state, epochs = averaged
     model = copy.deepcopy(fold.net)
     model.load_state_dict(state)
+    save_average(fold, model, epochs, os.path.join(run_dir, "averaged.pth"), "the mean of")
+
+
+def save_swa(fold, run_dir):
+    """swa.pth: the SWA average of the epochs from --swa_start on, its BatchNorm refreshed, scored."""
+    swa = fold.swa
+    if not swa.averaged:
+        print(f"swa: the run ended before epoch {swa.start}: no swa.pth")
+        return
+    epochs = list(range(swa.start, swa.start + swa.averaged))
+    save_average(fold, swa.model.module, epochs, os.path.join(run_dir, "swa.pth"), "the SWA average of")
+
+
+def save_average(fold, model, epochs, path, what):
+    """An average of weights into `path`: its BatchNorm statistics recomputed over the training
+    images first (an average of weights is not trained with the average of their statistics),
+    then scored on validation."""
+    refreshed = refresh_bn(model, fold.train.loader, fold.device)
     scores = {}
     if fold.validates:
         result = validate(fold, model, distributed.Context())
         scores = {k: result[k] for k in ("val_f1", "val_loss", "val_acc")}
-    save_checkpoint({"model": model.state_dict(), "epochs": epochs, **scores}, os.path.join(run_dir, "averaged.pth"))
+    save_checkpoint({"model": model.state_dict(), "epochs": epochs, "bn_refreshed": refreshed, **scores}, path)
     f1 = f" val_f1 {scores['val_f1']:.4f}" if scores else ""
-    print(f"averaged.pth: the mean of epochs {', '.join(map(str, epochs))}{f1} "
-          f"(python inference.py --checkpoint averaged.pth)")
+    name = os.path.basename(path)
+    print(f"{name}: {what} epochs {', '.join(map(str, epochs))}{f1}"
+          f"{', BatchNorm recomputed over the training images' if refreshed else ''} "
+          f"(python inference.py --checkpoint {name})")
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from maskcls.images import EpochSampler, ImageDataset, make_loader
 from maskcls.labels import TASKS, training_label
 from maskcls.optim import Freezer, SchedulerState, build_optimizer, build_scheduler
 from maskcls.runtime import compile_model, seed_everything
+from maskcls.swa import SWA
 from model import AGE_UNIT, build_from_config, load_weights
 
 
@@ -65,6 +66,7 @@ class Fold:
     val: Side
     views: list        # validation TTA
     device: torch.device
+    swa: SWA = None    # --swa_start: the weight average and its rate
 
     @property
     def tasks(self):
@@ -79,7 +81,7 @@ class Fold:
         step = self.step
         return {"model": self.net, "optimizer": step.optimizer, "scheduler": SchedulerState(step.scheduler),
                 "scaler": step.scaler, "ema": step.ema.module if step.ema is not None else None,
-                "mixer_rng": step.mixer}
+                "mixer_rng": step.mixer, "swa": self.swa}
 
 
 def fold_config(args, data, train_count, val_count, runtime):
@@ -204,4 +206,6 @@ def build_fold(args, data, split, runtime, cache=None, resume=False):
     counts = class_counts(train.labels, config["num_classes"])
     criterion = build_criterion_for(args, config["num_classes"], config["tasks"], counts, runtime.device)
     step = build_step(args, net, criterion, ema, runtime, len(train.loader), config)
-    return Fold(config, net, model, train_model, step, sampler, train, val, parse_tta(args.val_tta), runtime.device)
+    swa = SWA(net, step.optimizer, args.swa_start, args.swa_lr, args.swa_anneal_epochs) if args.swa_start else None
+    return Fold(config, net, model, train_model, step, sampler, train, val, parse_tta(args.val_tta), runtime.device,
+                swa)

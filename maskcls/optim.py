@@ -16,7 +16,9 @@ An optimizer of your own: `OPTIMIZERS.register("myopt")(factory)` with
 
 Example: python train.py --opt adamw --lr 1e-3 --weight_decay 0.05 --sched cosine --warmup_epochs 2
 """
+import contextlib
 import functools
+import logging
 import math
 
 import timm.optim
@@ -49,13 +51,30 @@ def _timm_scheduler(sched, optimizer, epochs, updates_per_epoch, on_updates=Fals
     times as high, fitted into `epochs` (timm counts --epochs per cycle; here the run keeps
     its length)."""
     cycles = sum(cycle_mul ** i for i in range(cycle_limit)) if sched in ("cosine", "tanh") else 1
-    scheduler, _ = timm.scheduler.create_scheduler_v2(
-        optimizer, sched=sched, num_epochs=max(1, round(epochs / cycles)) if cycles != 1 else epochs,
-        decay_epochs=decay_epochs, decay_milestones=list(decay_milestones), decay_rate=decay_rate, min_lr=min_lr,
-        warmup_lr=warmup_lr, warmup_epochs=warmup_epochs, patience_epochs=patience_epochs, plateau_mode="max",
-        cycle_limit=cycle_limit, cycle_mul=cycle_mul, cycle_decay=cycle_decay,
-        step_on_epochs=not on_updates, updates_per_epoch=updates_per_epoch)
+    with _quiet_timm_scheduler():
+        scheduler, _ = timm.scheduler.create_scheduler_v2(
+            optimizer, sched=sched, num_epochs=max(1, round(epochs / cycles)) if cycles != 1 else epochs,
+            decay_epochs=decay_epochs, decay_milestones=list(decay_milestones), decay_rate=decay_rate,
+            min_lr=min_lr, warmup_lr=warmup_lr, warmup_epochs=warmup_epochs, patience_epochs=patience_epochs,
+            plateau_mode="max", cycle_limit=cycle_limit, cycle_mul=cycle_mul, cycle_decay=cycle_decay,
+            step_on_epochs=not on_updates, updates_per_epoch=updates_per_epoch)
     return scheduler
+
+
+@contextlib.contextmanager
+def _quiet_timm_scheduler():
+    """timm's cosine and poly schedules log a warning when a one-epoch run keeps its rate
+    ("will have no effect"): true, harmless, and a stray line on stderr around a user error's
+    one line. Muted while one is built."""
+    loggers = [logging.getLogger(f"timm.scheduler.{name}") for name in ("cosine_lr", "poly_lr")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class ShapedLR(timm.scheduler.scheduler.Scheduler):

@@ -132,6 +132,11 @@ def check_schedule_flags(args):
     if args.aug_off_epoch > args.epochs:
         raise cli.UserError(f"--aug_off_epoch {args.aug_off_epoch} with --epochs {args.epochs}: it would never take "
                             f"effect; give an epoch of the run (or 0: never)")
+    if args.swa_start and not args.freeze_epochs < args.swa_start <= args.epochs:
+        raise cli.UserError(f"--swa_start {args.swa_start}: an epoch of the run (--epochs {args.epochs}) after the "
+                            f"frozen ones (--freeze_epochs {args.freeze_epochs})")
+    if (args.swa_lr or args.swa_anneal_epochs) and not args.swa_start:
+        raise cli.UserError("--swa_lr and --swa_anneal_epochs shape SWA: give --swa_start E too")
     cycles = (args.cycle_limit, args.cycle_mul, args.cycle_decay) != (1, 1.0, 1.0)
     if cycles and args.scheduler not in ("cosine", "tanh"):
         raise cli.UserError(f"--cycle_limit/--cycle_mul/--cycle_decay shape cosine or tanh restarts; "
