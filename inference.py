@@ -30,7 +30,7 @@ from maskcls.heldout import BIAS_FILE, apply_bias, load_bias, load_cuts
 from maskcls.images import ImageDataset, make_loader, open_store
 from maskcls.labels import MASK_CLASSES
 from maskcls.metrics import macro_f1
-from maskcls.predict import expand_runs, load_run, predict_many, run_prepared_size
+from maskcls.predict import expand_runs, load_run, predict_many, refit_runs, run_prepared_size
 from maskcls.readers import is_number, labels_in_range, read_config, read_json
 from maskcls.runtime import resolve_device, resolve_precision
 from maskcls.summary import EVAL_SCORES, SEEDS_FILE
@@ -56,7 +56,8 @@ def get_args_parser():
     parser.add_argument("--recipe", default=None, metavar="JSON",
                         help="an ensemble recipe from ensemble.py --fit: its members with their weights")
     parser.add_argument("--runs", default="runs", help="where to look for the newest run")
-    parser.add_argument("--checkpoint", default="best.pth", help="which checkpoint of each run folder")
+    parser.add_argument("--checkpoint", default="best.pth",
+                        help="which checkpoint of each run folder (refit: the run's full-data refit, train.py --refit)")
     parser.add_argument("--output", default=os.path.join("output", "submission.csv"), help="the submission to write")
     parser.add_argument("--output_dir", default=None, metavar="DIR",
                         help="the public baseline's flag: write DIR/submission.csv (DIR/<name> with --output)")
@@ -248,8 +249,14 @@ def main(args):
     check_outputs(outputs, overwrite=args.overwrite)
     if args.recipe and args.model_dir:
         raise cli.UserError("--recipe names its own runs: give it or --model_dir, not both")
-    given, weights = read_recipe(args.recipe) if args.recipe else (args.model_dir or [newest_run(args.runs, args.checkpoint)], None)
-    run_dirs, run_weights = expand_runs(given, weights)
+    refit = args.checkpoint == "refit"
+    checkpoint = "best.pth" if refit else args.checkpoint  # a refit's model is its best.pth
+    given, weights = read_recipe(args.recipe) if args.recipe else (args.model_dir or [newest_run(args.runs, checkpoint)], None)
+    members = refit_runs(given) if refit else given  # each run's full-data refit in its place
+    if weights is not None and len(members) != len(weights):
+        raise cli.UserError("--checkpoint refit with --recipe: a recipe of seed groups has one refit per seed; "
+                            "list the seeds' runs in the recipe")
+    run_dirs, run_weights = expand_runs(members, weights)
     configs = [read_config(r) for r in run_dirs]  # fail on a bad run folder before any work
     for run_dir, config in zip(run_dirs[1:], configs[1:]):
         if config["classes"] != configs[0]["classes"]:
@@ -264,7 +271,7 @@ def main(args):
     report_age_cuts(run_dirs, configs)
     store = open_store(store_folder(args.cache_dir, args.data_dir), len(eval_set.paths),
                        max((run_prepared_size(c) for c in configs), key=lambda s: s[0] * s[1]))
-    probs = ensemble_probs(run_dirs, configs, args.checkpoint, eval_set.paths, views, args.batch_size,
+    probs = ensemble_probs(run_dirs, configs, checkpoint, eval_set.paths, views, args.batch_size,
                            args.num_workers, device, precision, run_weights, store)
     if args.person_pool:
         probs = person_pooled(probs, eval_set.paths, args.photos_per_person)

@@ -30,6 +30,7 @@ from maskcls.data import TrainingData, open_image_cache, read_source, store_fold
 from maskcls.fit import RunClock, train_fold
 from maskcls.heldout import write_oof
 from maskcls.optim import OPTIMIZERS, SCHEDULERS
+from maskcls.refit import train_refit
 from maskcls.options import TIMM_FLAGS, check_flags, warn_ignored_options
 from maskcls.runfolder import fold_status, open_run, run_status, write_config
 from maskcls.runtime import Runtime, seed_everything
@@ -49,7 +50,8 @@ DEFAULT_SMOOTHING = 0.0         # off: it caps confidence, which --pseudo_thresh
 
 # what config.json records beside the flags: skipped when it is read back with --config / --resume
 DERIVED_KEYS = ("input_size", "prepared_size", "num_classes", "classes", "mean", "std", "label_scheme", "tasks",
-                "train_images", "val_images", "world_size", "fold_dirs", "seed_dirs", "precision_probe")
+                "train_images", "val_images", "world_size", "fold_dirs", "seed_dirs", "precision_probe", "refit_of",
+                "refit_estimate")
 
 
 # ---------------------------------------------------------------- the flags
@@ -267,6 +269,9 @@ def add_output_flags(out):
     out.add_argument("--name", "--experiment", default="exp", help="run folder name; exp2, exp3, ... when taken")
     out.add_argument("--checkpoint_hist", type=cli.number(int, 0), default=0, metavar="K",
                      help="keep the K best epochs' weights (top-<epoch>.pth)")
+    cli.bool_flag(out, "--refit", help="then train once more on every training image (validation side included) for "
+                                       "the best epoch count (k-fold: the folds' median) into RUN/refit; "
+                                       "inference.py --checkpoint refit uses it")
     out.add_argument("--swa_start", type=cli.number(int, 0), default=0, metavar="E",
                      help="average the weights of every epoch from E on into swa.pth, BatchNorm recomputed (0: off)")
     out.add_argument("--swa_lr", type=cli.number(float, 0, low_open=True), default=None,
@@ -332,6 +337,8 @@ def run_training(args, runtime, monitor=None):
             train_fold(args, data, splits[0], run_dir, runtime, cache, resume=bool(args.resume), monitor=monitor)
         if args.age_head == "regression" and context.is_main:
             agecuts.fit_trained_run(run_dir)
+        if args.refit:
+            train_refit(args, data, splits, run_dir, runtime, cache)
     return run_dir
 
 

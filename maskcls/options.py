@@ -170,6 +170,13 @@ def check_run_modes(args):
         if not os.path.isfile(os.path.join(args.soft_oof, "oof.csv")):
             raise cli.UserError(f"--soft_oof {args.soft_oof}: no oof.csv; it takes a --kfold run's out-of-fold "
                                 f"predictions")
+    if args.refit:
+        for reason, refused in (("it learns its epoch count from validation: give --val_ratio > 0",
+                                 args.val_ratio == 0 and not args.kfold),
+                                ("--scheduler plateau follows val F1, and the refit has none", args.scheduler == "plateau"),
+                                ("--overfit_batches trains a fixed set of batches", args.overfit_batches)):
+            if refused:
+                raise cli.UserError(f"--refit: {reason}")
     if args.overfit_batches:
         if args.kfold or args.seeds:
             raise cli.UserError("--overfit_batches trains one fixed set of batches: not with --kfold or --seeds")

@@ -32,6 +32,24 @@ def expand_runs(run_dirs, weights=None):
 
 
 
+def refit_runs(run_dirs):
+    """`--checkpoint refit`: each run folder's full-data refit (train.py --refit: RUN/refit), a seed
+    group's for each of its seeds; its best.pth is the refit's model."""
+    found = []
+    for run_dir in run_dirs:
+        refit = os.path.join(run_dir, "refit")
+        if os.path.isfile(os.path.join(refit, "best.pth")):
+            found.append(refit)
+            continue
+        config = read_config(run_dir)
+        if config.get("seed_dirs"):
+            found += refit_runs([os.path.join(run_dir, m) for m in member_dirs(config, os.path.join(run_dir, "config.json"))])
+        else:
+            raise cli.UserError(f"--checkpoint refit: {run_dir} has no finished refit ({refit}/best.pth); train it with "
+                                f"python train.py --resume {run_dir} --refit True")
+    return found
+
+
 def load_run(run_dir, config, checkpoint, device):
     """The model of a run folder, rebuilt from its config.json alone, in eval mode (an age head with
     the run's fitted cut points)."""

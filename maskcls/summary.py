@@ -40,11 +40,14 @@ def read_metrics(run_dir):
 
 
 def eval_score(run_dir):
-    """The eval macro F1 of the latest `inference.py --answers` of this run alone, or NaN."""
+    """The eval macro F1 of the latest `inference.py --answers` of this run alone with its
+    best.pth (not swa.pth, averaged.pth or its refit), or NaN."""
     path = os.path.join(run_dir, EVAL_SCORES)
     if not os.path.isfile(path):
         return math.nan
     scores = pd.read_csv(path)
+    if "checkpoint" in scores:
+        scores = scores[scores["checkpoint"].fillna("best.pth") == "best.pth"]
     return float(scores["macro_f1"].iloc[-1]) if len(scores) and "macro_f1" in scores else math.nan
 
 
