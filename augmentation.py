@@ -16,6 +16,7 @@ from the factory's signature) and is recorded in config.json:
 
 Example: python train.py --augmentation AlbuAugmentation --resize 256,192
 """
+import functools
 import math
 import random
 import re
@@ -286,18 +287,73 @@ def zoom_hflip(images):
     return hflip(zoom(images))
 
 
-def parse_tta(text):
-    """'hflip,zoom' -> the view functions (an empty text or 'none': no TTA); unknown names fail."""
+def scaled(images, factor):
+    """The batch seen at `factor` times its scale, at its own size: larger than 1, the centre of
+    the enlarged image (as `zoom`); smaller, the shrunk image in the middle, its border
+    reflected outward (a frame of the image, not of black)."""
+    if factor >= 1:
+        return zoom(images, factor)
+    height, width = images.shape[-2:]
+    small = torch.nn.functional.interpolate(images, size=(max(1, round(height * factor)), max(1, round(width * factor))),
+                                            mode="bilinear", align_corners=False, antialias=True)
+    top, left = (height - small.shape[-2]) // 2, (width - small.shape[-1]) // 2
+    pad = (left, width - small.shape[-1] - left, top, height - small.shape[-2] - top)
+    mode = "reflect" if min(small.shape[-2:]) > max(pad) else "replicate"
+    return torch.nn.functional.pad(small, pad, mode=mode)
+
+
+SCALE_VIEW = re.compile(r"^scale(\d+(?:\.\d+)?)(_hflip)?$")
+SCALE_RANGE = (0.5, 2.0)
+
+
+class TTAViews(list):
+    """The view functions of a --tta text, and the weight of each prediction (the original
+    first): `weights` None averages them equally."""
+    weights = None
+
+
+def parse_tta(text, weights=None):
+    """'hflip,zoom,scale0.9,scale1.15_hflip' -> the view functions (an empty text or 'none': no
+    TTA); `scale<f>` sees the image at f times its scale (0.5-2), `_hflip` mirrors it too.
+    `weights` (w_original, w_view1, ...): the weight of each prediction in the average, the
+    original's first (normalised; default equal). Unknown names, a weight per view missing or a
+    negative or non-finite weight fail in one line."""
     names = [n.strip() for n in (text or "").split(",") if n.strip() and n.strip() != "none"]
-    return [TTA_VIEWS.get(n) for n in names]
+    views = TTAViews()
+    for name in names:
+        match = SCALE_VIEW.match(name.lower())
+        if match is None:
+            views.append(TTA_VIEWS.get(name))
+            continue
+        factor = float(match.group(1))
+        if not SCALE_RANGE[0] <= factor <= SCALE_RANGE[1]:
+            raise UserError(f"TTA view {name}: a scale from {SCALE_RANGE[0]} to {SCALE_RANGE[1]}, e.g. scale0.9, "
+                            f"scale1.15")
+        view = functools.partial(scaled, factor=factor)
+        views.append((lambda images, view=view: hflip(view(images))) if match.group(2) else view)
+    if weights is not None:
+        if len(weights) != len(views) + 1:
+            raise UserError(f"--tta_weights: {len(views) + 1} weights, the original's first and one per view of "
+                            f"--tta {text!r}; got {len(weights)}")
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+            raise UserError(f"--tta_weights {','.join(map(str, weights))}: finite weights >= 0, not all 0")
+        views.weights = [w / sum(weights) for w in weights]
+    return views
 
 
 def tta_logits(model, images, views):
-    """Logits of the plain batch, and the log of the softmax averaged over it and its views."""
+    """Logits of the plain batch, and the log of the softmax averaged over it and its views (with
+    `views.weights`, a weighted average)."""
     logits = model(images)
     if not views:
         return logits, torch.log_softmax(logits.float(), dim=1)
-    probs = torch.softmax(logits.float(), dim=1)
-    for view in views:
-        probs = probs + torch.softmax(model(view(images)).float(), dim=1)
-    return logits, torch.log(probs / (len(views) + 1))
+    weights = getattr(views, "weights", None)
+    if weights is None:
+        probs = torch.softmax(logits.float(), dim=1)
+        for view in views:
+            probs = probs + torch.softmax(model(view(images)).float(), dim=1)
+        return logits, torch.log(probs / (len(views) + 1))
+    probs = weights[0] * torch.softmax(logits.float(), dim=1)
+    for view, weight in zip(views, weights[1:]):
+        probs = probs + weight * torch.softmax(model(view(images)).float(), dim=1)
+    return logits, torch.log(probs)

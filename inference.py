@@ -65,8 +65,11 @@ def get_args_parser():
     parser.add_argument("--answers", default=None, metavar="CSV",
                         help="true labels (ImageID,ans): print accuracy and macro F1")
     parser.add_argument("--tta", default="none", metavar="VIEWS",
-                        help=f"average the softmax over the image and these views, e.g. hflip,zoom "
+                        help=f"average the softmax over the image and these views, e.g. hflip,zoom,scale0.9,scale1.15_hflip "
                              f"({TTA_VIEWS.help()})")
+    cli.words_flag(parser, "--tta_weights", parse=cli.parse_floats, default=None, metavar="W0,W1,...",
+                   help="the weight of each prediction in the TTA average, the original image's first (default: "
+                        "equal), e.g. --tta scale0.9,scale1.15 --tta_weights 2,1,1")
     cli.bool_flag(parser, "--save_probs", help="also write per-class probabilities to <output>_probs.csv "
                                                "(the input of ensemble.py and --pseudo_labels)")
     cli.bool_flag(parser, "--person_pool", help="group the photos into persons by their content (7 each) and pool "
@@ -242,7 +245,7 @@ def maybe_bias(probs, given, classes, off):
 
 def main(args):
     device = resolve_device(args.device)
-    views = parse_tta(args.tta)
+    views = parse_tta(args.tta, args.tta_weights)
     if args.output_dir:
         args.output = os.path.join(args.output_dir, os.path.basename(args.output))
     outputs = [args.output] + ([probs_path_for(args.output)] if args.save_probs else [])
@@ -309,7 +312,9 @@ def record_eval_score(run_dir, args, accuracy, f1, images):
     """A row of RUN/eval_scores.csv: how this inference scored against known answers."""
     path = os.path.join(run_dir, EVAL_SCORES)
     row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "data_dir": args.data_dir, "answers": args.answers,
-           "checkpoint": args.checkpoint, "tta": args.tta, "person_pool": args.person_pool,
+           "checkpoint": args.checkpoint, "tta": args.tta,
+           "tta_weights": ",".join(f"{w:g}" for w in args.tta_weights) if args.tta_weights else "",
+           "person_pool": args.person_pool,
            "bias": not args.no_bias, "images": images, "accuracy": round(accuracy, 6), "macro_f1": round(f1, 6)}
     try:
         earlier = pd.read_csv(path) if os.path.isfile(path) else pd.DataFrame()

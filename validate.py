@@ -48,6 +48,8 @@ def get_args_parser():
     cli.bool_flag(parser, "--use_ema", help="score the EMA weights last.pth keeps (a run trained with --ema)")
     parser.add_argument("--tta", default=None, metavar="VIEWS",
                         help=f"test-time views ({TTA_VIEWS.help()}); default: the run's --val_tta")
+    cli.words_flag(parser, "--tta_weights", parse=cli.parse_floats, default=None, metavar="W0,W1,...",
+                   help="the weight of each prediction in the TTA average, the original image's first (default: equal)")
     parser.add_argument("--output_dir", default=None, metavar="DIR", help="where to write (default: RUN/validate)")
     cli.bool_flag(parser, "--overwrite", help="replace an earlier report")
     parser.add_argument("--batch_size", "-b", type=cli.positive_int, default=None,
@@ -115,7 +117,7 @@ def score_images(run_dir, config, root, paths, args, device):
     """Probabilities of the run's model on `paths`, prepared, normalized, cropped, batched and at
     the precision its validation used."""
     precision = resolve_precision(config.get("precision", "fp32"), device, config.get("channels_last", False))
-    views = parse_tta(args.tta if args.tta is not None else config.get("val_tta", "none"))
+    views = parse_tta(args.tta if args.tta is not None else config.get("val_tta", "none"), args.tta_weights)
     size = tuple(config["input_size"])
     regions = face_regions(paths, root, config.get("face_margin", FACE_MARGIN)) if config.get("facecrop") else None
     dataset = ImageDataset(paths, [-1] * len(paths), eval_transform(size, config["mean"], config["std"]),

@@ -375,6 +375,8 @@ def test_a_damaged_metrics_csv_is_one_line_on_resume(tmp_path):
     (["--swa_start", "5", "--epochs", "4"], "--swa_start 5: an epoch of the run"),
     (["--swa_start", "2", "--freeze_epochs", "2", "--epochs", "4"], "after the frozen ones"),
     (["--swa_lr", "1e-3"], "give --swa_start E too"), (["--swa_lr", "0"], "argument --swa_lr:"),
+    (["--refit", "--val_ratio", "0"], "--refit: it learns its epoch count from validation"),
+    (["--refit", "--scheduler", "plateau"], "--refit: --scheduler plateau"), (["--refit", "maybe"], "--refit"),
     (["--lr-base", "0.1"], "--lr-base is timm's flag, not this one's"),
     (["--num-classes", "18"], "--num-classes is timm's flag"),
     (["--mixup", "0.2"], "timm's alpha is --mixup_alpha 0.2"),

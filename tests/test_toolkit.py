@@ -85,6 +85,34 @@ def test_tta_averages_softmax_over_views():
         parse_tta("hflipp")
 
 
+def test_tta_at_several_scales_with_a_weight_for_the_original():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 20 * 16, 5)).eval()
+    x = torch.rand(2, 3, 20, 16)
+    views = parse_tta("scale0.8,scale1.25_hflip", [2, 1, 1])
+    assert views.weights == [0.5, 0.25, 0.25]
+    small, big = views[0](x), views[1](x)
+    assert small.shape == big.shape == x.shape
+    # 0.8: the image shrunk to 16x13 sits in the middle, its border reflected outward
+    shrunk = F.interpolate(x, size=(16, 13), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.allclose(small[..., 2:18, 1:14], shrunk)
+    assert torch.allclose(small[..., 1, 1:14], shrunk[..., 1, :])  # reflection, not black
+    # 1.25 + hflip: the centre of the enlarged image, mirrored
+    enlarged = F.interpolate(x, scale_factor=1.25, mode="bilinear", align_corners=False)
+    assert torch.allclose(big, enlarged[..., 2:22, 2:18].flip(-1))
+    _, logp = tta_logits(model, x, views)
+    expected = 0.5 * F.softmax(model(x), 1) + 0.25 * F.softmax(model(small), 1) + 0.25 * F.softmax(model(big), 1)
+    assert torch.allclose(logp.exp(), expected, atol=1e-6)
+    _, only = tta_logits(model, x, parse_tta("scale1.1", [1, 0]))  # a zero weight drops a view
+    assert torch.allclose(only.exp(), F.softmax(model(x), 1), atol=1e-6)
+    assert torch.allclose(parse_tta("scale1.1")[0](x), parse_tta("zoom")[0](x))  # zoom is scale1.1
+    for text, weights, needle in (("scale3", None, "scale from 0.5 to 2"), ("scale1.1", [1], "2 weights"),
+                                  ("hflip", [1, -1], "finite weights >= 0"), ("hflip", [0, 0], "not all 0"),
+                                  ("hflip", [1, float("nan")], "finite")):
+        with pytest.raises(UserError, match=needle):
+            parse_tta(text, weights)
+
+
 # ---------------------------------------------------------------- heads and losses
 def test_factorized_head_is_the_product_of_task_softmaxes():
     torch.manual_seed(0)
