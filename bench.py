@@ -605,7 +605,8 @@ def _write_class_folders(root, x_train, y_train, x_test, y_test, names):
 
 def folder_labels(test_dir):
     """{relative path: class index} of a folder-per-class test set (classes: sorted folder names)."""
-    classes = sorted(os.listdir(test_dir))
+    classes = sorted(name for name in os.listdir(test_dir)  # not the prepared-image cache inference keeps there
+                     if not name.startswith(".") and os.path.isdir(os.path.join(test_dir, name)))
     return {os.path.join(name, f): i for i, name in enumerate(classes) for f in os.listdir(os.path.join(test_dir, name))}
 
 
