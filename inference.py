@@ -243,6 +243,27 @@ def maybe_bias(probs, given, classes, off):
     return apply_bias(probs, bias)
 
 
+def chosen_runs(args):
+    """(the run folders given, the checkpoint each model loads, the models' run folders, their
+    weights, their configs): --model_dir, a --recipe, or the newest run; with --checkpoint refit
+    each run's full-data refit in its place. Every config read and checked before any work."""
+    if args.recipe and args.model_dir:
+        raise cli.UserError("--recipe names its own runs: give it or --model_dir, not both")
+    refit = args.checkpoint == "refit"
+    checkpoint = "best.pth" if refit else args.checkpoint  # a refit's model is its best.pth
+    given, weights = read_recipe(args.recipe) if args.recipe else (args.model_dir or [newest_run(args.runs, checkpoint)], None)
+    members = refit_runs(given) if refit else given
+    if weights is not None and len(members) != len(weights):
+        raise cli.UserError("--checkpoint refit with --recipe: a recipe of seed groups has one refit per seed; "
+                            "list the seeds' runs in the recipe")
+    run_dirs, run_weights = expand_runs(members, weights)
+    configs = [read_config(r) for r in run_dirs]
+    for run_dir, config in zip(run_dirs[1:], configs[1:]):
+        if config["classes"] != configs[0]["classes"]:
+            raise cli.UserError(f"cannot ensemble {run_dirs[0]} and {run_dir}: their classes differ")
+    return given, checkpoint, run_dirs, run_weights, configs
+
+
 def main(args):
     device = resolve_device(args.device)
     views = parse_tta(args.tta, args.tta_weights)
@@ -250,20 +271,7 @@ def main(args):
         args.output = os.path.join(args.output_dir, os.path.basename(args.output))
     outputs = [args.output] + ([probs_path_for(args.output)] if args.save_probs else [])
     check_outputs(outputs, overwrite=args.overwrite)
-    if args.recipe and args.model_dir:
-        raise cli.UserError("--recipe names its own runs: give it or --model_dir, not both")
-    refit = args.checkpoint == "refit"
-    checkpoint = "best.pth" if refit else args.checkpoint  # a refit's model is its best.pth
-    given, weights = read_recipe(args.recipe) if args.recipe else (args.model_dir or [newest_run(args.runs, checkpoint)], None)
-    members = refit_runs(given) if refit else given  # each run's full-data refit in its place
-    if weights is not None and len(members) != len(weights):
-        raise cli.UserError("--checkpoint refit with --recipe: a recipe of seed groups has one refit per seed; "
-                            "list the seeds' runs in the recipe")
-    run_dirs, run_weights = expand_runs(members, weights)
-    configs = [read_config(r) for r in run_dirs]  # fail on a bad run folder before any work
-    for run_dir, config in zip(run_dirs[1:], configs[1:]):
-        if config["classes"] != configs[0]["classes"]:
-            raise cli.UserError(f"cannot ensemble {run_dirs[0]} and {run_dir}: their classes differ")
+    given, checkpoint, run_dirs, run_weights, configs = chosen_runs(args)
     classes = configs[0]["classes"]
     if args.person_pool and classes != MASK_CLASSES:
         raise cli.UserError("--person_pool needs the competition's 18 classes (mask x gender x age band)")

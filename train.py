@@ -27,12 +27,11 @@ from facecrop import FACE_MARGIN
 from loss import CRITERIONS
 from maskcls import cli, distributed, shortcuts
 from maskcls.data import TrainingData, open_image_cache, read_source, store_folder
-from maskcls.fit import RunClock, train_fold
-from maskcls.heldout import write_oof
+from maskcls.fit import train_fold, train_kfold
 from maskcls.optim import OPTIMIZERS, SCHEDULERS
 from maskcls.refit import train_refit
 from maskcls.options import TIMM_FLAGS, check_flags, warn_ignored_options
-from maskcls.runfolder import fold_status, open_run, run_status, write_config
+from maskcls.runfolder import open_run, run_status, write_config
 from maskcls.runtime import Runtime, seed_everything
 from maskcls.summary import write_seed_summary
 from model import AGE_HEADS, HEADS, MODELS, MSD_P, input_size_of
@@ -391,36 +390,6 @@ def default_batch_size(train_images, world_size=1):
         print(f"batch size {batch}: {per_process} training images make at least {MIN_UPDATES_PER_EPOCH} updates "
               f"an epoch (--batch_size sets it)")
     return batch
-
-
-def train_kfold(args, data, splits, run_dir, runtime, cache, monitor=None):
-    """--kfold K: one run folder per fold (fold1..foldK, or the --folds chosen) under `run_dir`, then
-    oof.csv and kfold.json. --resume of the parent skips finished folds and continues the rest."""
-    context = runtime.context
-    chosen = args.folds or list(range(1, len(splits) + 1))
-    fold_dirs = [f"fold{i}" for i in chosen]
-    if context.is_main:
-        write_config(run_dir, {**vars(args), "resume": None, "fold_dirs": fold_dirs, "classes": data.source.classes})
-    paths = [os.path.join(run_dir, fold_dir) for fold_dir in fold_dirs]
-    progress = distributed.broadcast(context, [fold_status(p) for p in paths] if context.is_main else None)
-    clock = RunClock(sum(args.epochs - done for status, done in progress if status != "done"))
-    for number, fold_dir, path, (status, _) in zip(chosen, fold_dirs, paths, progress):
-        if status == "done":
-            print(f"--- {fold_dir} of {len(splits)}: finished earlier")
-            continue
-        if context.is_main and status == "new":
-            os.makedirs(path, exist_ok=True)
-        distributed.barrier(context)
-        print(f"--- {fold_dir} of {len(splits)}{' (resumed)' if status == 'unfinished' else ''}")
-        # a monitor hears one step per epoch across the folds: fold 2's first epoch is step epochs + 1
-        step = None if monitor is None else \
-            (lambda epoch, f1, base=(number - 1) * args.epochs: monitor(base + epoch, f1))
-        train_fold(args, data, splits[number - 1], path, runtime, cache, resume=status == "unfinished", clock=clock,
-                   monitor=step)
-    if context.is_main:
-        summary = write_oof(run_dir, data.source, fold_dirs)
-        print(f"k-fold: out-of-fold macro F1 {summary['oof_f1']:.4f}, per fold "
-              f"{', '.join(f'{f:.4f}' for f in summary['fold_f1'])} -> {run_dir}")
 
 
 if __name__ == "__main__":

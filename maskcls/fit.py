@@ -1,6 +1,7 @@
 """One fold's training, around `build_fold`'s parts: the run folder's first files
 (`start_run_folder`), the epoch loop (`fit`: train, validate, keep the best, save last.pth, stop
-early), and the last steps (`finish_run_folder`: averaged.pth, the final figures).
+early), and the last steps (`finish_run_folder`: averaged.pth, swa.pth, the final figures);
+`train_kfold`: a fold after another, then oof.csv.
 
 Example: python train.py --val_every 2 --patience 5 --checkpoint_hist 3 --average_top 3
 """
@@ -15,11 +16,11 @@ from dataset import write_split_csv
 from maskcls import cli, distributed, plots
 from maskcls.engine import evaluate, is_better, train_one_epoch, updates_per_epoch
 from maskcls.fold import build_fold
-from maskcls.heldout import write_val_predictions
+from maskcls.heldout import write_oof, write_val_predictions
 from maskcls.labels import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, decode_label
 from maskcls.metrics import macro_f1
 from maskcls.runfolder import (PREVIEW_IMAGES, Checkpoint, RunLog, TopCheckpoints, best_epoch_figures, final_figures,
-                               spread, write_config)
+                               fold_status, spread, write_config)
 from maskcls.swa import refresh_bn
 from model import load_weights, save_checkpoint
 
@@ -206,6 +207,36 @@ def train_fold(args, data, split, run_dir, runtime, cache=None, resume=False, cl
         for line in collapsed(best_output["labels"].numpy(), best_output["preds"].numpy(), fold.config["classes"],
                               fold.tasks is not None):
             print(f"warning: at the best epoch ({best['epoch']}) {line}", file=sys.stderr)
+
+
+def train_kfold(args, data, splits, run_dir, runtime, cache, monitor=None):
+    """--kfold K: one run folder per fold (fold1..foldK, or the --folds chosen) under `run_dir`, then
+    oof.csv and kfold.json. --resume of the parent skips finished folds and continues the rest."""
+    context = runtime.context
+    chosen = args.folds or list(range(1, len(splits) + 1))
+    fold_dirs = [f"fold{i}" for i in chosen]
+    if context.is_main:
+        write_config(run_dir, {**vars(args), "resume": None, "fold_dirs": fold_dirs, "classes": data.source.classes})
+    paths = [os.path.join(run_dir, fold_dir) for fold_dir in fold_dirs]
+    progress = distributed.broadcast(context, [fold_status(p) for p in paths] if context.is_main else None)
+    clock = RunClock(sum(args.epochs - done for status, done in progress if status != "done"))
+    for number, fold_dir, path, (status, _) in zip(chosen, fold_dirs, paths, progress):
+        if status == "done":
+            print(f"--- {fold_dir} of {len(splits)}: finished earlier")
+            continue
+        if context.is_main and status == "new":
+            os.makedirs(path, exist_ok=True)
+        distributed.barrier(context)
+        print(f"--- {fold_dir} of {len(splits)}{' (resumed)' if status == 'unfinished' else ''}")
+        # a monitor hears one step per epoch across the folds: fold 2's first epoch is step epochs + 1
+        step = None if monitor is None else \
+            (lambda epoch, f1, base=(number - 1) * args.epochs: monitor(base + epoch, f1))
+        train_fold(args, data, splits[number - 1], path, runtime, cache, resume=status == "unfinished", clock=clock,
+                   monitor=step)
+    if context.is_main:
+        summary = write_oof(run_dir, data.source, fold_dirs)
+        print(f"k-fold: out-of-fold macro F1 {summary['oof_f1']:.4f}, per fold "
+              f"{', '.join(f'{f:.4f}' for f in summary['fold_f1'])} -> {run_dir}")
 
 
 def collapsed(labels, preds, classes, per_task):
