@@ -91,3 +91,18 @@ def test_refit_needs_validation_and_inference_needs_a_refit(work, tmp_path):
     run_cli("train.py", *FAST, "--epochs", "1", "--name", "plain", "--model_dir", tmp_path, cwd=work)
     one_line_error(run_cli("inference.py", "--model_dir", tmp_path / "plain", "--checkpoint", "refit",
                            "--output", tmp_path / "sub.csv", cwd=work, check=False), "no finished refit")
+
+
+def test_checkpoint_refit_of_a_seed_group_is_every_seeds_refit(tmp_path):
+    from maskcls.cli import UserError
+    from maskcls.predict import refit_runs
+    group = tmp_path / "group"
+    group.mkdir()
+    (group / "config.json").write_text(json.dumps({"seed_dirs": ["seed0", "seed1"], "classes": ["a", "b"]}))
+    for seed in ("seed0", "seed1"):
+        (group / seed / "refit").mkdir(parents=True)
+        (group / seed / "refit" / "best.pth").write_bytes(b"")
+    assert refit_runs([str(group)]) == [str(group / "seed0" / "refit"), str(group / "seed1" / "refit")]
+    os.remove(group / "seed1" / "refit" / "best.pth")  # an unfinished refit is no model: one line naming the seed
+    with pytest.raises(UserError, match="seed1"):
+        refit_runs([str(group)])
