@@ -294,8 +294,8 @@ def scaled(images, factor):
     if factor >= 1:
         return zoom(images, factor)
     height, width = images.shape[-2:]
-    small = torch.nn.functional.interpolate(images, size=(max(1, round(height * factor)), max(1, round(width * factor))),
-                                            mode="bilinear", align_corners=False, antialias=True)
+    size = (max(1, round(height * factor)), max(1, round(width * factor)))
+    small = torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
     top, left = (height - small.shape[-2]) // 2, (width - small.shape[-1]) // 2
     pad = (left, width - small.shape[-1] - left, top, height - small.shape[-2] - top)
     mode = "reflect" if min(small.shape[-2:]) > max(pad) else "replicate"

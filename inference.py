@@ -65,8 +65,9 @@ def get_args_parser():
     parser.add_argument("--answers", default=None, metavar="CSV",
                         help="true labels (ImageID,ans): print accuracy and macro F1")
     parser.add_argument("--tta", default="none", metavar="VIEWS",
-                        help=f"average the softmax over the image and these views, e.g. hflip,zoom,scale0.9,scale1.15_hflip "
-                             f"({TTA_VIEWS.help()})")
+                        help=f"average the softmax over the image and these views, e.g. "
+                             f"hflip,zoom,scale0.9,scale1.15_hflip "
+                             f"(scale<f> for f in 0.5-2, scale<f>_hflip, or {TTA_VIEWS.help()})")
     cli.words_flag(parser, "--tta_weights", parse=cli.parse_floats, default=None, metavar="W0,W1,...",
                    help="the weight of each prediction in the TTA average, the original image's first (default: "
                         "equal), e.g. --tta scale0.9,scale1.15 --tta_weights 2,1,1")
@@ -251,7 +252,10 @@ def chosen_runs(args):
         raise cli.UserError("--recipe names its own runs: give it or --model_dir, not both")
     refit = args.checkpoint == "refit"
     checkpoint = "best.pth" if refit else args.checkpoint  # a refit's model is its best.pth
-    given, weights = read_recipe(args.recipe) if args.recipe else (args.model_dir or [newest_run(args.runs, checkpoint)], None)
+    if args.recipe:
+        given, weights = read_recipe(args.recipe)
+    else:
+        given, weights = args.model_dir or [newest_run(args.runs, checkpoint)], None
     members = refit_runs(given) if refit else given
     if weights is not None and len(members) != len(weights):
         raise cli.UserError("--checkpoint refit with --recipe: a recipe of seed groups has one refit per seed; "

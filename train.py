@@ -29,8 +29,8 @@ from maskcls import cli, distributed, shortcuts
 from maskcls.data import TrainingData, open_image_cache, read_source, store_folder
 from maskcls.fit import train_fold, train_kfold
 from maskcls.optim import OPTIMIZERS, SCHEDULERS
-from maskcls.refit import train_refit
 from maskcls.options import TIMM_FLAGS, check_flags, warn_ignored_options
+from maskcls.refit import train_refit
 from maskcls.runfolder import open_run, run_status, write_config
 from maskcls.runtime import Runtime, seed_everything
 from maskcls.summary import write_seed_summary
@@ -190,7 +190,8 @@ def add_loss_flags(loss):
                       help="train on the labels blended with a k-fold run's out-of-fold probabilities (oof.csv)")
     loss.add_argument("--soft_weight", type=share, default=0.3, help="--soft_oof: the out-of-fold targets' share")
     loss.add_argument("--val_tta", default="none", metavar="VIEWS",
-                      help=f"test-time augmentation for validation, e.g. hflip,zoom ({TTA_VIEWS.help()})")
+                      help=f"test-time augmentation for validation, e.g. hflip,zoom (scale<f> for f in 0.5-2, "
+                           f"scale<f>_hflip, or {TTA_VIEWS.help()})")
     CRITERIONS.add_arguments(loss)
     AUGMENTATIONS.add_arguments(loss)
 

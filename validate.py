@@ -47,7 +47,8 @@ def get_args_parser():
     parser.add_argument("--checkpoint", default="best.pth", help="which checkpoint of the run")
     cli.bool_flag(parser, "--use_ema", help="score the EMA weights last.pth keeps (a run trained with --ema)")
     parser.add_argument("--tta", default=None, metavar="VIEWS",
-                        help=f"test-time views ({TTA_VIEWS.help()}); default: the run's --val_tta")
+                        help=f"test-time views (scale<f> for f in 0.5-2, scale<f>_hflip, or {TTA_VIEWS.help()}); "
+                             f"default: the run's --val_tta")
     cli.words_flag(parser, "--tta_weights", parse=cli.parse_floats, default=None, metavar="W0,W1,...",
                    help="the weight of each prediction in the TTA average, the original image's first (default: equal)")
     parser.add_argument("--output_dir", default=None, metavar="DIR", help="where to write (default: RUN/validate)")

@@ -173,7 +173,8 @@ def check_run_modes(args):
     if args.refit:
         for reason, refused in (("it learns its epoch count from validation: give --val_ratio > 0",
                                  args.val_ratio == 0 and not args.kfold),
-                                ("--scheduler plateau follows val F1, and the refit has none", args.scheduler == "plateau"),
+                                ("--scheduler plateau follows val F1, and the refit has none",
+                                 args.scheduler == "plateau"),
                                 ("--overfit_batches trains a fixed set of batches", args.overfit_batches)):
             if refused:
                 raise cli.UserError(f"--refit: {reason}")

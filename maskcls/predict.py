@@ -13,7 +13,7 @@ import torch
 from augmentation import tta_logits, with_headroom
 from maskcls import cli
 from maskcls.heldout import load_cuts
-from maskcls.readers import member_dirs, read_config
+from maskcls.readers import REFIT_DIR, member_dirs, read_config
 from model import build_from_config, load_weights, set_age_cuts
 
 
@@ -37,16 +37,17 @@ def refit_runs(run_dirs):
     group's for each of its seeds; its best.pth is the refit's model."""
     found = []
     for run_dir in run_dirs:
-        refit = os.path.join(run_dir, "refit")
+        refit = os.path.join(run_dir, REFIT_DIR)
         if os.path.isfile(os.path.join(refit, "best.pth")):
             found.append(refit)
             continue
         config = read_config(run_dir)
         if config.get("seed_dirs"):
-            found += refit_runs([os.path.join(run_dir, m) for m in member_dirs(config, os.path.join(run_dir, "config.json"))])
+            seeds = member_dirs(config, os.path.join(run_dir, "config.json"))
+            found += refit_runs([os.path.join(run_dir, seed) for seed in seeds])
         else:
-            raise cli.UserError(f"--checkpoint refit: {run_dir} has no finished refit ({refit}/best.pth); train it with "
-                                f"python train.py --resume {run_dir} --refit True")
+            raise cli.UserError(f"--checkpoint refit: {run_dir} has no finished refit ({refit}/best.pth); train it "
+                                f"with python train.py --resume {run_dir} --refit True")
     return found
 
 

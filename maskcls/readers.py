@@ -29,6 +29,7 @@ from maskcls.cli import UserError
 
 ROW_SUM_TOLERANCE = 0.01  # probabilities rounded in a CSV still sum to 1 within this; logits do not
 CONFIG_NAME = "config.json"
+REFIT_DIR = "refit"  # train.py --refit: the full-data refit inside its run folder
 ID_COLUMN = "ImageID"  # the first column of a probability file (inference.py --save_probs)
 
 

@@ -18,11 +18,9 @@ import statistics
 
 from maskcls import distributed
 from maskcls.fit import train_fold
-from maskcls.readers import read_json
+from maskcls.readers import REFIT_DIR, read_json
 from maskcls.runfolder import fold_status
 from model import read_checkpoint
-
-REFIT_DIR = "refit"
 
 
 def best_epoch(run_dir):

@@ -5,7 +5,8 @@ average of their batch statistics, so they are recomputed over the training imag
 
 From epoch E the run's schedule hands over to torch's SWALR: `--swa_lr` at once, or reached
 over `--swa_anneal_epochs` (cosine); without --swa_lr the run's own schedule goes on. The
-weights at the end of every epoch from E on are averaged. last.pth holds the average and SWALR's state, so --resume continues both.
+weights at the end of every epoch from E on are averaged. last.pth holds the average and
+SWALR's state, so --resume continues both.
 
 Example: python train.py --epochs 30 --swa_start 21 --swa_lr 5e-4; then
          python inference.py --checkpoint swa.pth
