@@ -413,7 +413,9 @@ def generate(out, persons=300, eval_persons=150, seed=0, overwrite=False, worker
                 + _eval_jobs(tmp / "eval", eval_persons, eval_seq, difficulty))
         bar = cli.progress(total=len(jobs), desc="persons", unit="person")
         if workers > 1:
-            with multiprocessing.Pool(workers) as pool:
+            # spawn, not fork: a fork after torch or a test runner started threads can leave a worker
+            # holding a lock no thread will release, and Pool's exit then waits on it forever.
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
                 for _ in pool.imap_unordered(_write_person, jobs, chunksize=8):
                     bar.update(1)
         else:
