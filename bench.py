@@ -138,9 +138,9 @@ def get_args_parser():
     # internal: run one section in this (child) process and write its raw rates to --result
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    for hidden in ("--q_train", "--q_test", "--q_seed", "--q_epochs"):  # the quality section's timm child
-        parser.add_argument(hidden, default=None, type=int if hidden in ("--q_seed", "--q_epochs") else str,
-                            help=argparse.SUPPRESS)
+    for hidden, kind in (("--q_train", str), ("--q_test", str), ("--q_seed", int), ("--q_epochs", int),
+                         ("--q_recipe", str), ("--q_hflip", float)):  # the quality section's timm child
+        parser.add_argument(hidden, default=None, type=kind, help=argparse.SUPPRESS)
     return parser
 
 
@@ -573,14 +573,16 @@ QUALITY_SIZE = (32, 32)  # the input size of both recipes (the images are 8x8 an
 
 
 def quality_datasets(root):
-    """{name: (train folder, test folder)}: real images bundled with installed packages, split the
-    way the packages' own examples split them, written as one folder per class."""
+    """{name: (train folder, test folder, the flip probability a competent user would pass)}: real
+    images bundled with installed packages, split the way the packages' own examples split them,
+    written as one folder per class."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     digits = load_digits()  # scikit-learn's "Recognizing hand-written digits" example: the first half trains
     x_train, x_test, y_train, y_test = train_test_split(digits.images, digits.target, test_size=0.5, shuffle=False)
-    found = {"digits": _write_class_folders(os.path.join(root, "digits"), x_train * 255 / 16, y_train, x_test * 255 / 16,
-                                           y_test, [str(d) for d in range(10)])}
+    found = {"digits": (*_write_class_folders(os.path.join(root, "digits"), x_train * 255 / 16, y_train,
+                                              x_test * 255 / 16, y_test, [str(d) for d in range(10)]),
+                        0.0)}  # a mirrored digit is another digit or none: no flips
     try:
         from skimage.data import lfw_subset
     except ImportError:
@@ -589,8 +591,8 @@ def quality_datasets(root):
     faces = lfw_subset()  # scikit-image's Haar-feature face example: 150 of the 200 train, stratified
     labels = np.array([0] * 100 + [1] * 100)
     x_train, x_test, y_train, y_test = train_test_split(faces, labels, train_size=150, random_state=0, stratify=labels)
-    found["lfw_subset"] = _write_class_folders(os.path.join(root, "lfw_subset"), x_train * 255, y_train,
-                                               x_test * 255, y_test, ["face", "not_face"])
+    found["lfw_subset"] = (*_write_class_folders(os.path.join(root, "lfw_subset"), x_train * 255, y_train,
+                                                 x_test * 255, y_test, ["face", "not_face"]), 0.5)
     return found
 
 
@@ -617,24 +619,42 @@ def test_scores(truth, predicted):
     return float(np.mean(np.array(y) == np.array(p))), macro_f1(y, p, max(y + p) + 1)
 
 
+def _run_script(script, *flags):
+    """Run one of the project's commands; (stdout lines, each with the seconds since its start when
+    it was printed). A failure is one line naming the command."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
+                                 *map(str, flags)], stdout=subprocess.PIPE, stderr=err, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # each line when printed
+        lines = [(time.perf_counter() - start, line) for line in proc.stdout]
+        if proc.wait() != 0:
+            err.seek(0)
+            raise cli.UserError(f"{script} failed in the quality section:\n{err.read()[-2000:]}")
+    return lines, time.perf_counter() - start
+
+
 def quality_ours(train_dir, test_dir, model, epochs, seed, work, extra=()):
     """The project with its defaults: train.py given only data, model, input size and epochs (and
-    `extra` flags, to try others), then inference.py on the test folder. (accuracy, macro F1, seconds)."""
-    start = time.perf_counter()
+    `extra` flags, to try others), then inference.py on the test folder; and the same run's
+    `--refit` (trained after the validated run, in the same command). {"ours": (accuracy, macro F1,
+    seconds), "refit": (...)}; ours's seconds stop where the refit starts (plus its inference),
+    refit's count the validated run too (the refit needs its best epoch)."""
     size = f"{QUALITY_SIZE[0]},{QUALITY_SIZE[1]}"
-    for script, *flags in (("train.py", "--dataset", "ImageFolder", "--data_dir", train_dir, "--model", model,
-                            "--resize", size, "--epochs", str(epochs), "--seed", str(seed), "--model_dir", work,
-                            "--name", "ours", *extra),
-                           ("inference.py", "--model_dir", os.path.join(work, "ours"), "--data_dir", test_dir,
-                            "--output", os.path.join(work, "ours.csv"))):
-        done = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script), *flags],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise cli.UserError(f"{script} failed in the quality section:\n{done.stderr[-2000:]}")
-    seconds = time.perf_counter() - start
+    lines, train_seconds = _run_script("train.py", "--dataset", "ImageFolder", "--data_dir", train_dir,
+                                       "--model", model, "--resize", size, "--epochs", epochs, "--seed", seed,
+                                       "--model_dir", work, "--name", "ours", "--refit", "True", *extra)
+    validated_seconds = next(at for at, line in lines if line.startswith("=== refit"))
+    truth = folder_labels(test_dir)
     import pandas as pd
-    out = pd.read_csv(os.path.join(work, "ours.csv"))
-    return (*test_scores(folder_labels(test_dir), dict(zip(out["ImageID"], out["ans"]))), seconds)
+    found = {}
+    for name, checkpoint, seconds in (("ours", "best.pth", validated_seconds), ("refit", "refit", train_seconds)):
+        output = os.path.join(work, f"{name}.csv")
+        _, infer_seconds = _run_script("inference.py", "--model_dir", os.path.join(work, "ours"), "--data_dir",
+                                       test_dir, "--checkpoint", checkpoint, "--output", output)
+        out = pd.read_csv(output)
+        found[name] = (*test_scores(truth, dict(zip(out["ImageID"], out["ans"]))), seconds + infer_seconds)
+    return found
 
 
 class PilFolder(torch.utils.data.Dataset):
@@ -652,13 +672,23 @@ class PilFolder(torch.utils.data.Dataset):
             return self.transform(image.convert("RGB")), label
 
 
+TIMM_RECIPES = {
+    # timm train.py's defaults: SGD with Nesterov momentum 0.9, lr 0.1 x batch / 256, weight decay
+    # 2e-5, batch 128 (at most a quarter of the images), cosine with 5 warmup epochs from 1e-5
+    "defaults": dict(opt="sgd", lr=None, weight_decay=2e-5, momentum=0.9, batch=128, warmup_epochs=5),
+    # what a competent user passes for a short run from scratch: --opt adamw --lr 1e-3
+    # --weight-decay 0.05 --sched cosine --warmup-epochs 0, the project's batch (64 or a quarter)
+    "competent": dict(opt="adamw", lr=1e-3, weight_decay=0.05, momentum=None, batch=64, warmup_epochs=0),
+}
+
+
 def section_quality_timm(args, plan, device):
-    """timm's train.py recipe, rebuilt from timm's library functions with train.py's defaults: its
-    data config and transforms (random resized crop, flip, colour jitter 0.4; eval resize +
-    centre crop), SGD with Nesterov momentum 0.9, lr 0.1 x batch / 256, weight decay 2e-5 (not on
-    norm and bias), batch 128 (at most a quarter of the images), a cosine schedule with 5 warmup epochs from 1e-5, label smoothing
-    0.1, fp32, its checkpoints written every epoch as train.py writes them; trained on the same 80% of the training folder as the project (its split), the best
-    epoch by validation top-1 kept, as train.py's checkpoint saver keeps it."""
+    """timm's train.py recipe (`--q_recipe` defaults or competent: TIMM_RECIPES), rebuilt from timm's
+    library functions: its data config and transforms (random resized crop, flip --q_hflip, colour
+    jitter 0.4; eval resize + centre crop), its optimizer factory (no weight decay on norm and
+    bias), a cosine schedule, label smoothing 0.1, fp32, its checkpoints written every epoch as
+    train.py writes them; trained on the same 80% of the training folder as the project (its
+    split), the best epoch by validation top-1 kept, as train.py's checkpoint saver keeps it."""
     import timm
     from timm.data import create_transform, resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy
@@ -674,18 +704,22 @@ def section_quality_timm(args, plan, device):
     items = list(zip(source.all_paths(), (s.label for s in source.samples)))
     model = timm.create_model(args.model, num_classes=source.num_classes)
     config = resolve_data_config({"input_size": (3, *QUALITY_SIZE)}, model=model)
-    train_tf = create_transform(**{**config, "interpolation": "random"}, is_training=True, hflip=0.5, color_jitter=0.4)
+    recipe = TIMM_RECIPES[args.q_recipe]
+    train_tf = create_transform(**{**config, "interpolation": "random"}, is_training=True, hflip=args.q_hflip,
+                                color_jitter=0.4)
     eval_tf = create_transform(**config, is_training=False)
-    # train.py's batch of 128, but never more than a quarter of the training images: with
-    # drop_last, 120 images (lfw_subset's 80%) in batches of 128 would train nothing at all
-    batch = min(128, len(train_idx) // 4)
+    # never more than a quarter of the training images: with drop_last, 120 images (lfw_subset's
+    # 80%) in batches of 128 would train nothing at all
+    batch = min(recipe["batch"], len(train_idx) // 4)
     loader = torch.utils.data.DataLoader(PilFolder([items[i] for i in train_idx], train_tf), batch_size=batch,
                                          shuffle=True, drop_last=True, num_workers=args.num_workers)
     val_loader = torch.utils.data.DataLoader(PilFolder([items[i] for i in val_idx], eval_tf), batch_size=256,
                                              num_workers=args.num_workers)
-    optimizer = create_optimizer_v2(model, opt="sgd", lr=0.1 * batch / 256, weight_decay=2e-5, momentum=0.9)
-    scheduler, epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.q_epochs, warmup_epochs=5,
-                                            warmup_lr=1e-5, min_lr=0.0)
+    optimizer = create_optimizer_v2(model, opt=recipe["opt"], lr=recipe["lr"] or 0.1 * batch / 256,
+                                    weight_decay=recipe["weight_decay"],
+                                    **({"momentum": recipe["momentum"]} if recipe["momentum"] else {}))
+    scheduler, epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.q_epochs,
+                                            warmup_epochs=recipe["warmup_epochs"], warmup_lr=1e-5, min_lr=0.0)
     criterion = LabelSmoothingCrossEntropy(smoothing=0.1)
     # train.py's checkpointing: last.pth.tar every epoch and the 10 best (timm's CheckpointSaver)
     saver = CheckpointSaver(model, optimizer, checkpoint_dir=tempfile.mkdtemp(prefix="bench-timm-"), max_history=10)
@@ -724,50 +758,62 @@ def _accuracy(model, loader):
     return float(np.mean(np.array(_predictions(model, loader)) == np.array(labels)))
 
 
+QUALITY_RECIPES = (("ours", "project"), ("refit", "project refit"), ("competent", "timm competent"),
+                   ("defaults", "timm defaults"))
+
+
 def run_quality(args, quick):
-    """Both recipes on every dataset, seeds interleaved (ours first on even seeds, timm's on odd);
-    prints the table and returns its figures."""
+    """The project (its validated run and its --refit) against timm's recipe with a competent
+    user's flags and with train.py's defaults, on every dataset; the order of the recipes rotates
+    with the seed. Prints the table and returns its figures."""
     plan = dict(QUALITY_PLANS["quick" if quick else "full"])
     plan.update({k: v for k, v in (("seeds", args.seeds), ("epochs", args.epochs)) if v})
     rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as root:
-        for name, (train_dir, test_dir) in quality_datasets(root).items():
+        for name, (train_dir, test_dir, hflip) in quality_datasets(root).items():
             for seed in plan["seeds"]:
                 work = os.path.join(root, f"{name}-{seed}")
                 os.makedirs(work)
-                order = ("ours", "timm") if seed % 2 == 0 else ("timm", "ours")
+                order = ["ours", "competent", "defaults"]
+                order = order[seed % 3:] + order[:seed % 3]
                 for recipe in order:
                     if recipe == "ours":
-                        scores = quality_ours(train_dir, test_dir, args.model, plan["epochs"], seed, work)
+                        found = quality_ours(train_dir, test_dir, args.model, plan["epochs"], seed, work)
                     else:  # timed from outside, as ours: the process start and imports count for both
                         start = time.perf_counter()
-                        raw, _ = run_section("quality_timm", args, root, ["--q_train", train_dir, "--q_test", test_dir,
-                                                                          "--q_seed", str(seed),
-                                                                          "--q_epochs", str(plan["epochs"])])
-                        scores = (*raw["scores"][:2], time.perf_counter() - start)
-                    rows.setdefault((name, recipe), []).append(scores)
-                    print(f"quality {name} seed {seed} {recipe}: accuracy {scores[0]:.4f}, macro F1 {scores[1]:.4f}, "
-                          f"{scores[2]:.0f} s", flush=True)
+                        raw, _ = run_section("quality_timm", args, root, [
+                            "--q_train", train_dir, "--q_test", test_dir, "--q_seed", str(seed),
+                            "--q_epochs", str(plan["epochs"]), "--q_recipe", recipe, "--q_hflip", str(hflip)])
+                        found = {recipe: (*raw["scores"][:2], time.perf_counter() - start)}
+                    for key, scores in found.items():
+                        rows.setdefault((name, key), []).append(scores)
+                        print(f"quality {name} seed {seed} {key}: accuracy {scores[0]:.4f}, macro F1 {scores[1]:.4f}, "
+                              f"{scores[2]:.0f} s", flush=True)
     return quality_table(rows, plan, args.model)
 
 
 def quality_table(rows, plan, model):
     lines = [f"quality: {model} from scratch at {QUALITY_SIZE[0]}x{QUALITY_SIZE[1]}, {plan['epochs']} epochs, "
              f"seeds {','.join(map(str, plan['seeds']))}; test-set mean (min-max over seeds)",
-             f"{'dataset':<12} {'recipe':<14} {'accuracy':>22} {'macro F1':>22} {'seconds':>9}"]
+             f"{'dataset':<12} {'recipe':<22} {'accuracy':>22} {'macro F1':>22} {'seconds':>9}"]
     figures = {}
     for name in sorted({n for n, _ in rows}):
-        for recipe, label in (("ours", "project"), ("timm", "timm train.py")):
+        means = {}
+        for recipe, label in QUALITY_RECIPES:
             runs = np.array(rows[(name, recipe)])
+            means[recipe] = runs.mean(0)
             cells = [f"{runs[:, i].mean():.4f} ({runs[:, i].min():.4f}-{runs[:, i].max():.4f})" for i in (0, 1)]
-            lines.append(f"{name:<12} {label:<14} {cells[0]:>22} {cells[1]:>22} {runs[:, 2].mean():>9.0f}")
+            lines.append(f"{name:<12} {label:<22} {cells[0]:>22} {cells[1]:>22} {runs[:, 2].mean():>9.0f}")
             figures[f"quality_{name}_{recipe}"] = {"accuracy": runs[:, 0].tolist(), "macro_f1": runs[:, 1].tolist(),
                                                    "seconds": runs[:, 2].tolist()}
-        ours, timm_runs = np.array(rows[(name, "ours")]), np.array(rows[(name, "timm")])
-        ratio = ours.mean(0) / timm_runs.mean(0)
-        verdict = "met" if ratio[0] >= 1 and ratio[1] >= 1 and ratio[2] <= 1 else "NOT met"
-        lines.append(f"{name:<12} {'ours / timm':<14} {ratio[0]:>21.3f}x {ratio[1]:>21.3f}x {ratio[2]:>8.2f}x  {verdict}")
-        figures[f"quality_{name}_ratio"] = ratio.round(4).tolist()
+        for ours, peer, label, target in (("ours", "competent", "project / timm competent", True),
+                                          ("refit", "competent", "refit / timm competent", False),
+                                          ("ours", "defaults", "project / timm defaults", False),
+                                          ("refit", "ours", "refit / project", False)):
+            ratio = means[ours] / means[peer]
+            verdict = ("  met" if ratio[0] >= 1 and ratio[1] >= 1 and ratio[2] <= 1 else "  NOT met") if target else ""
+            lines.append(f"{name:<12} {label:<22} {ratio[0]:>21.3f}x {ratio[1]:>21.3f}x {ratio[2]:>8.2f}x{verdict}")
+            figures[f"quality_{name}_{ours}_vs_{peer}"] = ratio.round(4).tolist()
     print("\n".join(lines))
     return figures
 
