@@ -151,6 +151,10 @@ def add_model_flags(model):
                        metavar="DECAY",
                        help="keep an exponential moving average of the weights (e.g. 0.999); saved as best "
                             "when it scores at least as high (0: off)")
+    cli.bool_flag(model, "--ema_bn_refresh",
+                  help="--ema: before the average is scored, its BatchNorm statistics are recomputed over the "
+                       "training images (a pass of forward steps each validated epoch, on a copy: the average "
+                       "itself goes on); the refreshed copy is what best.pth gets")
     MODELS.add_arguments(model)
 
 

@@ -21,7 +21,7 @@ from maskcls.labels import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, decode_la
 from maskcls.metrics import macro_f1
 from maskcls.runfolder import (PREVIEW_IMAGES, Checkpoint, RunLog, TopCheckpoints, best_epoch_figures, final_figures,
                                fold_status, spread, write_config)
-from maskcls.swa import refresh_bn
+from maskcls.swa import has_batch_norm, refresh_bn
 from model import load_weights, save_checkpoint
 
 FIGURE_REFRESH_SECONDS = 300  # best-epoch figures take ~2 s: redrawn on a new best at most every 5 minutes
@@ -78,17 +78,32 @@ def run_epoch(fold, epoch, epochs, validating, context):
                                                           f"epoch {epoch}/{epochs}", context)
     if swa is not None:
         swa.end_epoch(epoch, fold.net)
-    weights = step.ema.module if step.ema is not None and not fold.validates else fold.net
     val = validate(fold, fold.model, context) if validating else None
     row.update({k: v for k, v in (val or NO_VALIDATION).items() if k.startswith("val_")})
-    if val is not None and step.ema is not None:  # the average competes with the raw weights for best.pth
-        ema_val = validate(fold, step.ema.module, context)
-        row.update(ema_val_loss=ema_val["val_loss"], ema_val_f1=ema_val["val_f1"])
-        if is_better(ema_val, val):
-            val, weights = ema_val, step.ema.module
+    weights = fold.net
+    if step.ema is not None and (val is not None or not fold.validates):
+        ema = ema_weights(fold, step.ema.module)
+        if val is None:  # no validation: the average is the result
+            weights = ema
+        else:  # the average competes with the raw weights for best.pth
+            ema_val = validate(fold, ema, context)
+            row.update(ema_val_loss=ema_val["val_loss"], ema_val_f1=ema_val["val_f1"])
+            if is_better(ema_val, val):
+                val, weights = ema_val, ema
     if swa is None or not swa.swa_lr:
         step.scheduler.step(epoch, val["val_f1"] if val is not None else None)  # the next epoch's lr
     return row, val, weights
+
+
+def ema_weights(fold, ema):
+    """The EMA's weights as they are scored and saved: with --ema_bn_refresh (and BatchNorm), a copy
+    whose BatchNorm statistics are recomputed over the training images, as SWA's average gets them;
+    the average itself goes on untouched (its buffers stay timm's moving average)."""
+    if not fold.config.get("ema_bn_refresh") or not has_batch_norm(ema):
+        return ema
+    fresh = copy.deepcopy(ema)
+    refresh_bn(fresh, fold.train.loader, fold.device)
+    return fresh
 
 
 @dataclasses.dataclass

@@ -135,6 +135,8 @@ def check_schedule_flags(args):
     if args.swa_start and not args.freeze_epochs < args.swa_start <= args.epochs:
         raise cli.UserError(f"--swa_start {args.swa_start}: an epoch of the run (--epochs {args.epochs}) after the "
                             f"frozen ones (--freeze_epochs {args.freeze_epochs})")
+    if args.ema_bn_refresh and not args.ema:
+        raise cli.UserError("--ema_bn_refresh refreshes the EMA's BatchNorm statistics: give --ema DECAY too")
     if (args.swa_lr or args.swa_anneal_epochs) and not args.swa_start:
         raise cli.UserError("--swa_lr and --swa_anneal_epochs shape SWA: give --swa_start E too")
     cycles = (args.cycle_limit, args.cycle_mul, args.cycle_decay) != (1, 1.0, 1.0)

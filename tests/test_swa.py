@@ -83,3 +83,42 @@ def test_swa_run_writes_a_refreshed_scored_average_that_inference_uses(work, tmp
             cwd=work)
     assert pd.read_csv(tmp_path / "swa.csv")["ans"].between(0, 17).all()
     assert os.path.isfile(run_dir / "best.pth")
+
+
+def test_ema_bn_refresh_scores_a_refreshed_copy_and_leaves_the_average_alone():
+    from types import SimpleNamespace
+
+    from maskcls.fit import ema_weights
+    torch.manual_seed(0)
+    ema = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ema[1].running_mean.fill_(5.0)  # timm's moving average of the live model's statistics
+    x = torch.randn(16, 3, 8, 8) * 2 + 1
+    fold = SimpleNamespace(config={"ema_bn_refresh": True}, train=SimpleNamespace(loader=_loader(x, 8)), device="cpu")
+    fresh = ema_weights(fold, ema)
+    assert fresh is not ema and torch.equal(ema[1].running_mean, torch.full((4,), 5.0))
+    with torch.no_grad():
+        assert torch.allclose(fresh[1].running_mean, ema[0](x).mean((0, 2, 3)), atol=1e-5)
+    assert torch.equal(fresh[0].weight, ema[0].weight)  # the weights are the average's
+    fold.config["ema_bn_refresh"] = False
+    assert ema_weights(fold, ema) is ema
+    fold.config["ema_bn_refresh"] = True
+    linear = torch.nn.Linear(2, 2)
+    assert ema_weights(fold, linear) is linear  # no BatchNorm: nothing to refresh
+
+
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
+def test_ema_bn_refresh_run_saves_the_refreshed_average(work, tmp_path):
+    run_cli("train.py", *FAST, "--epochs", "2", "--ema", "0.9", "--ema_bn_refresh", "True", "--val_ratio", "0",
+            "--name", "ema", "--model_dir", tmp_path, cwd=work)
+    best = torch.load(tmp_path / "ema" / "best.pth", weights_only=True)
+    best = best.get("model", best)
+    average = torch.load(tmp_path / "ema" / "last.pth", weights_only=True)["ema"]
+    stats = [k for k in best if k.endswith("running_mean")]
+    assert stats and all(not torch.allclose(best[k], average[k]) for k in stats)
+    assert all(torch.equal(best[k], average[k]) for k in best if k.endswith("weight"))
+
+
+def test_ema_bn_refresh_without_ema_is_one_line(work, tmp_path, run_here):
+    done = run_here("train.py", *FAST, "--ema_bn_refresh", "True", "--model_dir", tmp_path, cwd=work, check=False)
+    assert done.returncode != 0 and "give --ema" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
