@@ -84,6 +84,29 @@ def insert_before_normalize(transform, steps):
     return A.Compose(current[:at] + list(steps) + current[at:])
 
 
+def split_for_device(transform):
+    """The GPU path (train.py --prefetcher): the pipeline's CPU part, and what moves to the device.
+    (cpu transform, mean, std, hflip): the CPU part is `transform` without its closing
+    A.Normalize (its mean/std, in 0-255 pixel units, come back to be applied on the device) and
+    without a top-level A.HorizontalFlip (its probability comes back: the device flips the batch
+    after the other steps, the same distribution where they are left-right symmetric, as every
+    bundled pipeline's are); its ToTensorV2 then hands over uint8 tensors. None when the pipeline
+    does not end with A.Normalize + ToTensorV2 (it keeps normalizing on the CPU)."""
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-1], ToTensorV2) or not isinstance(steps[-2], A.Normalize) \
+            or steps[-2].normalization != "standard" or steps[-2].p < 1:
+        return None
+    normalize = steps[-2]
+    flips = [t for t in steps[:-2] if type(t) is A.HorizontalFlip]
+    if len(flips) > 1:
+        return None
+    scale = normalize.max_pixel_value
+    mean = [m * scale for m in np.broadcast_to(normalize.mean, 3)]
+    std = [d * scale for d in np.broadcast_to(normalize.std, 3)]
+    kept = [t for t in steps[:-2] if t not in flips] + [steps[-1]]
+    return A.Compose(kept), mean, std, flips[0].p if flips else 0.0
+
+
 class TimmAutoAugment(A.ImageOnlyTransform):
     """timm's auto-augment policies on an albumentations pipeline: `rand-m9-mstd0.5` (RandAugment),
     `augmix-m5-w4-d2` (AugMix), `original` / `v0` (AutoAugment), or `trivial` (TrivialAugment
@@ -103,7 +126,7 @@ class TimmAutoAugment(A.ImageOnlyTransform):
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return np.asarray(self.policy(Image.fromarray(img)))
+                return np.array(self.policy(Image.fromarray(img)))  # writable: ToTensorV2 may get it next
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])

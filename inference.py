@@ -27,7 +27,7 @@ from maskcls import cli
 from maskcls.atomic import check_outputs, write_csvs
 from maskcls.data import store_folder
 from maskcls.heldout import BIAS_FILE, apply_bias, load_bias, load_cuts
-from maskcls.images import ImageDataset, make_loader, open_store
+from maskcls.images import ImageDataset, device_loader, make_loader, open_store
 from maskcls.labels import MASK_CLASSES
 from maskcls.metrics import macro_f1
 from maskcls.predict import expand_runs, load_run, predict_many, refit_runs, run_prepared_size
@@ -86,6 +86,9 @@ def get_args_parser():
     parser.add_argument("--num_workers", "--workers", "-j", type=cli.number(int, 0), default=min(4, os.cpu_count() or 1),
                         help="DataLoader worker processes (0: load in the main process)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA where there is a GPU")
+    cli.bool_flag(parser, "--prefetcher", default=None,
+                  help="timm's prefetcher: the loader workers hand over uint8 batches, normalized on the device "
+                       "(default: on with CUDA)")
     parser.add_argument("--cache_dir", default="auto", metavar="DIR",
                         help="prepared images kept across inferences and ensembles (auto: <data_dir>/.prepared_cache; "
                              "none: off)")
@@ -162,9 +165,10 @@ def weight_bytes(model):
 
 
 def ensemble_probs(run_dirs, configs, checkpoint, paths, views, batch_size, num_workers, device, precision,
-                   weights=None, store=None):
+                   weights=None, store=None, prefetcher=False):
     """The (weighted) mean of the runs' softmax probabilities on `paths` (float64), the prepared
-    images read from `store` (images.PreparedStore) where it holds them.
+    images read from `store` (images.PreparedStore) where it holds them; with `prefetcher`, the
+    workers hand over uint8 batches normalized on the device (images.DeviceLoader).
 
     Each run gets its own input size, normalization and face crop from its config. Runs whose
     preprocessing agrees share one pass over the images: each batch is decoded once and goes
@@ -183,9 +187,12 @@ def ensemble_probs(run_dirs, configs, checkpoint, paths, views, batch_size, num_
         if config.get("facecrop"):
             regions = face_regions(paths, os.path.commonpath([os.path.dirname(p) for p in paths]),
                                    config.get("face_margin", FACE_MARGIN))
-        dataset = ImageDataset(paths, [-1] * len(paths), eval_transform(size, config["mean"], config["std"]),
-                               prepare_to=run_prepared_size(config), regions=regions, store=store)
+        transform = eval_transform(size, config["mean"], config["std"])
+        dataset = ImageDataset(paths, [-1] * len(paths), transform, prepare_to=run_prepared_size(config),
+                               regions=regions, store=store)
         loader = make_loader(dataset, batch_size, num_workers, device)
+        if prefetcher:
+            loader = device_loader(loader, transform, device)
         models, held = [], 0
         for i, (k, run_dir, run_config) in enumerate(members):
             models.append((k, run_dir, precision.model(load_run(run_dir, run_config, checkpoint, device))))
@@ -287,7 +294,8 @@ def main(args):
     store = open_store(store_folder(args.cache_dir, args.data_dir), len(eval_set.paths),
                        max((run_prepared_size(c) for c in configs), key=lambda s: s[0] * s[1]))
     probs = ensemble_probs(run_dirs, configs, checkpoint, eval_set.paths, views, args.batch_size,
-                           args.num_workers, device, precision, run_weights, store)
+                           args.num_workers, device, precision, run_weights, store,
+                           device.type == "cuda" if args.prefetcher is None else args.prefetcher)
     if args.person_pool:
         probs = person_pooled(probs, eval_set.paths, args.photos_per_person)
     probs = maybe_bias(probs, given, classes, args.no_bias)

@@ -266,6 +266,9 @@ def add_runtime_flags(optim):
                                            "more to compile, later ones run faster (see README, Performance)")
     optim.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto: CUDA where there is a GPU")
+    cli.bool_flag(optim, "--prefetcher", default=None,
+                  help="timm's prefetcher: the loader workers hand over uint8 batches, normalized and flipped on "
+                       "the device (default: on with CUDA)")
 
 
 def add_output_flags(out):
@@ -374,11 +377,13 @@ def train_seeds(args, runtime):
 
 def resolved(args, data, splits, runtime):
     """The options as the run uses them, what config.json records: the data's training pipeline,
-    and a batch size. A copy: `args` stays as parsed."""
+    a batch size, and whether the prefetcher runs. A copy: `args` stays as parsed."""
     batch = args.batch_size
     if batch in (None, "auto"):
         batch = default_batch_size(len(splits[0][0]) + len(data.extra), runtime.context.world_size)
-    out = argparse.Namespace(**{**vars(args), "augmentation": data.augmentation, "batch_size": batch})
+    prefetcher = runtime.device.type == "cuda" if args.prefetcher is None else args.prefetcher
+    out = argparse.Namespace(**{**vars(args), "augmentation": data.augmentation, "batch_size": batch,
+                                "prefetcher": prefetcher})
     if args.batch_size == "auto":
         out.batch_size = shortcuts.fitting_batch_size(out, data, splits[0], runtime, batch)
     return out

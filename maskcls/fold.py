@@ -16,7 +16,7 @@ from loss import CRITERIONS, AgeRegressionLoss, MultiTaskLoss, SoftTargetLoss, b
 from maskcls import cli
 from maskcls.distill import Teacher, oof_targets
 from maskcls.engine import Step, updates_per_epoch
-from maskcls.images import EpochSampler, ImageDataset, make_loader
+from maskcls.images import EpochSampler, ImageDataset, device_loader, make_loader
 from maskcls.labels import TASKS, training_label
 from maskcls.optim import Freezer, SchedulerState, build_optimizer, build_scheduler
 from maskcls.runtime import compile_model, seed_everything
@@ -119,17 +119,19 @@ def build_sides(args, data, train_idx, val_idx, runtime, cache=None):
     sampler = EpochSampler(len(train_set), args.seed, draw_weights, context.rank, context.world_size)
     val_sampler = torch.utils.data.DistributedSampler(val_set, shuffle=False) if context.enabled and val_paths else None
     # drop_last keeps BatchNorm and pairwise mixing away from a 1-image last batch
-    train_loader = make_loader(train_set, args.batch_size, args.num_workers, device,
-                               drop_last=len(sampler) > args.batch_size, sampler=sampler)
-    val_loader = make_loader(val_set, args.valid_batch_size, args.num_workers, device, sampler=val_sampler) \
-        if val_paths else None
+    def on_device(loader, transform):  # --prefetcher: uint8 from the workers, normalized (and flipped) on the device
+        return device_loader(loader, transform, device, args.seed) if args.prefetcher else loader
+    train_loader = on_device(make_loader(train_set, args.batch_size, args.num_workers, device,
+                                         drop_last=len(sampler) > args.batch_size, sampler=sampler), train_tf)
+    val_loader = on_device(make_loader(val_set, args.valid_batch_size, args.num_workers, device,
+                                       sampler=val_sampler), val_tf) if val_paths else None
     regions = {"train": [data.regions[p] for p in train_paths], "val": [data.regions[p] for p in val_paths]} \
         if data.regions else {"train": None, "val": None}
     def plain():  # --aug_off_epoch: the same images, order and labels through the validation transform
         plain_set = data.dataset(train_paths, train_labels, val_tf, data.train_prepared, cache,
                                  soft=[s.soft for s in train_samples], ages=train_set.ages, targets=targets)
-        return make_loader(plain_set, args.batch_size, args.num_workers, device,
-                           drop_last=len(sampler) > args.batch_size, sampler=sampler)
+        return on_device(make_loader(plain_set, args.batch_size, args.num_workers, device,
+                                     drop_last=len(sampler) > args.batch_size, sampler=sampler), val_tf)
     train = Side(train_paths, train_labels, regions["train"], train_tf, train_set, train_loader, plain=plain)
     val_rows = [(source.samples[i].path, source.samples[i].person, source.samples[i].age) for i in val_idx]
     return train, Side(val_paths, val_labels, regions["val"], val_tf, val_set, val_loader, val_rows), sampler

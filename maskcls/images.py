@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from augmentation import seed_transform
+from augmentation import seed_transform, split_for_device
 from maskcls.cli import UserError
 
 # Image work is per image and runs in parallel DataLoader worker processes: OpenCV's own thread
@@ -35,6 +35,7 @@ cv2.setNumThreads(1)
 
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal for this process when its parent dies
 SOFT_STREAM = 0x50534F  # the random stream of --pseudo_soft's label draws, apart from the augmentation's
+FLIP_STREAM = 0x464C50  # the device flips' stream (--prefetcher), apart from the sampler's
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -408,6 +409,58 @@ class EpochSampler(torch.utils.data.Sampler):
         picks = torch.arange(total) % self.count  # pad by wrapping (like DistributedSampler)
         for position in picks[self.rank::self.world_size].tolist():
             yield int(order[position]), int(sample_seeds[position])
+
+
+class DeviceLoader:
+    """The GPU path (train.py --prefetcher, timm's prefetcher idea): the workers only decode and
+    augment, and hand over uint8 batches (augmentation.split_for_device); here each batch goes to
+    the device as it is (a quarter of float32's bytes), becomes float and is normalized there, and
+    is flipped there with probability `hflip` per image. The flips depend on (seed, epoch, rank,
+    batch) alone (the sampler's epoch), so a resumed run flips as an uninterrupted one. Iterates
+    like the loader it wraps ([images, labels, ...] with the images on the device, the rest as the
+    loader gives it) and passes every other attribute through."""
+
+    def __init__(self, loader, device, mean, std, hflip=0.0, seed=0):
+        self.loader, self.device, self.hflip, self.seed = loader, torch.device(device), hflip, seed
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+
+    def wrap(self, loader):
+        """Another loader over the same (already split) dataset, normalized as this one, unflipped."""
+        out = DeviceLoader.__new__(DeviceLoader)
+        out.__dict__.update({**self.__dict__, "loader": loader, "hflip": 0.0})
+        return out
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["loader"], name)
+
+    def normalize(self, images):
+        return images.to(self.device, non_blocking=True).float().sub_(self.mean).mul_(self.inv_std)
+
+    def __iter__(self):
+        sampler = getattr(self.loader, "sampler", None)
+        generator = torch.Generator().manual_seed(
+            (self.seed * 100_003 + getattr(sampler, "epoch", 0)) * 1_009 + getattr(sampler, "rank", 0) + FLIP_STREAM)
+        for images, *rest in self.loader:
+            images = self.normalize(images)
+            if self.hflip:
+                flip = (torch.rand(len(images), generator=generator) < self.hflip).to(self.device, non_blocking=True)
+                images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+            yield [images, *rest]
+
+
+def device_loader(loader, transform, device, seed=0):
+    """`loader` wrapped in a DeviceLoader for the `transform` it was built with, after its
+    dataset's transform became the CPU part; the loader unchanged where the transform cannot split."""
+    split = split_for_device(transform)
+    if split is None:
+        return loader
+    cpu, mean, std, hflip = split
+    loader.dataset.transform = cpu
+    return DeviceLoader(loader, device, mean, std, hflip, seed)
 
 
 def die_with_parent(parent_pid):

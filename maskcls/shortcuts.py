@@ -20,7 +20,7 @@ from dataset import read_eval_dir
 from maskcls import cli
 from maskcls.engine import evaluate, forward_backward, optimizer_update, train_step
 from maskcls.fold import build_fold
-from maskcls.images import ImageDataset, cache_shape, make_loader
+from maskcls.images import DeviceLoader, ImageDataset, cache_shape, make_loader
 from maskcls.predict import predict
 from maskcls.runfolder import Checkpoint
 from model import build_from_config, load_weights
@@ -53,7 +53,8 @@ def _to(batch, fold):
 def val_subset(fold, images):
     """A loader over the first `images` validation images (the fold's own transform)."""
     subset = torch.utils.data.Subset(fold.val.dataset, range(min(images, len(fold.val.paths))))
-    return make_loader(subset, fold.val.loader.batch_size, 0, fold.device)
+    loader = make_loader(subset, fold.val.loader.batch_size, 0, fold.device)
+    return fold.val.loader.wrap(loader) if isinstance(fold.val.loader, DeviceLoader) else loader
 
 
 def run(args, data, split, runtime):

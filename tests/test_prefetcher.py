@@ -1,0 +1,116 @@
+"""--prefetcher (the GPU path, checked on the CPU): the workers hand over uint8 batches, which are
+normalized and flipped on the device; the same pixels as normalizing in the workers."""
+import json
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+from albumentations.pytorch import ToTensorV2
+
+from augmentation import TimmAutoAugment, eval_transform, split_for_device, train_transform
+from conftest import FAST, run_cli
+from maskcls.images import DeviceLoader, EpochSampler, ImageDataset, device_loader, make_loader
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+@pytest.fixture()
+def photos(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        path = tmp_path / f"{i}.png"
+        from PIL import Image
+        Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _batches(paths, transform, prefetch, sampler=None, epoch=0):
+    dataset = ImageDataset(paths, list(range(len(paths))), transform)
+    loader = make_loader(dataset, 3, 0, "cpu", sampler=sampler)
+    if prefetch:
+        loader = device_loader(loader, transform, "cpu", seed=0)
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    return [(images, labels) for images, labels in loader]
+
+
+def test_device_normalization_gives_the_pixels_the_workers_gave(photos):
+    transform = eval_transform((16, 24), MEAN, STD)
+    cpu_side = split_for_device(transform)[0]
+    assert ImageDataset(photos, [0] * 6, cpu_side)[0][0].dtype == torch.uint8  # the workers only decode
+    plain, fetched = _batches(photos, transform, False), _batches(photos, transform, True)
+    for (a, la), (b, lb) in zip(plain, fetched, strict=True):
+        assert b.dtype == torch.float32 and b.shape == a.shape and torch.equal(la, lb)
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_device_flips_are_the_flips_the_workers_made(photos):
+    always = A.Compose([A.Resize(16, 24), A.HorizontalFlip(p=1.0), A.Normalize(MEAN, STD), ToTensorV2()])
+    cpu, mean, std, hflip = split_for_device(always)
+    assert hflip == 1.0 and not any(isinstance(t, A.HorizontalFlip) for t in cpu.transforms)
+    assert mean == pytest.approx([m * 255 for m in MEAN]) and std == pytest.approx([s * 255 for s in STD])
+    for (a, _), (b, _) in zip(_batches(photos, always, False), _batches(photos, always, True), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_device_flips_depend_on_seed_and_epoch_only(photos):
+    half = A.Compose([A.Resize(16, 24), A.HorizontalFlip(p=0.5), A.Normalize(MEAN, STD), ToTensorV2()])
+    unflipped = torch.cat([b for b, _ in _batches(photos * 20, eval_transform((16, 24), MEAN, STD), True)])
+
+    def flips(epoch):
+        sampler = EpochSampler(120, seed=3)
+        images = torch.cat([b for b, _ in _batches(photos * 20, half, True, sampler, epoch)])
+        order = [i for i, _ in sampler]
+        same = [torch.equal(x, unflipped[i]) for x, i in zip(images, order)]
+        mirrored = [torch.equal(x, unflipped[i].flip(-1)) for x, i in zip(images, order)]
+        assert all(s or m for s, m in zip(same, mirrored))  # each image as it was, or mirrored
+        return mirrored
+    first = flips(1)
+    assert 30 < sum(first) < 90  # about half of 120
+    assert flips(1) == first and flips(2) != first  # the same epoch again flips the same images
+
+
+def test_pipelines_that_cannot_split_keep_normalizing_on_the_cpu(photos):
+    assert split_for_device(A.Compose([A.Resize(16, 24), ToTensorV2()])) is None
+    assert split_for_device(A.Compose([A.Normalize(MEAN, STD), A.Resize(16, 24), ToTensorV2()])) is None
+    odd = A.Compose([A.Resize(16, 24), ToTensorV2()])
+    loader = make_loader(ImageDataset(photos, [0] * 6, odd), 3, 0, "cpu")
+    assert device_loader(loader, odd, "cpu") is loader
+
+
+def test_every_bundled_training_pipeline_splits_and_keeps_its_other_steps():
+    for name in ("AlbuAugmentation", "TimmAugmentation", "BaseAugmentation"):
+        full = train_transform(name, (32, 32), MEAN, STD, {"aa": "rand-m9-mstd0.5", "reprob": 0.25})
+        cpu, _, _, hflip = split_for_device(full)
+        assert not any(isinstance(t, A.Normalize) for t in cpu.transforms)
+        assert any(isinstance(t, TimmAutoAugment) for t in cpu.transforms)  # --aa and --reprob stay on the CPU
+        assert any(isinstance(t, A.Erasing) for t in cpu.transforms)
+        assert hflip == (0.0 if name == "BaseAugmentation" else 0.5)
+        image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        out = cpu(image=image)["image"]
+        assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+
+
+def test_a_wrapped_loader_passes_its_attributes_through(photos):
+    transform = eval_transform((16, 24), MEAN, STD)
+    loader = device_loader(make_loader(ImageDataset(photos, [0] * 6, transform), 4, 0, "cpu"), transform, "cpu")
+    assert isinstance(loader, DeviceLoader) and len(loader) == 2 and loader.batch_size == 4
+    subset = loader.wrap(make_loader(torch.utils.data.Subset(loader.dataset, range(2)), 4, 0, "cpu"))
+    (images, _), = list(subset)
+    assert images.dtype == torch.float32 and len(images) == 2
+
+
+@pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
+def test_prefetcher_run_trains_and_predicts(work, tmp_path):
+    run_cli("train.py", *FAST, "--epochs", "2", "--prefetcher", "True", "--ema", "0.9", "--ema_bn_refresh", "True",
+            "--name", "pf", "--model_dir", tmp_path, cwd=work)
+    config = json.loads((tmp_path / "pf" / "config.json").read_text())
+    assert config["prefetcher"] is True
+    run_cli("inference.py", "--model_dir", tmp_path / "pf", "--prefetcher", "True", "--output", tmp_path / "a.csv",
+            cwd=work)
+    run_cli("inference.py", "--model_dir", tmp_path / "pf", "--prefetcher", "False", "--output", tmp_path / "b.csv",
+            cwd=work)
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
