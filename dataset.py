@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from maskcls.atomic import replacing
 from maskcls.cli import UserError
@@ -227,6 +226,7 @@ def _split_items(n_items, val_ratio, seed, strata=None):
         return list(range(n_items)), []
     if n_items < 2:
         raise UserError(f"need at least 2 items to split into train and validation, found {n_items}")
+    from sklearn.model_selection import train_test_split  # here: inference never splits (0.5-1 s of start-up)
     index = np.arange(n_items)
     stratify = None if strata is None else _stratify_or_none(strata, val_ratio)
     train, val = train_test_split(index, test_size=val_ratio, random_state=seed, shuffle=True, stratify=stratify)
@@ -266,6 +266,7 @@ class SplitDataset:
 
     def folds(self, k):
         """K (train indices, val indices) pairs: every sample is held out exactly once."""
+        from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
         labels = [s.label for s in self.samples]
         if self.splits_by_person:  # people never straddle folds
             splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=self.seed)
@@ -451,6 +452,7 @@ class CSV(SplitDataset):
         """About --val_ratio of the groups held out, stratified by label (StratifiedGroupKFold)."""
         if not self.val_ratio:
             return list(range(len(self.samples))), []
+        from sklearn.model_selection import StratifiedGroupKFold
         parts = max(2, round(1 / self.val_ratio))
         labels, groups = [s.label for s in self.samples], [s.person for s in self.samples]
         if len(set(groups)) < parts:

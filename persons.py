@@ -31,7 +31,6 @@ import time
 
 import numpy as np
 from PIL import Image
-from sklearn.cluster import AgglomerativeClustering
 
 from maskcls import cli
 from maskcls.heldout import read_heldout, training_root
@@ -69,6 +68,7 @@ def group_photos(paths, per_person=PHOTOS_PER_PERSON, features=None):
     groups = max(1, round(len(paths) / per_person))
     if groups >= len(paths):
         return np.arange(len(paths))
+    from sklearn.cluster import AgglomerativeClustering  # here: only --person_pool's clustering needs it
     return AgglomerativeClustering(n_clusters=groups, linkage="ward").fit_predict(features)
 
 
