@@ -106,3 +106,19 @@ def test_checkpoint_refit_of_a_seed_group_is_every_seeds_refit(tmp_path):
     os.remove(group / "seed1" / "refit" / "best.pth")  # an unfinished refit is no model: one line naming the seed
     with pytest.raises(UserError, match="seed1"):
         refit_runs([str(group)])
+
+
+@pytest.mark.slow
+def test_seed_group_refit_end_to_end(work, tmp_path):
+    run_cli("train.py", *FAST, "--epochs", "2", "--seeds", "0,1", "--refit", "True", "--name", "g",
+            "--model_dir", tmp_path, cwd=work)
+    group = tmp_path / "g"
+    for seed in ("seed0", "seed1"):
+        best = torch.load(group / seed / "last.pth", weights_only=True)["best"]
+        config = json.loads((group / seed / "refit" / "config.json").read_text())
+        assert config["epochs"] == best["epoch"] and config["seed"] == int(seed[4:]) and config["val_images"] == 0
+        assert (group / seed / "refit" / "best.pth").is_file()
+    out = run_cli("inference.py", "--model_dir", group, "--checkpoint", "refit", "--output", tmp_path / "sub.csv",
+                  cwd=work)
+    assert str(group / "seed0" / "refit") in out.stdout and str(group / "seed1" / "refit") in out.stdout
+    assert pd.read_csv(tmp_path / "sub.csv")["ans"].between(0, 17).all()
