@@ -696,7 +696,6 @@ def section_quality_timm(args, plan, device):
     from timm.loss import LabelSmoothingCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
-    from timm.utils import CheckpointSaver
 
     from dataset import ImageFolder
     torch.manual_seed(args.q_seed)
@@ -724,7 +723,20 @@ def section_quality_timm(args, plan, device):
     scheduler, epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.q_epochs,
                                             warmup_epochs=recipe["warmup_epochs"], warmup_lr=1e-5, min_lr=0.0)
     criterion = LabelSmoothingCrossEntropy(smoothing=0.1)
-    # train.py's checkpointing: last.pth.tar every epoch and the 10 best (timm's CheckpointSaver)
+    _timm_fit(model, loader, val_loader, optimizer, scheduler, criterion, epochs)
+    test_root = args.q_test
+    truth = folder_labels(test_root)
+    keys = sorted(truth)
+    test_loader = torch.utils.data.DataLoader(PilFolder([(os.path.join(test_root, k), truth[k]) for k in keys], eval_tf),
+                                              batch_size=256, num_workers=args.num_workers)
+    preds = _predictions(model, test_loader)
+    return {"scores": list(test_scores(truth, dict(zip(keys, preds))))}
+
+
+def _timm_fit(model, loader, val_loader, optimizer, scheduler, criterion, epochs):
+    """timm train.py's epoch loop: train, validate top-1, its checkpoints (last.pth.tar every epoch
+    and the 10 best, timm's CheckpointSaver); leaves the model at its best epoch."""
+    from timm.utils import CheckpointSaver
     saver = CheckpointSaver(model, optimizer, checkpoint_dir=tempfile.mkdtemp(prefix="bench-timm-"), max_history=10)
     best, best_state = -1.0, None
     for epoch in range(epochs):
@@ -741,13 +753,6 @@ def section_quality_timm(args, plan, device):
         scheduler.step(epoch + 1, top1)
     shutil.rmtree(saver.checkpoint_dir, ignore_errors=True)
     model.load_state_dict(best_state)
-    test_root = args.q_test
-    truth = folder_labels(test_root)
-    keys = sorted(truth)
-    test_loader = torch.utils.data.DataLoader(PilFolder([(os.path.join(test_root, k), truth[k]) for k in keys], eval_tf),
-                                              batch_size=256, num_workers=args.num_workers)
-    preds = _predictions(model, test_loader)
-    return {"scores": list(test_scores(truth, dict(zip(keys, preds))))}
 
 
 @torch.no_grad()

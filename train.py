@@ -17,7 +17,6 @@ Example:
 import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import argparse
 import os
-import shutil
 
 import agecuts
 from augmentation import AUGMENTATIONS, TTA_VIEWS
@@ -25,15 +24,14 @@ from cutmix import MODES as CUTMIX_MODES
 from dataset import DATASETS
 from facecrop import FACE_MARGIN
 from loss import CRITERIONS
-from maskcls import cli, distributed, shortcuts
-from maskcls.data import TrainingData, open_image_cache, read_source, store_folder
-from maskcls.fit import train_fold, train_kfold
+from maskcls import cli, shortcuts
+from maskcls.data import TrainingData, open_image_cache, store_folder
+from maskcls.fit import train_fold, train_kfold, train_seeds
 from maskcls.optim import OPTIMIZERS, SCHEDULERS
 from maskcls.options import TIMM_FLAGS, check_flags, warn_ignored_options
 from maskcls.refit import train_refit
-from maskcls.runfolder import open_run, run_status, write_config
+from maskcls.runfolder import open_run
 from maskcls.runtime import Runtime, seed_everything
-from maskcls.summary import write_seed_summary
 from model import AGE_HEADS, HEADS, MODELS, MSD_P, input_size_of
 
 # The recipe: what a user who gives only data, model, input size and epochs gets (README "The
@@ -322,7 +320,7 @@ def main(args, monitor=None):
 
 def run_training(args, runtime, monitor=None):
     if args.seeds:
-        return train_seeds(args, runtime)
+        return train_seeds(args, runtime, run_training)
     context = runtime.context
     seed_everything(args.seed)
     data = TrainingData.load(args, runtime.input_size, context)
@@ -346,32 +344,6 @@ def run_training(args, runtime, monitor=None):
             agecuts.fit_trained_run(run_dir)
         if args.refit:
             train_refit(args, data, splits, run_dir, runtime, cache)
-    return run_dir
-
-
-def train_seeds(args, runtime):
-    """--seeds S1,S2,...: the recipe once per seed, each into RUN/seed<S> (a run, or a k-fold parent
-    with --kfold), then RUN/seeds.json. --resume of the group skips finished seeds and continues
-    the rest."""
-    context, seed_dirs = runtime.context, [f"seed{s}" for s in args.seeds]
-    classes = read_source(args).classes  # the data checked before the group's folder exists
-    with open_run(args.model_dir, args.name, args.resume, args.epochs, context) as run_dir:
-        if context.is_main and not args.resume:
-            write_config(run_dir, {**vars(args), "resume": None, "seed_dirs": seed_dirs, "classes": classes})
-        for number, (seed, seed_dir) in enumerate(zip(args.seeds, seed_dirs), 1):
-            member = os.path.join(run_dir, seed_dir)
-            status = distributed.broadcast(context, run_status(member) if context.is_main else None)
-            if status == "done":
-                print(f"=== seed {seed} ({number} of {len(args.seeds)}): finished earlier")
-                continue
-            if status == "new" and context.is_main and os.path.isdir(member):
-                shutil.rmtree(member)  # a start in which no epoch finished
-            print(f"=== seed {seed} ({number} of {len(args.seeds)}){' (resumed)' if status == 'unfinished' else ''}")
-            one = {"seed": seed, "seeds": None, "model_dir": run_dir, "name": seed_dir,
-                   "resume": member if status == "unfinished" else None}
-            run_training(argparse.Namespace(**{**vars(args), **one}), runtime)
-        if context.is_main:
-            write_seed_summary(run_dir)
     return run_dir
 
 

@@ -1,26 +1,30 @@
 """One fold's training, around `build_fold`'s parts: the run folder's first files
 (`start_run_folder`), the epoch loop (`fit`: train, validate, keep the best, save last.pth, stop
 early), and the last steps (`finish_run_folder`: averaged.pth, swa.pth, the final figures);
-`train_kfold`: a fold after another, then oof.csv.
+`train_kfold`: a fold after another, then oof.csv; `train_seeds`: the recipe once per seed (--seeds).
 
 Example: python train.py --val_every 2 --patience 5 --checkpoint_hist 3 --average_top 3
 """
+import argparse
 import copy
 import dataclasses
 import math
 import os
+import shutil
 import sys
 import time
 
 from dataset import write_split_csv
 from maskcls import cli, distributed, plots
 from maskcls.engine import evaluate, is_better, train_one_epoch, updates_per_epoch
+from maskcls.data import read_source
 from maskcls.fold import build_fold
 from maskcls.heldout import write_oof, write_val_predictions
 from maskcls.labels import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, decode_label
 from maskcls.metrics import macro_f1
 from maskcls.runfolder import (PREVIEW_IMAGES, Checkpoint, RunLog, TopCheckpoints, best_epoch_figures, final_figures,
-                               fold_status, spread, write_config)
+                               fold_status, open_run, run_status, spread, write_config)
+from maskcls.summary import write_seed_summary
 from maskcls.swa import has_batch_norm, refresh_bn
 from model import load_weights, save_checkpoint
 
@@ -340,3 +344,29 @@ class RunClock:
         """One epoch finished, in `seconds`: returns the seconds left."""
         self.done, self.seconds, self.epochs_left = self.done + 1, self.seconds + seconds, self.epochs_left - 1
         return self.seconds / self.done * max(self.epochs_left, 0)
+
+
+def train_seeds(args, runtime, run_one):
+    """--seeds S1,S2,...: the recipe (`run_one(args, runtime)`, train.py's run_training) once per
+    seed, each into RUN/seed<S> (a run, or a k-fold parent with --kfold), then RUN/seeds.json.
+    --resume of the group skips finished seeds and continues the rest."""
+    context, seed_dirs = runtime.context, [f"seed{s}" for s in args.seeds]
+    classes = read_source(args).classes  # the data checked before the group's folder exists
+    with open_run(args.model_dir, args.name, args.resume, args.epochs, context) as run_dir:
+        if context.is_main and not args.resume:
+            write_config(run_dir, {**vars(args), "resume": None, "seed_dirs": seed_dirs, "classes": classes})
+        for number, (seed, seed_dir) in enumerate(zip(args.seeds, seed_dirs), 1):
+            member = os.path.join(run_dir, seed_dir)
+            status = distributed.broadcast(context, run_status(member) if context.is_main else None)
+            if status == "done":
+                print(f"=== seed {seed} ({number} of {len(args.seeds)}): finished earlier")
+                continue
+            if status == "new" and context.is_main and os.path.isdir(member):
+                shutil.rmtree(member)  # a start in which no epoch finished
+            print(f"=== seed {seed} ({number} of {len(args.seeds)}){' (resumed)' if status == 'unfinished' else ''}")
+            one = {"seed": seed, "seeds": None, "model_dir": run_dir, "name": seed_dir,
+                   "resume": member if status == "unfinished" else None}
+            run_one(argparse.Namespace(**{**vars(args), **one}), runtime)
+        if context.is_main:
+            write_seed_summary(run_dir)
+    return run_dir
