@@ -18,7 +18,7 @@ from conftest import FAST, lrs_by_epoch, run_cli
 from cutmix import BatchMixer
 from dataset import MASK_MEAN, MASK_STD
 from loss import CRITERIONS, build_criterion
-from maskcls import cli
+from maskcls import cli, distributed
 from maskcls import engine
 from maskcls.optim import Freezer, SchedulerState, build_optimizer, build_scheduler
 from maskcls.distributed import Context
@@ -232,9 +232,9 @@ def test_drop_rates_grad_checkpointing_and_sync_bn_reach_the_model(tmp_path, wor
     assert net.grad_checkpointing
     with pytest.raises(cli.UserError, match="grad_checkpointing"):
         build_networks(_args("--grad_checkpointing", "True"), {"model": "BaseModel", "num_classes": 3}, CPU_FP32)
-    monkeypatch.setattr(train.distributed, "setup", lambda choice: (train.distributed.Context(0, 2), None))
-    monkeypatch.setattr(train.distributed, "teardown", lambda context: None)
-    monkeypatch.setattr(train.distributed, "broadcast", lambda context, value: value)
+    monkeypatch.setattr(distributed, "setup", lambda choice: (distributed.Context(0, 2), None))
+    monkeypatch.setattr(distributed, "teardown", lambda context: None)
+    monkeypatch.setattr(distributed, "broadcast", lambda context, value: value)
     with pytest.raises(cli.UserError, match="--sync_bn needs CUDA"):
         train.main(_args("--sync_bn", "True", "--data_dir", work / "data" / "train", "--model_dir", tmp_path))
 
