@@ -29,3 +29,32 @@ import os
 # which costs nothing measurable on a quiet machine. Set before torch loads OpenMP; a value the
 # user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def keep_freed_memory():
+    """glibc: freed memory stays in the process for the next allocation instead of going back to
+    the kernel. By default every allocation above a threshold (128 KiB, rising to at most 32 MiB)
+    is a fresh mmap, and the heap's top is trimmed when freed, so each training step's activations
+    and each loader worker's per-image arrays are faulted in (zero-filled) again, step after step,
+    image after image. resnet18 at 224x224, batch 32, bf16: 28,000-78,000 page faults and 0.06-0.17 s
+    of system time per 1.0-1.16 s step; with both thresholds at 1 GiB 800-3,100 faults, 0.001-0.03 s,
+    and the step 2-11% faster over five interleaved pairs (6-13% at 64x64). A loader worker's
+    AlbuAugmentation image at 224x224: 281 faults -> 147 (the rest is the batch's shared memory),
+    the loader 18% faster. The cost: a step's peak resident memory at 224x224 rose 80-230 MB (1.45
+    -> 1.54-1.67 GB), what the allocator keeps for reuse. jemalloc or tcmalloc (LD_PRELOAD), which
+    Intel's PyTorch CPU guide recommends for the same reason, do the same. Forked workers inherit
+    it. A threshold set in the environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) wins;
+    elsewhere than glibc nothing changes."""
+    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl may lack it)
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+keep_freed_memory()
