@@ -79,7 +79,7 @@ from torchvision import transforms
 from augmentation import AUGMENTATIONS, eval_transform, prepared_size
 from dataset import MASK_MEAN, MASK_STD, read_mask_train
 from maskcls import cli
-from maskcls.images import EpochSampler, ImageDataset, PreparedStore, make_loader, open_cache
+from maskcls.images import EpochSampler, ImageDataset, PreparedStore, device_loader, make_loader, open_cache
 from maskcls.labels import NUM_CLASSES
 from maskcls.runtime import cpu_has_native_bf16, resolve_device, resolve_precision
 from model import create_model
@@ -248,9 +248,16 @@ def training_images(data, n, batch_size):
 
 
 def training_loader(dataset, args, device):
-    """The training side's loader as train.py builds it: a seeded shuffle, whole batches."""
-    return make_loader(dataset, args.batch_size, args.num_workers, device, drop_last=True,
-                       sampler=EpochSampler(len(dataset), seed=0))
+    """The training side's loader as train.py builds it: a seeded shuffle, whole batches, and
+    its default --prefetcher (uint8 batches from the workers, flipped and normalized by the
+    loader's consumer; the dataset's transform becomes the workers' part)."""
+    return device_loader(make_loader(dataset, args.batch_size, args.num_workers, device, drop_last=True,
+                                     sampler=EpochSampler(len(dataset), seed=0)), dataset.transform, device)
+
+
+def eval_loader(dataset, batch_size, args, device):
+    """An inference loader as inference.py builds it (its default --prefetcher)."""
+    return device_loader(make_loader(dataset, batch_size, args.num_workers, device), dataset.transform, device)
 
 
 def steady(loader, workers):
@@ -321,8 +328,8 @@ def project_training(args, plan, device):
     # the warm-up pass is the first epoch, the timed ones are later epochs
     prepared = prepared_size(augment, args.resize) or args.resize
     dataset = ImageDataset(paths, labels, augment, prepare_to=prepared, cache=open_cache(len(paths), prepared, "ram"))
-    loader, steps = training_loader(dataset, args, device), len(paths) // args.batch_size
     images = torch.stack([dataset[i][0] for i in range(args.batch_size)]).to(device)  # one real batch, in memory
+    loader, steps = training_loader(dataset, args, device), len(paths) // args.batch_size
     target = torch.tensor(labels[:args.batch_size], device=device)
     torch.manual_seed(0)
     model = precision.model(create_model(args.model, NUM_CLASSES).to(device))
@@ -461,14 +468,14 @@ def section_peers(args, plan, device):
     store = PreparedStore(tempfile.mkdtemp(prefix="bench-store-"))
     eval_set = ImageDataset(paths, labels, eval_transform(args.resize, MASK_MEAN, MASK_STD), prepare_to=args.resize,
                             store=store)
-    eval_loader = make_loader(eval_set, 128, args.num_workers, device)  # inference.py's default batch
+    infer_loader = eval_loader(eval_set, 128, args, device)  # inference.py's default batch
     torch.manual_seed(0)
     model = precision.model(create_model(args.model, NUM_CLASSES).to(device).eval())
     base_train, base_infer = baseline_training(paths, labels, args, device)
     timm_train, timm_infer = timm_training(paths, labels, args, device)
     try:
         return compare({"peer_ours": ours_train, "peer_baseline": base_train, "peer_timm": timm_train,
-                        "peer_ours_infer": lambda: len(predict(model, eval_loader, device, precision, desc="bench")),
+                        "peer_ours_infer": lambda: len(predict(model, infer_loader, device, precision, desc="bench")),
                         "peer_baseline_infer": base_infer, "peer_timm_infer": timm_infer}, plan["rounds"], device)
     finally:
         shutil.rmtree(store.folder, ignore_errors=True)
@@ -480,13 +487,12 @@ def section_infer(args, plan, device):
     paths, labels = training_images(args.data, plan["infer"], args.batch_size)
     # prepared to the input size, as for a run trained with a pipeline that starts with A.Resize
     dataset = ImageDataset(paths, labels, eval_transform(args.resize, MASK_MEAN, MASK_STD), prepare_to=args.resize)
-    loader, batches = make_loader(dataset, args.batch_size, args.num_workers, device), len(paths) // args.batch_size
+    images = torch.stack([dataset[i][0] for i in range(args.batch_size)]).to(device)
+    loader, batches = eval_loader(dataset, args.batch_size, args, device), len(paths) // args.batch_size
     # warm: inference.py's store of prepared eval images, filled by an earlier inference (the warm-up)
     store = PreparedStore(tempfile.mkdtemp(prefix="bench-store-"))
-    warm_loader = make_loader(ImageDataset(paths, labels, eval_transform(args.resize, MASK_MEAN, MASK_STD),
-                                           prepare_to=args.resize, store=store), args.batch_size, args.num_workers,
-                              device)
-    images = torch.stack([dataset[i][0] for i in range(args.batch_size)]).to(device)
+    warm_loader = eval_loader(ImageDataset(paths, labels, eval_transform(args.resize, MASK_MEAN, MASK_STD),
+                                           prepare_to=args.resize, store=store), args.batch_size, args, device)
     torch.manual_seed(0)
     model = precision.model(create_model(args.model, NUM_CLASSES).to(device).eval())
     plain = create_model(args.model, NUM_CLASSES).to(device).eval()

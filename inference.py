@@ -86,9 +86,9 @@ def get_args_parser():
     parser.add_argument("--num_workers", "--workers", "-j", type=cli.number(int, 0), default=min(4, os.cpu_count() or 1),
                         help="DataLoader worker processes (0: load in the main process)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA where there is a GPU")
-    cli.bool_flag(parser, "--prefetcher", default=None,
+    cli.bool_flag(parser, "--prefetcher", default=True,
                   help="timm's prefetcher: the loader workers hand over uint8 batches, normalized on the device "
-                       "(default: on with CUDA)")
+                       "(the GPU, or the main process on a CPU)")
     parser.add_argument("--cache_dir", default="auto", metavar="DIR",
                         help="prepared images kept across inferences and ensembles (auto: <data_dir>/.prepared_cache; "
                              "none: off)")
@@ -295,7 +295,7 @@ def main(args):
                        max((run_prepared_size(c) for c in configs), key=lambda s: s[0] * s[1]))
     probs = ensemble_probs(run_dirs, configs, checkpoint, eval_set.paths, views, args.batch_size,
                            args.num_workers, device, precision, run_weights, store,
-                           device.type == "cuda" if args.prefetcher is None else args.prefetcher)
+                           args.prefetcher)
     if args.person_pool:
         probs = person_pooled(probs, eval_set.paths, args.photos_per_person)
     probs = maybe_bias(probs, given, classes, args.no_bias)

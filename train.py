@@ -264,9 +264,9 @@ def add_runtime_flags(optim):
                                            "more to compile, later ones run faster (see README, Performance)")
     optim.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto: CUDA where there is a GPU")
-    cli.bool_flag(optim, "--prefetcher", default=None,
+    cli.bool_flag(optim, "--prefetcher", default=True,
                   help="timm's prefetcher: the loader workers hand over uint8 batches, normalized and flipped on "
-                       "the device (default: on with CUDA)")
+                       "the device (the GPU, or the main process on a CPU)")
 
 
 def add_output_flags(out):
@@ -348,14 +348,12 @@ def run_training(args, runtime, monitor=None):
 
 
 def resolved(args, data, splits, runtime):
-    """The options as the run uses them, what config.json records: the data's training pipeline,
-    a batch size, and whether the prefetcher runs. A copy: `args` stays as parsed."""
+    """The options as the run uses them, what config.json records: the data's training pipeline
+    and a batch size. A copy: `args` stays as parsed."""
     batch = args.batch_size
     if batch in (None, "auto"):
         batch = default_batch_size(len(splits[0][0]) + len(data.extra), runtime.context.world_size)
-    prefetcher = runtime.device.type == "cuda" if args.prefetcher is None else args.prefetcher
-    out = argparse.Namespace(**{**vars(args), "augmentation": data.augmentation, "batch_size": batch,
-                                "prefetcher": prefetcher})
+    out = argparse.Namespace(**{**vars(args), "augmentation": data.augmentation, "batch_size": batch})
     if args.batch_size == "auto":
         out.batch_size = shortcuts.fitting_batch_size(out, data, splits[0], runtime, batch)
     return out

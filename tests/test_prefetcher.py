@@ -1,5 +1,6 @@
-"""--prefetcher (the GPU path, checked on the CPU): the workers hand over uint8 batches, which are
-normalized and flipped on the device; the same pixels as normalizing in the workers."""
+"""--prefetcher (on by default): the workers hand over uint8 batches, which are normalized and
+flipped on the device (the GPU, or the main process on a CPU); the same pixels as normalizing in
+the workers."""
 import json
 
 import albumentations as A
@@ -105,12 +106,12 @@ def test_a_wrapped_loader_passes_its_attributes_through(photos):
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_prefetcher_run_trains_and_predicts(work, tmp_path):
-    run_cli("train.py", *FAST, "--epochs", "2", "--prefetcher", "True", "--ema", "0.9", "--ema_bn_refresh", "True",
+    """On by default (train.py and inference.py); a prediction off the prefetcher is the same file."""
+    run_cli("train.py", *FAST, "--epochs", "2", "--ema", "0.9", "--ema_bn_refresh", "True",
             "--name", "pf", "--model_dir", tmp_path, cwd=work)
     config = json.loads((tmp_path / "pf" / "config.json").read_text())
     assert config["prefetcher"] is True
-    run_cli("inference.py", "--model_dir", tmp_path / "pf", "--prefetcher", "True", "--output", tmp_path / "a.csv",
-            cwd=work)
+    run_cli("inference.py", "--model_dir", tmp_path / "pf", "--output", tmp_path / "a.csv", cwd=work)
     run_cli("inference.py", "--model_dir", tmp_path / "pf", "--prefetcher", "False", "--output", tmp_path / "b.csv",
             cwd=work)
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
