@@ -90,10 +90,19 @@ def test_a_damaged_entry_is_prepared_again(photos, tmp_path):
     image, _ = store.read(photos[0], (64, 48), None)
     with open(photos[0], "rb") as f:
         key = store.key(f.read(), (64, 48), None)
+    assert np.array_equal(np.load(key), image)  # an entry is a .npy file
     with open(key, "r+b") as f:
         f.truncate(40)  # cut short, as by a crash of an older writer
     again, hit = store.read(photos[0], (64, 48), None)
     assert not hit and np.array_equal(again, image)
+    assert store.read(photos[0], (64, 48), None)[1]  # rewritten
+    for damaged in (np.zeros((64, 48, 3), np.float32), np.zeros((48, 64, 3), np.uint8)):  # not what it must hold
+        np.save(key, damaged)
+        again, hit = store.read(photos[0], (64, 48), None)
+        assert not hit and np.array_equal(again, image)
+    with open(key, "ab") as f:
+        f.write(b"\0")  # longer than an entry
+    assert not store.read(photos[0], (64, 48), None)[1]
 
 
 FILL = textwrap.dedent("""
