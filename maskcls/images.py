@@ -209,10 +209,11 @@ class PreparedStore:
     """Prepared images that outlive the run: one file per image and preparation, named by a hash of
     the photo's bytes and of everything that changes the prepared pixels (the size, the face crop
     region, PREPARE_VERSION), in a folder beside the data (`<data folder>/.prepared_cache`). The
-    first run that needs an image writes it; every later run, and inference, reads it memory-mapped
-    instead of decoding the photo. A changed photo has another hash: it is prepared again. Each
-    entry is written to a temporary name and renamed, so runs filling it at once never see half an
-    entry; a full disk (or a folder that cannot be written) stops the writing, not the run."""
+    first run that needs an image writes it (a .npy file); every later run, and inference, reads it
+    (one read into the array's own buffer) instead of decoding the photo. A changed photo has
+    another hash: it is prepared again. Each entry is written to a temporary name and renamed, so
+    runs filling it at once never see half an entry; a full disk (or a folder that cannot be
+    written) stops the writing, not the run."""
 
     def __init__(self, folder):
         self.folder = folder
