@@ -241,6 +241,9 @@ class SplitDataset:
     label_scheme = "folder"  # "mask": the competition's 18 classes (labels.py)
     splits_by_person = False
     default_augmentation = "TimmAugmentation"  # --augmentation when none is given: timm's own pipeline
+    # whether a left-right flip keeps every label: None = unknown, measured on the images before
+    # training where --hflip is not given (maskcls/mirror.py; flips are turned off where they do not)
+    flips_keep_labels = None
     warning = None  # a line train.py prints to stderr when this entry is chosen (a known trap)
 
     def __init__(self, root, samples, classes, val_ratio=0.2, seed=42):
@@ -295,6 +298,7 @@ class MaskBaseDataset(SplitDataset):
     mean, std = MASK_MEAN, MASK_STD
     label_scheme = "mask"
     default_augmentation = "AlbuAugmentation"  # faces: flips, mild shifts, photometric noise
+    flips_keep_labels = True  # a mirrored face keeps its mask, gender and age
     # README "Squeezing macro F1": the demo recipe on --difficulty real data, 3 seeds
     warning = ("--dataset MaskBaseDataset splits images, not persons: a person's photos land on both sides, so "
                "validation overestimates (measured: val 0.865 vs eval 0.804 macro F1, +0.061 over 3 seeds); "

@@ -348,12 +348,14 @@ def run_training(args, runtime, monitor=None):
 
 
 def resolved(args, data, splits, runtime):
-    """The options as the run uses them, what config.json records: the data's training pipeline
-    and a batch size. A copy: `args` stays as parsed."""
+    """The options as the run uses them, what config.json records: the data's training pipeline,
+    a batch size, and --hflip 0 where the mirror check turned flips off. A copy: `args` stays as parsed."""
     batch = args.batch_size
     if batch in (None, "auto"):
         batch = default_batch_size(len(splits[0][0]) + len(data.extra), runtime.context.world_size)
     out = argparse.Namespace(**{**vars(args), "augmentation": data.augmentation, "batch_size": batch})
+    if data.hflip is not None:  # the mirror check turned the pipeline's flip off
+        out.hflip = data.hflip
     if args.batch_size == "auto":
         out.batch_size = shortcuts.fitting_batch_size(out, data, splits[0], runtime, batch)
     return out

@@ -19,6 +19,7 @@ from facecrop import face_regions
 from maskcls import cli, distributed
 from maskcls.images import (STORE_NAME, ImageDataset, cache_shape, load_image, open_cache, open_store,
                             shared_memory_free)
+from maskcls.mirror import flips_keep_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,7 @@ class TrainingData:
     augmentation: str     # the training pipeline (--augmentation, or the layout's default)
     prepared: tuple       # (H, W) validation images (and cached ones) are prepared to
     train_prepared: tuple  # the same for the training side; None: its pipeline gets full photos
+    hflip: float = None   # 0.0 where the mirror check turned the pipeline's flip off, else None
 
     @classmethod
     def load(cls, args, input_size, context=distributed.Context()):
@@ -57,7 +59,10 @@ class TrainingData:
         if train_prepared is None and context.is_main:
             print(f"note: --augmentation {augmentation} does not start with a resize: training gets full-size "
                   f"photos, decoded every epoch (only validation images are prepared and cached)")
-        return cls(source, extra, regions, augmentation, train_prepared or tuple(input_size), train_prepared)
+        hflip = None
+        if args.hflip is None and source.flips_keep_labels is None and flips(probe):
+            hflip = mirror_check(source, regions, context)
+        return cls(source, extra, regions, augmentation, train_prepared or tuple(input_size), train_prepared, hflip)
 
     def all_paths(self):
         """Every image the folds use: the data folder's, then the extra training images."""
@@ -76,6 +81,25 @@ class TrainingData:
         return ImageDataset(paths, labels, transform, prepare_to=prepare_to, regions=regions, cache=images,
                             cache_slots=[cache.slots[p] for p in paths] if images is not None else None,
                             soft=soft, ages=ages, targets=targets, store=cache.store if cache is not None else None)
+
+
+def flips(transform):
+    """True when a pipeline mirrors images left-right (a top-level A.HorizontalFlip that can fire)."""
+    import albumentations as A
+    return any(type(t) is A.HorizontalFlip and t.p > 0 for t in getattr(transform, "transforms", []))
+
+
+def mirror_check(source, regions, context):
+    """0.0 (flips off, said in one line) where mirroring changes what sets the classes apart
+    (maskcls/mirror.py), else None (the pipeline's flip stays)."""
+    keeps, same, mirrored = flips_keep_labels(source.all_paths(), [s.label for s in source.samples],
+                                              regions or None)
+    if keeps is not False:
+        return None
+    if context.is_main:
+        print(f"note: no horizontal flips (--hflip 0): mirroring changes what sets these classes apart (their "
+              f"mean images agree {mirrored:.2f} mirrored, {same:.2f} as they are); --hflip 0.5 flips anyway")
+    return 0.0
 
 
 def read_source(args):
