@@ -36,7 +36,8 @@ from maskcls.registry import Option, Registry
 # names it; not given (None), the entry's own default stays.
 _SHARE = cli.number(float, 0, 1)
 KNOBS = {
-    "hflip": Option("horizontal flip probability; default: the pipeline's own", type=_SHARE, default=None),
+    "hflip": Option("horizontal flip probability; default: the pipeline's own, 0 where train.py's mirror check "
+                    "finds that mirroring changes the class (maskcls/mirror.py)", type=_SHARE, default=None),
     "vflip": Option("vertical flip probability; default: the pipeline's own", type=_SHARE, default=None),
     "scale": Option("random resized crop: area range; default: the pipeline's own (timm's 0.08,1)",
                     type=cli.parse_floats, default=None, metavar="MIN,MAX", words=True),
