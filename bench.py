@@ -15,7 +15,8 @@ range of those ratios, `others CPU` the share of the machine other processes use
 - loader_vs_naive: the training loader (images.ImageDataset: load_image with a draft decode
   where the size allows, prepare_image (area resize to augmentation.prepared_size, as the
   cache keeps images: the input size for AlbuAugmentation), --augmentation (AlbuAugmentation),
-  make_loader) against a naive loader written below as the public baseline does it (PIL open +
+  make_loader, and train.py's default --prefetcher: uint8 batches from the workers, normalized
+  by the consumer, inside the timed loop) against a naive loader written below as the public baseline does it (PIL open +
   convert, torchvision Resize/ToTensor/Normalize, one image per __getitem__, a plain
   DataLoader); same images, size, batch and worker count. Every epoch decodes every image, as
   the first epoch of a run does. Timed from the moment every worker has delivered its first
