@@ -48,7 +48,8 @@ class Precision:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def batch(self, images):
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        # NCHW where channels-last is not wanted: the prefetcher hands over channels-last batches
+        return images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def scaler(self):
         """fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not."""

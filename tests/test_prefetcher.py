@@ -92,7 +92,7 @@ def test_every_bundled_training_pipeline_splits_and_keeps_its_other_steps():
         assert hflip == (0.0 if name == "BaseAugmentation" else 0.5)
         image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
         out = cpu(image=image)["image"]
-        assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+        assert out.dtype == torch.uint8 and out.shape == (32, 32, 3)  # H x W x C: stacked channels-last
 
 
 def test_a_wrapped_loader_passes_its_attributes_through(photos):
