@@ -134,6 +134,9 @@ def get_args_parser():
                         help="quality: the seeds (default 0,1,2; with --quick 0)")
     parser.add_argument("--epochs", type=cli.positive_int, default=None,
                         help="quality: epochs of both recipes (default 30; with --quick 10)")
+    parser.add_argument("--quality_data", type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+                        default=None, metavar="NAME,NAME",
+                        help="quality: which of its datasets (default: digits, and lfw_subset with scikit-image)")
     parser.add_argument("--sections", default=None,
                         help="which sections to run (default: loader,train,infer,detect, and compile without --quick)")
     # internal: run one section in this (child) process and write its raw rates to --result
@@ -577,6 +580,7 @@ def section_compile(args, plan, device):
 # ---------------------------------------------------------------- quality against timm's recipe
 QUALITY_PLANS = {"quick": dict(seeds=(0,), epochs=10), "full": dict(seeds=(0, 1, 2), epochs=30)}
 QUALITY_SIZE = (32, 32)  # the input size of both recipes (the images are 8x8 and 25x25)
+QUALITY_DATASETS = ("digits", "lfw_subset")  # quality_datasets' names (lfw_subset with scikit-image)
 
 
 def quality_datasets(root):
@@ -788,7 +792,14 @@ def run_quality(args, quick):
     plan.update({k: v for k, v in (("seeds", args.seeds), ("epochs", args.epochs)) if v})
     rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as root:
-        for name, (train_dir, test_dir, hflip) in quality_datasets(root).items():
+        found = quality_datasets(root)
+        unknown = sorted(set(args.quality_data or ()) - set(found))
+        if unknown:
+            raise cli.UserError(f"--quality_data {unknown[0]}: not among this machine's quality datasets "
+                                f"({', '.join(found)}; lfw_subset needs `pip install scikit-image`)")
+        for name, (train_dir, test_dir, hflip) in found.items():
+            if args.quality_data and name not in args.quality_data:
+                continue
             for seed in plan["seeds"]:
                 work = os.path.join(root, f"{name}-{seed}")
                 os.makedirs(work)
@@ -928,6 +939,9 @@ def main(args):
     unknown = [s for s in sections if s not in choices]
     if unknown:
         raise cli.UserError(f"unknown section {unknown[0]!r}; choose from {', '.join(choices)}")
+    unknown = sorted(set(args.quality_data or ()) - set(QUALITY_DATASETS))
+    if unknown:  # before any work
+        raise cli.UserError(f"--quality_data {unknown[0]}: choose from {', '.join(QUALITY_DATASETS)}")
     figures = throughput(args, [s for s in sections if s != "quality"], plan, device)
     if "quality" in sections:
         figures.update(run_quality(args, args.quick))

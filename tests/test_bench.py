@@ -27,9 +27,11 @@ def test_loader_and_infer_sections_report_every_row(sample_data, tmp_path):
 @pytest.mark.slow  # trains resnet18 five ways on digits (about two minutes)
 def test_quality_section_runs_every_recipe(tmp_path):
     out = tmp_path / "quality.json"
-    result = run_cli("bench.py", "--sections", "quality", "--quick", "--epochs", "1", "--seeds", "0", "--json", out)
+    result = run_cli("bench.py", "--sections", "quality", "--quick", "--epochs", "1", "--seeds", "0",
+                     "--quality_data", "digits", "--json", out)
     figures = json.loads(out.read_text())
     for recipe in ("ours_defaults", "ours", "refit", "competent", "defaults"):
         runs = figures[f"quality_digits_{recipe}"]
         assert len(runs["accuracy"]) == 1 and 0 <= runs["accuracy"][0] <= 1 and runs["seconds"][0] > 0, recipe
     assert "digits       project defaults" in result.stdout and "refit / timm competent" in result.stdout
+    assert "lfw_subset" not in result.stdout and not any(key.startswith("quality_lfw") for key in figures)
