@@ -11,6 +11,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import albumentations as A
 import numpy as np
 
 from augmentation import prepared_size, train_transform
@@ -85,7 +86,6 @@ class TrainingData:
 
 def flips(transform):
     """True when a pipeline mirrors images left-right (a top-level A.HorizontalFlip that can fire)."""
-    import albumentations as A
     return any(type(t) is A.HorizontalFlip and t.p > 0 for t in getattr(transform, "transforms", []))
 
 

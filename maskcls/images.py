@@ -275,6 +275,7 @@ class PreparedStore:
 
 
 PREPARE_VERSION = 1  # bump when prepare_image or load_image changes the pixels: old entries are then unused
+STORE_NAME = ".prepared_cache"  # beside the data, like the face box cache; hidden from the dataset readers
 
 
 @functools.lru_cache(maxsize=None)
@@ -283,7 +284,6 @@ def npy_header(size):
     out = io.BytesIO()
     np.lib.format.write_array_header_1_0(out, {"descr": "|u1", "fortran_order": False, "shape": (*size, 3)})
     return out.getvalue()
-STORE_NAME = ".prepared_cache"  # beside the data, like the face box cache; hidden from the dataset readers
 
 
 def open_store(folder, images, size, announce=True):
