@@ -99,7 +99,7 @@ def split_for_device(transform):
             or steps[-2].normalization != "standard" or steps[-2].p < 1:
         return None
     normalize = steps[-2]
-    flips = [t for t in steps[:-2] if type(t) is A.HorizontalFlip]
+    flips = horizontal_flips(transform)
     if len(flips) > 1:
         return None
     scale = normalize.max_pixel_value
@@ -107,6 +107,12 @@ def split_for_device(transform):
     std = [d * scale for d in np.broadcast_to(normalize.std, 3)]
     kept = [t for t in steps[:-2] if t not in flips] + [ToHWCTensor()]
     return A.Compose(kept), mean, std, flips[0].p if flips else 0.0
+
+
+def horizontal_flips(transform):
+    """The top-level A.HorizontalFlip steps of a pipeline (the prefetcher moves them to the
+    device; the mirror check turns them off where mirroring changes the class)."""
+    return [t for t in getattr(transform, "transforms", []) if type(t) is A.HorizontalFlip]
 
 
 class ToHWCTensor(ToTensorV2):

@@ -11,10 +11,9 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import albumentations as A
 import numpy as np
 
-from augmentation import prepared_size, train_transform
+from augmentation import horizontal_flips, prepared_size, train_transform
 from dataset import DATASETS, read_extra, read_pseudo_labels
 from facecrop import face_regions
 from maskcls import cli, distributed
@@ -61,7 +60,7 @@ class TrainingData:
             print(f"note: --augmentation {augmentation} does not start with a resize: training gets full-size "
                   f"photos, decoded every epoch (only validation images are prepared and cached)")
         hflip = None
-        if args.hflip is None and source.flips_keep_labels is None and flips(probe):
+        if args.hflip is None and source.flips_keep_labels is None and any(t.p > 0 for t in horizontal_flips(probe)):
             hflip = mirror_check(source, regions, context)
         return cls(source, extra, regions, augmentation, train_prepared or tuple(input_size), train_prepared, hflip)
 
@@ -82,11 +81,6 @@ class TrainingData:
         return ImageDataset(paths, labels, transform, prepare_to=prepare_to, regions=regions, cache=images,
                             cache_slots=[cache.slots[p] for p in paths] if images is not None else None,
                             soft=soft, ages=ages, targets=targets, store=cache.store if cache is not None else None)
-
-
-def flips(transform):
-    """True when a pipeline mirrors images left-right (a top-level A.HorizontalFlip that can fire)."""
-    return any(type(t) is A.HorizontalFlip and t.p > 0 for t in getattr(transform, "transforms", []))
 
 
 def mirror_check(source, regions, context):
