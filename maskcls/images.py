@@ -94,13 +94,21 @@ def to_rgb(img):
 
 def prepare_image(image, size):
     """A decoded (cropped) image as the transform receives it: resized to `size` (H, W; see
-    augmentation.prepared_size) with area interpolation (antialiased). The cache holds exactly
-    this, and the uncached path does the same, so `--cache` never changes what the model sees,
-    and inference sees what validation saw (a direct bilinear resize of the photo would alias)."""
+    augmentation.prepared_size). Shrinking uses area interpolation (antialiased: a direct
+    bilinear resize of a photo would alias); enlarging uses bicubic (area interpolation
+    enlarges like nearest neighbour: an 8x8 digit became 4x4-pixel blocks); where one side
+    shrinks and the other grows, the area step comes first. The cache holds exactly this, and
+    the uncached path does the same, so `--cache` never changes what the model sees, and
+    inference sees what validation saw."""
     height, width = size
-    if image.shape[:2] == (height, width):
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
         return image
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    if height <= h and width <= w:
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    if height < h or width < w:  # one side shrinks: that side first, by area
+        image = cv2.resize(image, (min(width, w), min(height, h)), interpolation=cv2.INTER_AREA)
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
 # ---------------------------------------------------------------- the image cache
@@ -274,7 +282,7 @@ class PreparedStore:
         return image, False
 
 
-PREPARE_VERSION = 1  # bump when prepare_image or load_image changes the pixels: old entries are then unused
+PREPARE_VERSION = 2  # bump when prepare_image or load_image changes the pixels: old entries are then unused
 STORE_NAME = ".prepared_cache"  # beside the data, like the face box cache; hidden from the dataset readers
 
 

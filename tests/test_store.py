@@ -185,3 +185,24 @@ def test_a_second_run_decodes_nothing(work, tmp_path, run_here, monkeypatch):
     found.clear()
     run_here("train.py", *args, "--name", "off", "--cache_dir", "none", cwd=tmp_path)
     assert decoded == found == []  # no store
+
+
+def test_prepare_image_shrinks_by_area_and_enlarges_smoothly():
+    """Area interpolation enlarges like nearest neighbour (an 8x8 digit became 4x4-pixel blocks at
+    32x32): enlarging is bicubic, shrinking stays area, and a side that shrinks while the other
+    grows is shrunk by area first."""
+    import cv2
+    rng = np.random.default_rng(0)
+    small = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+    up = prepare_image(small, (32, 32))
+    assert np.array_equal(up, cv2.resize(small, (32, 32), interpolation=cv2.INTER_CUBIC))
+    blocks = up.reshape(8, 4, 8, 4, 3)
+    assert (blocks.max(axis=(1, 3)) != blocks.min(axis=(1, 3))).mean() > 0.9  # not 4x4 blocks of one value
+    big = (rng.random((64, 48, 3)) * 255).astype(np.uint8)
+    assert np.array_equal(prepare_image(big, (32, 24)), cv2.resize(big, (24, 32), interpolation=cv2.INTER_AREA))
+    tall = (rng.random((100, 10, 3)) * 255).astype(np.uint8)
+    mixed = prepare_image(tall, (50, 20))
+    assert mixed.shape == (50, 20, 3)
+    assert np.array_equal(mixed, cv2.resize(cv2.resize(tall, (10, 50), interpolation=cv2.INTER_AREA), (20, 50),
+                                            interpolation=cv2.INTER_CUBIC))
+    assert prepare_image(big, (64, 48)) is big
