@@ -252,6 +252,10 @@ def add_schedule_flags(sched):
     sched.add_argument("--patience", type=cli.number(int, 0), default=0,
                        help="early stopping: stop after this many epochs without a better val F1 (0: never, so "
                             "an annealing schedule always runs to its end)")
+    sched.add_argument("--select", choices=("auto", "best", "last"), default="auto",
+                       help="the epoch best.pth keeps (inference, k-fold OOF, --refit's length): best = the highest "
+                            "val macro F1 (a tie to the later epoch), last = the last epoch; auto: last, or best "
+                            "with --patience (a stopped run's last epoch is past its best)")
 
 
 def add_runtime_flags(optim):
@@ -349,13 +353,15 @@ def run_training(args, runtime, monitor=None):
 
 def resolved(args, data, splits, runtime):
     """The options as the run uses them, what config.json records: the data's training pipeline,
-    a batch size, and --hflip 0 where the mirror check turned flips off. A copy: `args` stays as parsed."""
+    a batch size, --hflip 0 where the mirror check turned flips off, the epoch --select keeps. A copy: `args` stays as parsed."""
     batch = args.batch_size
     if batch in (None, "auto"):
         batch = default_batch_size(len(splits[0][0]) + len(data.extra), runtime.context.world_size)
     out = argparse.Namespace(**{**vars(args), "augmentation": data.augmentation, "batch_size": batch})
     if data.hflip is not None:  # the mirror check turned the pipeline's flip off
         out.hflip = data.hflip
+    if args.select == "auto":
+        out.select = "best" if args.patience else "last"
     if args.batch_size == "auto":
         out.batch_size = shortcuts.fitting_batch_size(out, data, splits[0], runtime, batch)
     return out

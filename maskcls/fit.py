@@ -150,14 +150,19 @@ def fit(fold, state, checkpoint, log, args, run_dir, context, clock, monitor=Non
         tic = time.time()
         validating = fold.validates and (epoch % args.val_every == 0 or epoch == args.epochs)
         row, val, weights = run_epoch(fold, epoch, args.epochs, validating, context)
-        is_best = not fold.validates or (val is not None and is_better(val, state["best"]))
+        # the highest val F1 so far (--patience counts from it); best.pth keeps it, or with
+        # --select last every validated epoch (the last one is validated)
+        improved = val is not None and is_better(val, state.get("peak") or state["best"])
+        if improved:
+            state["peak"] = {"val_f1": val["val_f1"], "epoch": epoch}
+        is_best = not fold.validates or improved or (val is not None and args.select == "last")
         if is_best:
             scores = val or NO_VALIDATION
             state["best"] = {"val_f1": scores["val_f1"], "val_loss": scores["val_loss"], "val_acc": scores["val_acc"],
                              "epoch": epoch, "ema": weights is not fold.net}
             best_output = val
         if validating:
-            state["bad_epochs"] = 0 if is_best else state["bad_epochs"] + args.val_every
+            state["bad_epochs"] = 0 if improved else state["bad_epochs"] + args.val_every
         state["epoch"] = epoch
         if context.is_main:  # metrics row first: a crash after it is redone on --resume
             seconds = time.time() - tic
@@ -219,13 +224,16 @@ def train_fold(args, data, split, run_dir, runtime, cache=None, resume=False, cl
         raise SystemExit(cli.interrupt_status(err)) from None
     if context.is_main:
         finish_run_folder(fold, checkpoint, log, args, run_dir, context)
-    best = state["best"]
-    print(f"done in {(time.time() - started) / 60:.1f} min: best epoch {best['epoch']} "
-          f"val_f1 {best['val_f1']:.4f} val_acc {best.get('val_acc', 0):.3f} -> {checkpoint.best}")
+    best, peak = state["best"], state.get("peak")
+    kept = "best epoch" if args.select == "best" or not fold.validates else "kept epoch (--select last)"
+    higher = f" (the highest, {peak['val_f1']:.4f}, at epoch {peak['epoch']})" \
+        if peak and peak["epoch"] != best["epoch"] and fold.validates else ""
+    print(f"done in {(time.time() - started) / 60:.1f} min: {kept} {best['epoch']} "
+          f"val_f1 {best['val_f1']:.4f} val_acc {best.get('val_acc', 0):.3f}{higher} -> {checkpoint.best}")
     if best_output is not None and context.is_main:
         for line in collapsed(best_output["labels"].numpy(), best_output["preds"].numpy(), fold.config["classes"],
                               fold.tasks is not None):
-            print(f"warning: at the best epoch ({best['epoch']}) {line}", file=sys.stderr)
+            print(f"warning: at the epoch best.pth keeps ({best['epoch']}) {line}", file=sys.stderr)
 
 
 def train_kfold(args, data, splits, run_dir, runtime, cache, monitor=None):

@@ -209,6 +209,8 @@ def check_resume(args):
     schedule does not depend on the length (a cosine schedule built for 25 epochs cannot become
     an 8-epoch one)."""
     saved = read_config(args.resume)
+    if "select" not in saved and args.select == "auto":  # a run from before --select chose its best epoch
+        args.select = "best"
     if not (saved.get("kfold") or saved.get("seeds")) and not os.path.isfile(os.path.join(args.resume, "last.pth")):
         raise cli.UserError(f"--resume {args.resume}: no last.pth to continue from")
     if saved.get("epochs") not in (None, args.epochs) and not stretchable(args.scheduler):

@@ -228,7 +228,7 @@ class Checkpoint:
     the run's progress (epoch, best score, early-stopping counter) and every RNG state. best.pth
     holds the best weights and their scores. Both are written atomically (model.save_checkpoint).
     """
-    PROGRESS = ("epoch", "best", "bad_epochs", "finished")
+    PROGRESS = ("epoch", "best", "peak", "bad_epochs", "finished")
 
     def __init__(self, run_dir, parts, model_name="model"):
         self.last, self.best = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")

@@ -365,3 +365,22 @@ def test_default_batch_size_keeps_four_updates_an_epoch(capsys):
     assert train.default_batch_size(240, world_size=2) == 30  # per process under torchrun
     assert train.default_batch_size(3) == 1
     assert _args().batch_size == 32 and train.get_args_parser().parse_args([]).batch_size is None  # given: kept
+
+
+@pytest.mark.slow  # trains (seconds)
+def test_select_keeps_the_last_epoch_by_default_and_the_best_when_asked(work, tmp_path, run_here):
+    """--select auto keeps the last epoch (on small validation sets the val-chosen epoch scored lower
+    on test: README, Training quality), best with --patience; --select best keeps the highest val
+    macro F1, a tie to the later epoch. best.pth, last.pth's progress and config.json agree."""
+    for name, extra in (("last", []), ("best", ["--select", "best"]), ("stop", ["--patience", "3"])):
+        run_here("train.py", *FAST, "--epochs", "4", "--name", name, "--model_dir", tmp_path, *extra, cwd=work)
+        run_dir = tmp_path / name
+        f1 = pd.read_csv(run_dir / "metrics.csv")["val_f1"].tolist()
+        kept = torch.load(run_dir / "best.pth", weights_only=True)
+        progress = torch.load(run_dir / "last.pth", weights_only=True)
+        highest = max(range(len(f1)), key=lambda i: (f1[i], i)) + 1  # the later of tied epochs
+        select = json.loads((run_dir / "config.json").read_text())["select"]
+        assert select == ("last" if name == "last" else "best")
+        assert kept["epoch"] == (4 if select == "last" else highest)
+        assert kept["val_f1"] == pytest.approx(f1[kept["epoch"] - 1], abs=1e-6)
+        assert progress["best"]["epoch"] == kept["epoch"] and progress["peak"]["epoch"] == highest
