@@ -225,10 +225,11 @@ def train_fold(args, data, split, run_dir, runtime, cache=None, resume=False, cl
     if context.is_main:
         finish_run_folder(fold, checkpoint, log, args, run_dir, context)
     best, peak = state["best"], state.get("peak")
-    kept = "best epoch" if args.select == "best" or not fold.validates else "kept epoch (--select last)"
+    last = args.select == "last" and fold.validates
+    kept = f"kept epoch {best['epoch']} (--select last)" if last else f"best epoch {best['epoch']}"
     higher = f" (the highest, {peak['val_f1']:.4f}, at epoch {peak['epoch']})" \
-        if peak and peak["epoch"] != best["epoch"] and fold.validates else ""
-    print(f"done in {(time.time() - started) / 60:.1f} min: {kept} {best['epoch']} "
+        if last and peak and peak["epoch"] != best["epoch"] else ""
+    print(f"done in {(time.time() - started) / 60:.1f} min: {kept} "
           f"val_f1 {best['val_f1']:.4f} val_acc {best.get('val_acc', 0):.3f}{higher} -> {checkpoint.best}")
     if best_output is not None and context.is_main:
         for line in collapsed(best_output["labels"].numpy(), best_output["preds"].numpy(), fold.config["classes"],
