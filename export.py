@@ -75,9 +75,10 @@ def preprocessing(config, file_name):
     facecrop = bool(config.get("facecrop"))
     return {"model_file": file_name, "input_name": "image", "output_name": "probabilities", "layout": "NCHW",
             "dtype": "float32", "input_size": list(config["input_size"]),
-            "prepared_size": list(run_prepared_size(config)), "resize": "to prepared_size: area (cv2.INTER_AREA) where it "
-            "shrinks, bicubic (cv2.INTER_CUBIC) where it enlarges (area first where one side shrinks, the other "
-            "grows); then bilinear to input_size where they differ", "scale": "RGB / 255", "mean": list(config["mean"]),
+            "prepared_size": list(run_prepared_size(config)),
+            "resize": "to prepared_size: area (cv2.INTER_AREA) where it shrinks, bicubic (cv2.INTER_CUBIC) where "
+            "it enlarges (area first where one side shrinks, the other grows); then bilinear to input_size where "
+            "they differ", "scale": "RGB / 255", "mean": list(config["mean"]),
             "std": list(config["std"]), "facecrop": facecrop,
             "face_margin": config.get("face_margin", FACE_MARGIN) if facecrop else None,
             "classes": list(config["classes"])}

@@ -353,7 +353,8 @@ def run_training(args, runtime, monitor=None):
 
 def resolved(args, data, splits, runtime):
     """The options as the run uses them, what config.json records: the data's training pipeline,
-    a batch size, --hflip 0 where the mirror check turned flips off, the epoch --select keeps. A copy: `args` stays as parsed."""
+    a batch size, --hflip 0 where the mirror check turned flips off, the epoch --select keeps.
+    A copy: `args` stays as parsed."""
     batch = args.batch_size
     if batch in (None, "auto"):
         batch = default_batch_size(len(splits[0][0]) + len(data.extra), runtime.context.world_size)
