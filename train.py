@@ -143,6 +143,9 @@ def add_model_flags(model):
                                                                "default: the model's own")
     model.add_argument("--drop_path", type=rate, default=None, help="stochastic depth (timm's drop_path_rate); "
                                                                     "default: the model's own")
+    model.add_argument("--gp", "--global_pool", default=None, metavar="POOL",
+                       help="global pooling before the classifier (timm's): avg, max, avgmax, catavgmax; a ViT "
+                            "takes token or map; default: the model's own (BaseModel: catavgmax)")
     cli.bool_flag(model, "--grad_checkpointing", help="recompute activations in backward: less memory, slower")
     cli.bool_flag(model, "--sync_bn", help="under torchrun on CUDA: batch norm statistics over every process")
     model.add_argument("--ema", "--model_ema_decay", type=cli.number(float, 0, 1, high_open=True), default=0.0,

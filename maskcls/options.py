@@ -18,7 +18,7 @@ from maskcls.fold import optimizer_for, scheduler_for
 from maskcls.optim import OPTIMIZERS, SCHEDULERS, stretchable
 from maskcls.readers import read_config
 from maskcls.runfolder import require_wandb
-from model import MODELS, check_model_name
+from model import MODELS, check_model_name, legacy_pool
 
 
 TIMM_EMA_DECAY = 0.9998  # timm's --model-ema-decay default
@@ -211,6 +211,8 @@ def check_resume(args):
     saved = read_config(args.resume)
     if "select" not in saved and args.select == "auto":  # a run from before --select chose its best epoch
         args.select = "best"
+    if "gp" not in saved and args.gp is None:  # a run from before --gp: the pool it was trained with
+        args.gp = legacy_pool(saved.get("model"))
     if not (saved.get("kfold") or saved.get("seeds")) and not os.path.isfile(os.path.join(args.resume, "last.pth")):
         raise cli.UserError(f"--resume {args.resume}: no last.pth to continue from")
     if saved.get("epochs") not in (None, args.epochs) and not stretchable(args.scheduler):

@@ -186,6 +186,7 @@ CONFIG_KEYS = {
     "msd_p": (_rate, "a rate in [0, 1)", False),
     "drop": (_rate, "null or a rate in [0, 1)", False),
     "drop_path": (_rate, "null or a rate in [0, 1)", False),
+    "gp": (lambda v: v is None or (isinstance(v, str) and v != ""), "null or a pool type (avg, catavgmax...)", False),
 }
 
 

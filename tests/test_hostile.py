@@ -264,6 +264,22 @@ def test_8_disk_full_for_inference_and_ensemble_outputs(work, small_run, tmp_pat
         assert not (disk / "ens.csv").exists() and not _temps(disk)
 
 
+@pytest.mark.slow  # trains (seconds): `pytest -m 'not slow'` skips it
+def test_a_run_from_before_gp_resumes_and_predicts_with_its_average_pool(work, tmp_path, run_here):
+    run_dir = tmp_path / "old"
+    run_here("train.py", *FAST, "--epochs", "1", "--scheduler", "step", "--gp", "avg", "--name", "old",
+             "--model_dir", tmp_path, cwd=work)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["gp"] == "avg"
+    del config["gp"]  # as config.json was written before --gp existed (BaseModel pooled by average)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    resumed = run_here("train.py", "--resume", run_dir, "--epochs", "2", cwd=work)
+    assert "resuming" in resumed.stdout
+    assert torch.load(run_dir / "best.pth", weights_only=True)["model"]["fc.weight"].shape[1] == 128
+    run_here("inference.py", "--model_dir", run_dir, "--output", tmp_path / "sub.csv", cwd=work)
+    assert len(pd.read_csv(tmp_path / "sub.csv")) == 70
+
+
 # ---------------------------------------------------------------- 9. what a SIGKILL leaves behind
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
 def test_9_resume_clears_what_a_killed_run_left(work, small_run, tmp_path, run_here):

@@ -120,3 +120,29 @@ def test_missing_and_garbage_checkpoints(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="junk.pth"):
         read_checkpoint(str(tmp_path / "junk.pth"))
+
+
+def test_global_pool_flag_reaches_base_model_and_timm():
+    from model import BaseModel
+    base = create_model("BaseModel", NUM_CLASSES)  # its own: average and maximum side by side
+    assert base.fc.in_features == 2 * 128
+    x = torch.randn(2, 3, 64, 48)
+    features = base.features(x)
+    pooled = torch.cat([features.mean((2, 3)), features.amax((2, 3))], 1)
+    assert torch.allclose(base.pool(features), pooled)
+    assert create_model("BaseModel", NUM_CLASSES, gp="avg").fc.in_features == 128
+    assert isinstance(base, BaseModel) and base(x).shape == (2, NUM_CLASSES)
+    assert create_model("resnet18", NUM_CLASSES, gp="catavgmax").fc.in_features == 2 * 512
+    assert create_model("resnet18", NUM_CLASSES).fc.in_features == 512  # timm's own (avg) without it
+    for name, bad in (("BaseModel", "median"), ("resnet18", "median"), ("vit_tiny_patch16_224", "catavgmax")):
+        with pytest.raises(UserError, match="--gp"):
+            create_model(name, NUM_CLASSES, gp=bad)
+
+
+def test_a_run_from_before_gp_rebuilds_with_its_average_pool(tmp_path):
+    from model import build_from_config
+    old = build_from_config({"model": "BaseModel", "num_classes": NUM_CLASSES})  # config.json without "gp"
+    assert old.fc.in_features == 128
+    new = build_from_config({"model": "BaseModel", "num_classes": NUM_CLASSES, "gp": None})
+    assert new.fc.in_features == 256
+    assert build_from_config({"model": "resnet18", "num_classes": NUM_CLASSES}).fc.in_features == 512
