@@ -690,18 +690,24 @@ TIMM_RECIPES = {
     # 2e-5, batch 128 (at most a quarter of the images), cosine with 5 warmup epochs from 1e-5
     "defaults": dict(opt="sgd", lr=None, weight_decay=2e-5, momentum=0.9, batch=128, warmup_epochs=5),
     # what a competent user passes for a short run from scratch: --opt adamw --lr 1e-3
-    # --weight-decay 0.05 --sched cosine --warmup-epochs 0, the project's batch (64 or a quarter)
+    # --weight-decay 0.05 --sched cosine --warmup-epochs 0, batch 64 (or a quarter of the images when
+    # that is fewer: the project's default batch until it became 1/48 of them, at least 16)
     "competent": dict(opt="adamw", lr=1e-3, weight_decay=0.05, momentum=None, batch=64, warmup_epochs=0),
+    # the same at the project's default batch for the images (train.default_batch_size): whether a
+    # lead over the row above is the batch alone
+    "competent_batch": dict(opt="adamw", lr=1e-3, weight_decay=0.05, momentum=None, batch="project",
+                            warmup_epochs=0),
 }
 
 
 def section_quality_timm(args, plan, device):
-    """timm's train.py recipe (`--q_recipe` defaults or competent: TIMM_RECIPES), rebuilt from timm's
-    library functions: its data config and transforms (random resized crop, flip --q_hflip, colour
-    jitter 0.4; eval resize + centre crop), its optimizer factory (no weight decay on norm and
-    bias), a cosine schedule, label smoothing 0.1, fp32, its checkpoints written every epoch as
-    train.py writes them; trained on the same 80% of the training folder as the project (its
-    split), the best epoch by validation top-1 kept, as train.py's checkpoint saver keeps it."""
+    """timm's train.py recipe (`--q_recipe` defaults, competent or competent_batch: TIMM_RECIPES),
+    rebuilt from timm's library functions: its data config and transforms (random resized crop,
+    flip --q_hflip, colour jitter 0.4; eval resize + centre crop), its optimizer factory (no weight
+    decay on norm and bias), a cosine schedule, label smoothing 0.1, fp32, its checkpoints written
+    every epoch as train.py writes them; trained on the same 80% of the training folder as the
+    project (its split), the best epoch by validation top-1 kept, as train.py's checkpoint saver
+    keeps it."""
     import timm
     from timm.data import create_transform, resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy
@@ -717,13 +723,17 @@ def section_quality_timm(args, plan, device):
     model = timm.create_model(args.model, num_classes=source.num_classes)
     config = resolve_data_config({"input_size": (3, *QUALITY_SIZE)}, model=model)
     recipe = TIMM_RECIPES[args.q_recipe]
-    hflip = args.q_hflip if args.q_recipe == "competent" else 0.5  # train.py's default flips everything
+    hflip = args.q_hflip if args.q_recipe.startswith("competent") else 0.5  # train.py's default flips everything
     train_tf = create_transform(**{**config, "interpolation": "random"}, is_training=True, hflip=hflip,
                                 color_jitter=0.4)
     eval_tf = create_transform(**config, is_training=False)
     # never more than a quarter of the training images: with drop_last, 120 images (lfw_subset's
     # 80%) in batches of 128 would train nothing at all
-    batch = min(recipe["batch"], len(train_idx) // 4)
+    if recipe["batch"] == "project":
+        from train import default_batch_size
+        batch = default_batch_size(len(train_idx))
+    else:
+        batch = min(recipe["batch"], len(train_idx) // 4)
     loader = torch.utils.data.DataLoader(PilFolder([items[i] for i in train_idx], train_tf), batch_size=batch,
                                          shuffle=True, drop_last=True, num_workers=args.num_workers)
     val_loader = torch.utils.data.DataLoader(PilFolder([items[i] for i in val_idx], eval_tf), batch_size=256,
@@ -778,7 +788,8 @@ def _accuracy(model, loader):
 
 
 QUALITY_RECIPES = (("ours_defaults", "project defaults"), ("ours", "project competent"),
-                   ("refit", "project refit"), ("competent", "timm competent"), ("defaults", "timm defaults"))
+                   ("refit", "project refit"), ("competent", "timm competent"),
+                   ("competent_batch", "timm comp., our batch"), ("defaults", "timm defaults"))
 
 
 def run_quality(args, quick):
@@ -803,8 +814,8 @@ def run_quality(args, quick):
             for seed in plan["seeds"]:
                 work = os.path.join(root, f"{name}-{seed}")
                 os.makedirs(work)
-                order = ["ours", "competent", "defaults"]
-                order = order[seed % 3:] + order[:seed % 3]
+                order = ["ours", "competent", "competent_batch", "defaults"]
+                order = order[seed % 4:] + order[:seed % 4]
                 for recipe in order:
                     if recipe == "ours":
                         told = ["--hflip", "0"] if hflip == 0 else []  # what timm's competent user is told
@@ -841,6 +852,7 @@ def quality_table(rows, plan, model):
                                                    "seconds": runs[:, 2].tolist()}
         for ours, peer, label, target in (("ours_defaults", "competent", "project dflt / timm comp.", True),
                                           ("ours", "competent", "competent: project / timm", True),
+                                          ("ours_defaults", "competent_batch", "dflt / timm at our batch", False),
                                           ("ours_defaults", "defaults", "defaults: project / timm", False),
                                           ("refit", "competent", "refit / timm competent", False),
                                           ("refit", "ours", "refit / validated", False)):

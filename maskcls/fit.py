@@ -278,8 +278,8 @@ def collapsed(labels, preds, classes, per_task):
         if len(set(guessed)) == 1 and len(set(truth)) > 1:
             score = macro_f1(truth, guessed, len(names))
             lines.append(f"every validation image is predicted {names[guessed[0]]!r} for {name} (its macro F1 "
-                         f"{score:.3f}): it is not learned; more epochs, a higher --lr, --criterion new_focal or "
-                         f"--sampler weighted can help")
+                         f"{score:.3f}): it is not learned; more epochs, a smaller --batch_size (more updates an "
+                         f"epoch) or --gp catavgmax (a model pooling by average) can help")
     return lines
 
 

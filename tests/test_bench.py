@@ -30,7 +30,7 @@ def test_quality_section_runs_every_recipe(tmp_path):
     result = run_cli("bench.py", "--sections", "quality", "--quick", "--epochs", "1", "--seeds", "0",
                      "--quality_data", "digits", "--json", out)
     figures = json.loads(out.read_text())
-    for recipe in ("ours_defaults", "ours", "refit", "competent", "defaults"):
+    for recipe in ("ours_defaults", "ours", "refit", "competent", "competent_batch", "defaults"):
         runs = figures[f"quality_digits_{recipe}"]
         assert len(runs["accuracy"]) == 1 and 0 <= runs["accuracy"][0] <= 1 and runs["seconds"][0] > 0, recipe
     assert "digits       project defaults" in result.stdout and "refit / timm competent" in result.stdout

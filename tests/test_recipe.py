@@ -359,11 +359,13 @@ def test_chosen_folds_then_resuming_the_kfold_run(work, tmp_path):
     run_cli("inference.py", "--model_dir", run_dir, "--output", tmp_path / "kf.csv", cwd=work)
 
 
-def test_default_batch_size_keeps_four_updates_an_epoch(capsys):
-    assert train.default_batch_size(718) == 64 and capsys.readouterr().out == ""  # no note at the default
-    assert train.default_batch_size(120) == 30 and "batch size 30: 120 training images" in capsys.readouterr().out
-    assert train.default_batch_size(240, world_size=2) == 30  # per process under torchrun
-    assert train.default_batch_size(3) == 1
+def test_default_batch_size_keeps_48_updates_an_epoch_down_to_batches_of_16(capsys):
+    assert train.default_batch_size(3072) == 64 and capsys.readouterr().out == ""  # no note at the default
+    assert train.default_batch_size(1680) == 35  # 240 sample persons' photos: 48 updates an epoch
+    assert "batch size 35: 1680 training images, 48 updates an epoch" in capsys.readouterr().out
+    assert train.default_batch_size(672) == 16 and "42 updates" in capsys.readouterr().out  # the floor
+    assert train.default_batch_size(3360, world_size=2) == 35  # per process under torchrun
+    assert train.default_batch_size(10) == 10 and "1 update an epoch" in capsys.readouterr().out  # all there is
     assert _args().batch_size == 32 and train.get_args_parser().parse_args([]).batch_size is None  # given: kept
 
 
@@ -384,3 +386,18 @@ def test_select_keeps_the_last_epoch_by_default_and_the_best_when_asked(work, tm
         assert kept["epoch"] == (4 if select == "last" else highest)
         assert kept["val_f1"] == pytest.approx(f1[kept["epoch"] - 1], abs=1e-6)
         assert progress["best"]["epoch"] == kept["epoch"] and progress["peak"]["epoch"] == highest
+
+
+def test_a_sub_task_predicted_as_one_value_is_named_in_one_line():
+    from maskcls.fit import collapsed
+    from maskcls.labels import MASK_CLASSES, encode_label
+    labels = [encode_label(m, g, a) for m in range(3) for g in range(2) for a in range(3)]
+    preds = [encode_label(0, g, a) for m in range(3) for g in range(2) for a in range(3)]  # mask: always "wear"
+    lines = collapsed(labels, preds, MASK_CLASSES, per_task=True)
+    assert len(lines) == 1 and "'wear' for mask" in lines[0] and "\n" not in lines[0]
+    assert "macro F1 0.167" in lines[0] and "--batch_size" in lines[0]
+    assert collapsed(labels, labels, MASK_CLASSES, per_task=True) == []  # every sub-task learned
+    one_person = [encode_label(m, 1, 2) for m in range(3)]  # gender and age have one label: nothing to learn
+    assert collapsed(one_person, one_person, MASK_CLASSES, per_task=True) == []
+    folder = collapsed([0, 1, 2, 1], [1, 1, 1, 1], ["a", "b", "c"], per_task=False)
+    assert len(folder) == 1 and "'b' for the class" in folder[0]
