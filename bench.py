@@ -691,7 +691,7 @@ TIMM_RECIPES = {
     "defaults": dict(opt="sgd", lr=None, weight_decay=2e-5, momentum=0.9, batch=128, warmup_epochs=5),
     # what a competent user passes for a short run from scratch: --opt adamw --lr 1e-3
     # --weight-decay 0.05 --sched cosine --warmup-epochs 0, batch 64 (or a quarter of the images when
-    # that is fewer: the project's default batch until it became 1/48 of them, at least 16)
+    # that is fewer: the project's default batch until it became "64 or fewer for 400 updates a run")
     "competent": dict(opt="adamw", lr=1e-3, weight_decay=0.05, momentum=None, batch=64, warmup_epochs=0),
     # the same at the project's default batch for the images (train.default_batch_size): whether a
     # lead over the row above is the batch alone
@@ -731,7 +731,7 @@ def section_quality_timm(args, plan, device):
     # 80%) in batches of 128 would train nothing at all
     if recipe["batch"] == "project":
         from train import default_batch_size
-        batch = default_batch_size(len(train_idx))
+        batch = default_batch_size(len(train_idx), args.q_epochs)
     else:
         batch = min(recipe["batch"], len(train_idx) // 4)
     loader = torch.utils.data.DataLoader(PilFolder([items[i] for i in train_idx], train_tf), batch_size=batch,

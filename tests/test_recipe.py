@@ -359,13 +359,14 @@ def test_chosen_folds_then_resuming_the_kfold_run(work, tmp_path):
     run_cli("inference.py", "--model_dir", run_dir, "--output", tmp_path / "kf.csv", cwd=work)
 
 
-def test_default_batch_size_keeps_48_updates_an_epoch_down_to_batches_of_16(capsys):
-    assert train.default_batch_size(3072) == 64 and capsys.readouterr().out == ""  # no note at the default
-    assert train.default_batch_size(1680) == 35  # 240 sample persons' photos: 48 updates an epoch
-    assert "batch size 35: 1680 training images, 48 updates an epoch" in capsys.readouterr().out
-    assert train.default_batch_size(672) == 16 and "42 updates" in capsys.readouterr().out  # the floor
-    assert train.default_batch_size(3360, world_size=2) == 35  # per process under torchrun
-    assert train.default_batch_size(10) == 10 and "1 update an epoch" in capsys.readouterr().out  # all there is
+def test_default_batch_size_gives_a_short_run_400_updates_down_to_batches_of_16(capsys):
+    assert train.default_batch_size(3072, 10) == 64 and capsys.readouterr().out == ""  # no note at the default
+    assert train.default_batch_size(718, 30) == 53  # digits' training side, 30 epochs: 13 updates an epoch
+    assert "batch size 53: 718 training images, 13 updates an epoch, 390 in 30 epochs" in capsys.readouterr().out
+    assert train.default_batch_size(672, 10) == 16 and "42 updates an epoch" in capsys.readouterr().out  # floor
+    assert train.default_batch_size(672, 40) == 64  # the same images for longer: the default
+    assert train.default_batch_size(1436, 30, world_size=2) == 53  # per process under torchrun
+    assert train.default_batch_size(10, 1) == 10 and "1 update an epoch, 1 in 1 epoch " in capsys.readouterr().out
     assert _args().batch_size == 32 and train.get_args_parser().parse_args([]).batch_size is None  # given: kept
 
 
