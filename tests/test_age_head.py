@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import agecuts
-from conftest import FAST, one_line_error, run_cli
+from conftest import FAST, one_line_error
 from cutmix import BatchMixer, mixed_loss
 from loss import AgeRegressionLoss, build_criterion
 from maskcls.heldout import Heldout, load_cuts, read_heldout, refold
@@ -155,9 +155,9 @@ def test_cut_file_applies_to_folds_and_bad_files_fail_clearly(tmp_path):
 
 
 @pytest.mark.slow
-def test_age_head_kfold_run_fits_cuts_and_inference_applies_them(work, tmp_path):
-    run_cli("train.py", *FAST, "--epochs", "1", "--kfold", "2", "--age_head", "regression", "--cutmix", "True",
-            "--name", "age", "--model_dir", tmp_path, cwd=work)
+def test_age_head_kfold_run_fits_cuts_and_inference_applies_them(work, tmp_path, run_here):
+    run_here("train.py", *FAST, "--epochs", "1", "--kfold", "2", "--age_head", "regression", "--cutmix", "True",
+             "--name", "age", "--model_dir", tmp_path, cwd=work)
     run = tmp_path / "age"
     oof = pd.read_csv(run / "oof.csv")
     assert {"age", "age_pred"} <= set(oof.columns) and (oof["age"] >= 18).all()
@@ -168,14 +168,14 @@ def test_age_head_kfold_run_fits_cuts_and_inference_applies_them(work, tmp_path)
     assert held.classes == MASK_CLASSES and held.ages_pred is not None, "age columns are not classes"
     # choose cut points that move every band: inference must follow them
     agecuts.save_cuts(str(run), [1.0, 2.0], 0.5, {"fitted_on": "test"})
-    result = run_cli("inference.py", "--model_dir", run, "--output", tmp_path / "sub.csv", cwd=work)
+    result = run_here("inference.py", "--model_dir", run, "--output", tmp_path / "sub.csv", cwd=work)
     assert "from its regressed age: cut points 1, 2, width 0.5 years" in result.stdout
     assert (pd.read_csv(tmp_path / "sub.csv")["ans"] % 3 == 2).all(), "every regressed age is over 2: 60+"
-    result = run_cli("agecuts.py", run, "--dry_run", cwd=work)
+    result = run_here("agecuts.py", run, "--dry_run", cwd=work)
     assert "age cut points" in result.stdout
     assert json.loads((run / "age_cuts.json").read_text())["cuts"] == [1.0, 2.0], "--dry_run writes nothing"
-    run_cli("tune_bias.py", run, "--dry_run", cwd=work)
-    run_cli("audit.py", run, "--output_dir", tmp_path / "audit", cwd=work)
+    run_here("tune_bias.py", run, "--dry_run", cwd=work)
+    run_here("audit.py", run, "--output_dir", tmp_path / "audit", cwd=work)
 
 
 def test_age_head_needs_the_competition_layout(tmp_path, run_here):

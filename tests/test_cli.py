@@ -56,8 +56,8 @@ def base_run(work):
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_same_seed_same_split_and_metrics(work, base_run):
-    run_cli("train.py", *FAST, "--epochs", "2", "--name", "base", "--seed", "5", cwd=work)
+def test_same_seed_same_split_and_metrics(work, base_run, run_here):
+    run_here("train.py", *FAST, "--epochs", "2", "--name", "base", "--seed", "5", cwd=work)
     again = work / "runs" / "base2"  # the name was taken: a new folder, nothing overwritten
     assert (base_run / "split.csv").read_text() == (again / "split.csv").read_text()
     first, second = _metrics(base_run), _metrics(again)
@@ -66,12 +66,12 @@ def test_same_seed_same_split_and_metrics(work, base_run):
 
 
 @pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
-def test_cache_setting_does_not_change_training(work):
+def test_cache_setting_does_not_change_training(work, run_here):
     """--cache auto picks ram or nothing by free memory: either way the run must be the same."""
     runs = {}
     for kind in ("ram", "none"):
-        result = run_cli("train.py", *FAST, "--epochs", "2", "--name", f"cache_{kind}", "--seed", "5",
-                         "--cache", kind, cwd=work)
+        result = run_here("train.py", *FAST, "--epochs", "2", "--name", f"cache_{kind}", "--seed", "5",
+                          "--cache", kind, cwd=work)
         assert ("cache: " in result.stdout) == (kind == "ram")
         runs[kind] = _metrics(work / "runs" / f"cache_{kind}").drop(columns="seconds")
     pd.testing.assert_frame_equal(runs["ram"], runs["none"])
@@ -85,10 +85,10 @@ def test_split_csv_is_a_person_split(work, base_run):
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_inference_answers_and_ensemble(work, base_run, tmp_path):
+def test_inference_answers_and_ensemble(work, base_run, tmp_path, run_here):
     out = tmp_path / "sub.csv"
-    result = run_cli("inference.py", "--model_dir", base_run, "--model_dir", base_run, "--output", out,
-                     "--answers", work / "data" / "eval" / "answers.csv", "--num_workers", "0", cwd=work)
+    result = run_here("inference.py", "--model_dir", base_run, "--model_dir", base_run, "--output", out,
+                      "--answers", work / "data" / "eval" / "answers.csv", "--num_workers", "0", cwd=work)
     assert "macro F1" in result.stdout
     assert len(pd.read_csv(out)) == len(pd.read_csv(work / "data" / "eval" / "info.csv"))
 
@@ -129,13 +129,13 @@ def test_ensemble_decodes_each_image_once_per_preprocessing(work, base_run, monk
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_inference_on_a_plain_folder(work, base_run, tmp_path):
+def test_inference_on_a_plain_folder(work, base_run, tmp_path, run_here):
     images = tmp_path / "photos" / "nested"
     images.mkdir(parents=True)
     for src in list((work / "data" / "eval" / "images").iterdir())[:5]:
         shutil.copy(src, images / src.name)
     out = tmp_path / "plain.csv"
-    run_cli("inference.py", "--model_dir", base_run, "--data_dir", tmp_path / "photos", "--output", out, cwd=work)
+    run_here("inference.py", "--model_dir", base_run, "--data_dir", tmp_path / "photos", "--output", out, cwd=work)
     result = pd.read_csv(out)
     assert list(result.columns) == ["ImageID", "ans", "class_name"]
     assert len(result) == 5 and all(i.startswith("nested/") for i in result["ImageID"])
@@ -143,19 +143,19 @@ def test_inference_on_a_plain_folder(work, base_run, tmp_path):
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_inference_checks_every_image_first(work, base_run, tmp_path):
+def test_inference_checks_every_image_first(work, base_run, tmp_path, run_here):
     broken = tmp_path / "eval"
     shutil.copytree(work / "data" / "eval", broken)
     victim = pd.read_csv(broken / "info.csv")["ImageID"].iloc[-1]
     (broken / "images" / victim).unlink()
-    result = run_cli("inference.py", "--model_dir", base_run, "--data_dir", broken,
-                     "--output", tmp_path / "x.csv", cwd=work, check=False)
+    result = run_here("inference.py", "--model_dir", base_run, "--data_dir", broken,
+                      "--output", tmp_path / "x.csv", cwd=work, check=False)
     assert result.returncode != 0 and victim in result.stderr
     assert not (tmp_path / "x.csv").exists()
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_image_folder_training_and_weights(work, base_run, tmp_path):
+def test_image_folder_training_and_weights(work, base_run, tmp_path, run_here):
     """A folder-per-class dataset trains from --weights (backbone of a run, new head)."""
     root = tmp_path / "folders"
     for person in sorted((work / "data" / "train" / "images").iterdir())[:12]:
@@ -167,8 +167,8 @@ def test_image_folder_training_and_weights(work, base_run, tmp_path):
             cls = "mask" if photo.stem.startswith("mask") else photo.stem
             (root / cls).mkdir(parents=True, exist_ok=True)
             shutil.copy(photo, root / cls / f"{person.name}_{photo.name}")
-    run_cli("train.py", *FAST, "--dataset", "ImageFolder", "--data_dir", root, "--epochs", "1",
-            "--weights", base_run / "best.pth", "--name", "folders", cwd=work)
+    run_here("train.py", *FAST, "--dataset", "ImageFolder", "--data_dir", root, "--epochs", "1",
+             "--weights", base_run / "best.pth", "--name", "folders", cwd=work)
     run_dir = work / "runs" / "folders"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["classes"] == ["incorrect_mask", "mask", "normal"] and config["num_classes"] == 3
@@ -236,13 +236,13 @@ def test_early_stopping_counts_epochs_without_a_better_f1(work, monkeypatch, tmp
 
 
 @pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
-def test_corrupt_training_image_is_one_line_from_a_worker(sample_data, tmp_path):
+def test_corrupt_training_image_is_one_line_from_a_worker(sample_data, tmp_path, run_here):
     data_copy = tmp_path / "data"
     shutil.copytree(sample_data, data_copy)
     for victim in (data_copy / "train" / "images").glob("*/mask2.*"):  # every person: whatever the order
         victim.write_bytes(victim.read_bytes()[:200])  # truncated
-    result = run_cli("train.py", *FAST[:4], "--num_workers", "2", "--epochs", "1", "--val_ratio", "0.5",
-                     "--data_dir", data_copy / "train", "--model_dir", tmp_path / "runs", check=False)
+    result = run_here("train.py", *FAST[:4], "--num_workers", "2", "--epochs", "1", "--val_ratio", "0.5",
+                      "--data_dir", data_copy / "train", "--model_dir", tmp_path / "runs", check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot read image" in lines[0] and "/mask2." in lines[0], result.stderr

@@ -10,7 +10,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 
 from augmentation import TimmAutoAugment, eval_transform, split_for_device, train_transform
-from conftest import FAST, run_cli
+from conftest import FAST
 from maskcls.images import DeviceLoader, EpochSampler, ImageDataset, device_loader, make_loader
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -105,13 +105,13 @@ def test_a_wrapped_loader_passes_its_attributes_through(photos):
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_prefetcher_run_trains_and_predicts(work, tmp_path):
+def test_prefetcher_run_trains_and_predicts(work, tmp_path, run_here):
     """On by default (train.py and inference.py); a prediction off the prefetcher is the same file."""
-    run_cli("train.py", *FAST, "--epochs", "2", "--ema", "0.9", "--ema_bn_refresh", "True",
-            "--name", "pf", "--model_dir", tmp_path, cwd=work)
+    run_here("train.py", *FAST, "--epochs", "2", "--ema", "0.9", "--ema_bn_refresh", "True",
+             "--name", "pf", "--model_dir", tmp_path, cwd=work)
     config = json.loads((tmp_path / "pf" / "config.json").read_text())
     assert config["prefetcher"] is True
-    run_cli("inference.py", "--model_dir", tmp_path / "pf", "--output", tmp_path / "a.csv", cwd=work)
-    run_cli("inference.py", "--model_dir", tmp_path / "pf", "--prefetcher", "False", "--output", tmp_path / "b.csv",
-            cwd=work)
+    run_here("inference.py", "--model_dir", tmp_path / "pf", "--output", tmp_path / "a.csv", cwd=work)
+    run_here("inference.py", "--model_dir", tmp_path / "pf", "--prefetcher", "False", "--output", tmp_path / "b.csv",
+             cwd=work)
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from augmentation import train_transform
-from conftest import FAST, lrs_by_epoch, run_cli
+from conftest import FAST, lrs_by_epoch
 from cutmix import BatchMixer
 from dataset import MASK_MEAN, MASK_STD
 from loss import CRITERIONS, build_criterion
@@ -256,7 +256,7 @@ def test_augmentation_flags_shape_the_pipeline():
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_mixing_alphas_switch_and_the_off_epoch(work, tmp_path):
+def test_mixing_alphas_switch_and_the_off_epoch(work, tmp_path, run_here):
     x, y = torch.randn(8, 3, 16, 16), torch.arange(8)
     cut = BatchMixer(cutmix_alpha=1.0, prob=1.0, seed=0)
     assert cut.cutmix and not cut.mixup
@@ -267,8 +267,8 @@ def test_mixing_alphas_switch_and_the_off_epoch(work, tmp_path):
         mixed, _, partners, _ = both(x, y)
         assert all(bool(((mixed[i] == x[i]) | (mixed[i] == x[partners[i]])).all()) for i in range(8))
     assert not BatchMixer(cutmix=True, cutmix_alpha=0.0).enabled  # an alpha of 0 turns the switch off
-    run_cli("train.py", *FAST, "--epochs", "2", "--mixup_alpha", "0.4", "--cutmix_prob", "1", "--mix_off_epoch", "2",
-            "--name", "offmix", "--model_dir", tmp_path, cwd=work)
+    run_here("train.py", *FAST, "--epochs", "2", "--mixup_alpha", "0.4", "--cutmix_prob", "1", "--mix_off_epoch", "2",
+             "--name", "offmix", "--model_dir", tmp_path, cwd=work)
     metrics = pd.read_csv(tmp_path / "offmix" / "metrics.csv")
     assert math.isnan(metrics["train_acc"][0]) and not math.isnan(metrics["train_acc"][1])  # mixed, then not
 
@@ -294,7 +294,7 @@ def test_smoothing_of_cross_entropy_is_torchs():
 
 
 @pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
-def test_every_control_at_once_with_top_k_and_averaging(work, tmp_path):
+def test_every_control_at_once_with_top_k_and_averaging(work, tmp_path, run_here):
     """A small timm model with every control on at once, under mixing, EMA and AMP (bf16 where
     the CPU has it): it trains, config.json records each option, the top 2 epochs are kept and
     averaged, and inference runs the averaged weights."""
@@ -305,7 +305,7 @@ def test_every_control_at_once_with_top_k_and_averaging(work, tmp_path):
              "--color_jitter", "0.3", "--mixup_alpha", "0.4", "--cutmix_alpha", "1.0", "--mix_off_epoch", "3",
              "--smoothing", "0.1", "--criterion", "new_focal", "--ema", "0.9", "--checkpoint_hist", "2",
              "--average_top", "2", "--epochs", "3", "-b", "16"]
-    result = run_cli("train.py", *FAST[2:], *flags, "--name", "sink", "--model_dir", tmp_path, cwd=work)
+    result = run_here("train.py", *FAST[2:], *flags, "--name", "sink", "--model_dir", tmp_path, cwd=work)
     run_dir = tmp_path / "sink"
     config = json.loads((run_dir / "config.json").read_text())
     expected = {"grad_accum_steps": 2, "clip_grad": 1.0, "warmup_epochs": 1, "scheduler": "cosine",
@@ -319,23 +319,23 @@ def test_every_control_at_once_with_top_k_and_averaging(work, tmp_path):
     averaged = torch.load(run_dir / "averaged.pth", weights_only=True)["model"]
     key = "fc.weight"
     assert torch.allclose(averaged[key], (states[0][key] + states[1][key]) / 2, atol=1e-6)
-    run_cli("inference.py", "--model_dir", run_dir, "--checkpoint", "averaged.pth", "--output", tmp_path / "a.csv",
-            cwd=work)
+    run_here("inference.py", "--model_dir", run_dir, "--checkpoint", "averaged.pth", "--output", tmp_path / "a.csv",
+             cwd=work)
     assert len(pd.read_csv(tmp_path / "a.csv")) == len(pd.read_csv(work / "data" / "eval" / "info.csv"))
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_no_validation_and_validating_every_n_epochs(work, tmp_path):
-    result = run_cli("train.py", *FAST, "--epochs", "2", "--val_ratio", "0", "--name", "all", "--model_dir", tmp_path,
-                     cwd=work)
+def test_no_validation_and_validating_every_n_epochs(work, tmp_path, run_here):
+    result = run_here("train.py", *FAST, "--epochs", "2", "--val_ratio", "0", "--name", "all", "--model_dir", tmp_path,
+                      cwd=work)
     assert "no validation (--val_ratio 0)" in result.stdout
     run_dir = tmp_path / "all"
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert metrics["val_f1"].isna().all() and len(metrics) == 2
     assert torch.load(run_dir / "best.pth", weights_only=True)["epoch"] == 2  # the last epoch is the result
     assert pd.read_csv(run_dir / "split.csv")["side"].eq("train").all()
-    run_cli("train.py", *FAST, "--epochs", "3", "--val_every", "2", "--name", "every", "--model_dir", tmp_path,
-            cwd=work)
+    run_here("train.py", *FAST, "--epochs", "3", "--val_every", "2", "--name", "every", "--model_dir", tmp_path,
+             cwd=work)
     metrics = pd.read_csv(tmp_path / "every" / "metrics.csv")
     assert metrics["val_f1"].isna().tolist() == [True, False, False]  # epochs 2 and the last, 3
     predictions = pd.read_csv(tmp_path / "every" / "val_predictions.csv")
@@ -343,20 +343,20 @@ def test_no_validation_and_validating_every_n_epochs(work, tmp_path):
 
 
 @pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
-def test_chosen_folds_then_resuming_the_kfold_run(work, tmp_path):
-    run_cli("train.py", *FAST, "--epochs", "1", "--kfold", "3", "--folds", "1,3", "--name", "kf",
-            "--model_dir", tmp_path, cwd=work)
+def test_chosen_folds_then_resuming_the_kfold_run(work, tmp_path, run_here):
+    run_here("train.py", *FAST, "--epochs", "1", "--kfold", "3", "--folds", "1,3", "--name", "kf",
+             "--model_dir", tmp_path, cwd=work)
     run_dir = tmp_path / "kf"
     assert sorted(p.name for p in run_dir.glob("fold*")) == ["fold1", "fold3"]
     assert json.loads((run_dir / "kfold.json").read_text())["fold_dirs"] == ["fold1", "fold3"]
     before = (run_dir / "fold1" / "metrics.csv").read_text()
-    result = run_cli("train.py", "--resume", run_dir, "--folds", "1,2,3", cwd=work)
+    result = run_here("train.py", "--resume", run_dir, "--folds", "1,2,3", cwd=work)
     assert "fold1 of 3: finished earlier" in result.stdout and "fold3 of 3: finished earlier" in result.stdout
     assert (run_dir / "fold1" / "metrics.csv").read_text() == before
     oof = pd.read_csv(run_dir / "oof.csv")
     assert sorted(oof["fold"].unique()) == [1, 2, 3]
     assert len(oof) == 7 * len(pd.read_csv(work / "data" / "train" / "train.csv"))  # every image once
-    run_cli("inference.py", "--model_dir", run_dir, "--output", tmp_path / "kf.csv", cwd=work)
+    run_here("inference.py", "--model_dir", run_dir, "--output", tmp_path / "kf.csv", cwd=work)
 
 
 def test_default_batch_size_gives_a_short_run_400_updates_down_to_batches_of_16(capsys):

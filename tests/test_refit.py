@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FAST, one_line_error, run_cli
+from conftest import FAST, one_line_error
 from maskcls.refit import refit_args, refit_length
 
 
@@ -43,8 +43,8 @@ def test_refit_flags_drop_switches_it_does_not_reach():
 
 
 @pytest.mark.slow
-def test_refit_trains_the_best_epoch_count_on_every_image_and_inference_uses_it(work, tmp_path):
-    run_cli("train.py", *FAST, "--epochs", "3", "--refit", "True", "--name", "r", "--model_dir", tmp_path, cwd=work)
+def test_refit_trains_the_best_epoch_count_on_every_image_and_inference_uses_it(work, tmp_path, run_here):
+    run_here("train.py", *FAST, "--epochs", "3", "--refit", "True", "--name", "r", "--model_dir", tmp_path, cwd=work)
     run_dir, refit = tmp_path / "r", tmp_path / "r" / "refit"
     best = torch.load(run_dir / "last.pth", weights_only=True)["best"]
     config = json.loads((refit / "config.json").read_text())
@@ -61,20 +61,20 @@ def test_refit_trains_the_best_epoch_count_on_every_image_and_inference_uses_it(
     key = next(k for k, v in run_weights["model"].items() if v.dtype.is_floating_point)
     assert not torch.equal(run_weights["model"][key], refit_weights["model"][key])
 
-    out = run_cli("inference.py", "--model_dir", run_dir, "--checkpoint", "refit", "--output", tmp_path / "sub.csv",
-                  "--answers", work / "data" / "eval" / "answers.csv", cwd=work)
+    out = run_here("inference.py", "--model_dir", run_dir, "--checkpoint", "refit", "--output", tmp_path / "sub.csv",
+                   "--answers", work / "data" / "eval" / "answers.csv", cwd=work)
     assert str(refit) in out.stdout and len(pd.read_csv(tmp_path / "sub.csv")) > 0
     scores = pd.read_csv(run_dir / "eval_scores.csv")
     assert list(scores["checkpoint"]) == ["refit"]  # recorded as the refit's, not as the run's best.pth
 
-    again = run_cli("train.py", "--resume", run_dir, cwd=work)  # a finished refit is kept
+    again = run_here("train.py", "--resume", run_dir, cwd=work)  # a finished refit is kept
     assert "finished earlier" in again.stdout
 
 
 @pytest.mark.slow
-def test_kfold_refit_trains_the_folds_median_best_epoch(work, tmp_path):
-    run_cli("train.py", *FAST, "--epochs", "3", "--kfold", "2", "--refit", "True", "--name", "kf",
-            "--model_dir", tmp_path, cwd=work)
+def test_kfold_refit_trains_the_folds_median_best_epoch(work, tmp_path, run_here):
+    run_here("train.py", *FAST, "--epochs", "3", "--kfold", "2", "--refit", "True", "--name", "kf",
+             "--model_dir", tmp_path, cwd=work)
     parent = tmp_path / "kf"
     bests = [torch.load(parent / f / "last.pth", weights_only=True)["best"]["epoch"] for f in ("fold1", "fold2")]
     config = json.loads((parent / "refit" / "config.json").read_text())
@@ -84,13 +84,13 @@ def test_kfold_refit_trains_the_folds_median_best_epoch(work, tmp_path):
 
 
 @pytest.mark.slow
-def test_refit_needs_validation_and_inference_needs_a_refit(work, tmp_path):
-    one_line_error(run_cli("train.py", *FAST, "--refit", "True", "--val_ratio", "0", "--model_dir", tmp_path,
-                           cwd=work, check=False), "--refit", "--val_ratio")
+def test_refit_needs_validation_and_inference_needs_a_refit(work, tmp_path, run_here):
+    one_line_error(run_here("train.py", *FAST, "--refit", "True", "--val_ratio", "0", "--model_dir", tmp_path,
+                            cwd=work, check=False), "--refit", "--val_ratio")
     assert not os.listdir(tmp_path)
-    run_cli("train.py", *FAST, "--epochs", "1", "--name", "plain", "--model_dir", tmp_path, cwd=work)
-    one_line_error(run_cli("inference.py", "--model_dir", tmp_path / "plain", "--checkpoint", "refit",
-                           "--output", tmp_path / "sub.csv", cwd=work, check=False), "no finished refit")
+    run_here("train.py", *FAST, "--epochs", "1", "--name", "plain", "--model_dir", tmp_path, cwd=work)
+    one_line_error(run_here("inference.py", "--model_dir", tmp_path / "plain", "--checkpoint", "refit",
+                            "--output", tmp_path / "sub.csv", cwd=work, check=False), "no finished refit")
 
 
 def test_checkpoint_refit_of_a_seed_group_is_every_seeds_refit(tmp_path):
@@ -109,16 +109,16 @@ def test_checkpoint_refit_of_a_seed_group_is_every_seeds_refit(tmp_path):
 
 
 @pytest.mark.slow
-def test_seed_group_refit_end_to_end(work, tmp_path):
-    run_cli("train.py", *FAST, "--epochs", "2", "--seeds", "0,1", "--refit", "True", "--name", "g",
-            "--model_dir", tmp_path, cwd=work)
+def test_seed_group_refit_end_to_end(work, tmp_path, run_here):
+    run_here("train.py", *FAST, "--epochs", "2", "--seeds", "0,1", "--refit", "True", "--name", "g",
+             "--model_dir", tmp_path, cwd=work)
     group = tmp_path / "g"
     for seed in ("seed0", "seed1"):
         best = torch.load(group / seed / "last.pth", weights_only=True)["best"]
         config = json.loads((group / seed / "refit" / "config.json").read_text())
         assert config["epochs"] == best["epoch"] and config["seed"] == int(seed[4:]) and config["val_images"] == 0
         assert (group / seed / "refit" / "best.pth").is_file()
-    out = run_cli("inference.py", "--model_dir", group, "--checkpoint", "refit", "--output", tmp_path / "sub.csv",
-                  cwd=work)
+    out = run_here("inference.py", "--model_dir", group, "--checkpoint", "refit", "--output", tmp_path / "sub.csv",
+                   cwd=work)
     assert str(group / "seed0" / "refit") in out.stdout and str(group / "seed1" / "refit") in out.stdout
     assert pd.read_csv(tmp_path / "sub.csv")["ans"].between(0, 17).all()

@@ -53,20 +53,20 @@ def test_ema_competes_for_best(figure_run):
 
 
 @pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
-def test_config_file_and_repeating_a_run(work, tmp_path, figure_run):
+def test_config_file_and_repeating_a_run(work, tmp_path, figure_run, run_here):
     (tmp_path / "exp.yaml").write_text("epochs: 1\nbatch_size: 16\nresize: [64, 48]\nmodel: BaseModel\n"
                                        "num_workers: 0\ncutmix: true\nname: fromyaml\n")
-    run_cli("train.py", "--config", tmp_path / "exp.yaml", "--batch_size", "32", cwd=work)  # the flag wins
+    run_here("train.py", "--config", tmp_path / "exp.yaml", "--batch_size", "32", cwd=work)  # the flag wins
     config = json.loads((work / "runs" / "fromyaml" / "config.json").read_text())
     assert config["batch_size"] == 32 and config["epochs"] == 1 and config["cutmix"] is True
     assert config["resize"] == [64, 48]
     # a run's config.json repeats it: same split, same metrics
-    run_cli("train.py", "--config", figure_run / "config.json", cwd=work)
+    run_here("train.py", "--config", figure_run / "config.json", cwd=work)
     again = work / "runs" / "figs2"
     assert (again / "split.csv").read_text() == (figure_run / "split.csv").read_text()
     pd.testing.assert_frame_equal(_metrics(figure_run), _metrics(again))
     (tmp_path / "typo.yaml").write_text("epoch: 3\n")
-    result = run_cli("train.py", "--config", tmp_path / "typo.yaml", cwd=work, check=False)
+    result = run_here("train.py", "--config", tmp_path / "typo.yaml", cwd=work, check=False)
     assert result.returncode == 2 and "unknown option 'epoch'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -124,9 +124,9 @@ def test_ctrl_c_writes_last_and_exits_cleanly(work):
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_wandb_is_optional(work, tmp_path):
-    result = run_cli("train.py", *FAST, "--epochs", "1", "--wandb", "proj", "--model_dir", tmp_path / "none",
-                     cwd=work, check=False)
+def test_wandb_is_optional(work, tmp_path, run_here):
+    result = run_here("train.py", *FAST, "--epochs", "1", "--wandb", "proj", "--model_dir", tmp_path / "none",
+                      cwd=work, check=False)
     if result.returncode == 0:
         pytest.skip("wandb is installed here; the missing-package path cannot be shown")
     assert result.returncode == 2 and "pip install wandb" in result.stderr
@@ -155,15 +155,15 @@ def test_wandb_is_optional(work, tmp_path):
 
 # ---------------------------------------------------------------- hostile and broken input
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_skip_bad_images_counts_them(sample_data, tmp_path):
+def test_skip_bad_images_counts_them(sample_data, tmp_path, run_here):
     import shutil
     data = tmp_path / "data"
     shutil.copytree(sample_data / "train", data)
     victims = sorted(data.glob("images/*/mask3.*"))[:2]
     for victim in victims:
         victim.write_bytes(b"\x00garbage")
-    result = run_cli("train.py", *FAST, "--epochs", "1", "--skip_bad_images", "--data_dir", data,
-                     "--model_dir", tmp_path / "runs")
+    result = run_here("train.py", *FAST, "--epochs", "1", "--skip_bad_images", "--data_dir", data,
+                      "--model_dir", tmp_path / "runs")
     assert "skipped 2 unreadable image(s)" in result.stdout
     split = pd.read_csv(tmp_path / "runs" / "exp" / "split.csv")
     assert not split["path"].str.endswith(tuple(f"{v.parent.name}/{v.name}" for v in victims)).any()
@@ -210,23 +210,23 @@ def test_crash_mid_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_existing_submission_is_not_overwritten(work, figure_run, tmp_path):
+def test_existing_submission_is_not_overwritten(work, figure_run, tmp_path, run_here):
     out = tmp_path / "sub.csv"
     out.write_text("precious\n")
-    result = run_cli("inference.py", "--model_dir", figure_run, "--output", out, cwd=work, check=False)
+    result = run_here("inference.py", "--model_dir", figure_run, "--output", out, cwd=work, check=False)
     assert result.returncode == 2 and "--overwrite" in result.stderr and out.read_text() == "precious\n"
-    run_cli("inference.py", "--model_dir", figure_run, "--output", out, "--overwrite", cwd=work)
+    run_here("inference.py", "--model_dir", figure_run, "--output", out, "--overwrite", cwd=work)
     assert out.read_text().startswith("ImageID")
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_checkpoint_of_another_class_count_at_inference(work, figure_run, tmp_path):
+def test_checkpoint_of_another_class_count_at_inference(work, figure_run, tmp_path, run_here):
     import shutil
     other = tmp_path / "other"
     shutil.copytree(figure_run, other)
     config = json.loads((other / "config.json").read_text())
     config.update(num_classes=3, classes=["a", "b", "c"])
     (other / "config.json").write_text(json.dumps(config))
-    result = run_cli("inference.py", "--model_dir", other, "--output", tmp_path / "x.csv", cwd=work, check=False)
+    result = run_here("inference.py", "--model_dir", other, "--output", tmp_path / "x.csv", cwd=work, check=False)
     assert result.returncode == 2
     assert "head has 18 outputs" in result.stderr and "3 classes" in result.stderr

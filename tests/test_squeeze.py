@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from conftest import FAST, one_line_error, run_cli
+from conftest import FAST, one_line_error
 from dataset import DATASETS
 import dataset
 import ensemble
@@ -64,8 +64,8 @@ def test_real_difficulty_age_cue_is_continuous():
     assert (at[60] < at[59].max()).mean() > 0.1, "some 60+ people look no older than a 59-year-old"
 
 
-def test_easy_stays_the_default_and_bad_difficulty_is_refused(tmp_path):
-    result = run_cli("make_sample_data.py", "--out", tmp_path / "d", "--difficulty", "hard", check=False)
+def test_easy_stays_the_default_and_bad_difficulty_is_refused(tmp_path, run_here):
+    result = run_here("make_sample_data.py", "--out", tmp_path / "d", "--difficulty", "hard", check=False)
     assert result.returncode == 2 and "difficulty" in result.stderr and not (tmp_path / "d").exists()
 
 
@@ -110,11 +110,11 @@ def test_fit_bias_recovers_a_known_bias():
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_tune_bias_cli_cross_fits_and_saves(tmp_path):
+def test_tune_bias_cli_cross_fits_and_saves(tmp_path, run_here):
     labels, probs, persons = _biased_model()
     run = tmp_path / "kf"
     _write_heldout(run, labels, probs, persons, MASK_CLASSES)
-    result = run_cli("tune_bias.py", run)
+    result = run_here("tune_bias.py", run)
     saved = json.loads((run / "bias.json").read_text())
     assert saved["classes"] == MASK_CLASSES and saved["per"] == "factor" and len(saved["bias"]) == 18
     assert saved["f1_cross_fitted"] > saved["f1_before"] + 0.02, saved
@@ -126,7 +126,7 @@ def test_tune_bias_cli_cross_fits_and_saves(tmp_path):
     probs[np.arange(len(labels)), labels] = 0.83
     _write_heldout(perfect, labels, probs, persons, MASK_CLASSES, name="val_predictions.csv")
     (perfect / "bias.json").write_text((run / "bias.json").read_text())
-    result = run_cli("tune_bias.py", perfect, "--per", "class")
+    result = run_here("tune_bias.py", perfect, "--per", "class")
     assert "not saved" in result.stdout and "removed the earlier" in result.stdout
     assert not (perfect / "bias.json").exists()
 
@@ -143,8 +143,8 @@ def test_apply_bias_moves_the_argmax_and_keeps_rows_summing_to_one():
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_inference_bias_person_pool_and_recipe(work, tmp_path):
-    run_cli("train.py", *FAST, "--epochs", "1", "--name", "biased", "--model_dir", tmp_path, cwd=work)
+def test_inference_bias_person_pool_and_recipe(work, tmp_path, run_here):
+    run_here("train.py", *FAST, "--epochs", "1", "--name", "biased", "--model_dir", tmp_path, cwd=work)
     run = tmp_path / "biased"
     held = read_heldout(run)  # single runs write val_predictions.csv
     assert held.source.endswith("val_predictions.csv") and len(held.labels) > 0
@@ -152,29 +152,29 @@ def test_inference_bias_person_pool_and_recipe(work, tmp_path):
     bias[5] = 50.0  # every image to class 5
     (run / "bias.json").write_text(json.dumps({"classes": MASK_CLASSES, "bias": bias.tolist(),
                                                "f1_before": 0.1, "f1_cross_fitted": 0.2, "fitted_on": "x"}))
-    result = run_cli("inference.py", "--model_dir", run, "--output", tmp_path / "b.csv", cwd=work)
+    result = run_here("inference.py", "--model_dir", run, "--output", tmp_path / "b.csv", cwd=work)
     assert "applying the per-class bias" in result.stdout
     assert (pd.read_csv(tmp_path / "b.csv")["ans"] == 5).all()
-    result = run_cli("inference.py", "--model_dir", run, "--output", tmp_path / "n.csv", "--no_bias", cwd=work)
+    result = run_here("inference.py", "--model_dir", run, "--output", tmp_path / "n.csv", "--no_bias", cwd=work)
     assert "not applied (--no_bias)" in result.stdout
     assert not (pd.read_csv(tmp_path / "n.csv")["ans"] == 5).all()
     # --person_pool: groups of 7 from the photos' content; gender and age agree within a group
-    result = run_cli("inference.py", "--model_dir", run, "--output", tmp_path / "p.csv", "--person_pool", "--no_bias",
-                     "--answers", work / "data" / "eval" / "answers.csv", cwd=work)
+    result = run_here("inference.py", "--model_dir", run, "--output", tmp_path / "p.csv", "--person_pool", "--no_bias",
+                      "--answers", work / "data" / "eval" / "answers.csv", cwd=work)
     assert re.search(r"person pool: 70 photos, \d+ groups of one person's 7 mask states pooled", result.stdout)
     # a fitted recipe (here two members: the run and itself) is followed by inference --recipe
     recipe = tmp_path / "recipe.json"
-    result = run_cli("ensemble.py", "--fit", run, run, "--recipe", recipe, cwd=work)
+    result = run_here("ensemble.py", "--fit", run, run, "--recipe", recipe, cwd=work)
     saved = json.loads(recipe.read_text())
     assert saved["members"] and abs(sum(saved["weights"]) - 1) < 1e-6 and "cross-fitted" in result.stdout
-    result = run_cli("inference.py", "--recipe", recipe, "--output", tmp_path / "r.csv", "--save_probs", "--no_bias",
-                     cwd=work)
-    run_cli("inference.py", "--model_dir", run, "--output", tmp_path / "s.csv", "--save_probs", "--no_bias",
+    result = run_here("inference.py", "--recipe", recipe, "--output", tmp_path / "r.csv", "--save_probs", "--no_bias",
+                      cwd=work)
+    run_here("inference.py", "--model_dir", run, "--output", tmp_path / "s.csv", "--save_probs", "--no_bias",
                     cwd=work)
     assert np.allclose(pd.read_csv(tmp_path / "r_probs.csv").iloc[:, 1:], pd.read_csv(tmp_path / "s_probs.csv").iloc[:, 1:],
                        atol=1e-5)
     (run / "bias.json").write_text(json.dumps({"classes": ["a", "b"], "bias": [0, 1]}))
-    result = run_cli("inference.py", "--model_dir", run, "--output", tmp_path / "x.csv", cwd=work, check=False)
+    result = run_here("inference.py", "--model_dir", run, "--output", tmp_path / "x.csv", cwd=work, check=False)
     assert result.returncode != 0 and "rerun tune_bias.py" in result.stderr and not (tmp_path / "x.csv").exists()
 
 
@@ -197,7 +197,7 @@ def _oof_from_truth(labels, rng, sharpness=4.0):
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_audit_finds_planted_label_errors_among_its_top_suspects(sample_data, tmp_path):
+def test_audit_finds_planted_label_errors_among_its_top_suspects(sample_data, tmp_path, run_here):
     source = DATASETS.build("MaskBaseDataset", str(sample_data / "train"))
     written = np.array([s.label for s in source.samples])  # what train.csv says
     true = written.copy()  # what the photos show: three persons' labels are wrong in the data
@@ -224,7 +224,7 @@ def test_audit_finds_planted_label_errors_among_its_top_suspects(sample_data, tm
     frame.to_csv(run / "oof.csv", index=False)
     (run / "config.json").write_text(json.dumps({"data_dir": str(sample_data / "train"), "classes": MASK_CLASSES,
                                                  "fold_dirs": ["fold1"]}))
-    result = run_cli("audit.py", run, "--top", "8")
+    result = run_here("audit.py", run, "--top", "8")
     suspects = pd.read_csv(run / "audit" / "suspects.csv", keep_default_na=False)
     top = suspects.head(8)
     found = {(k, p) for k, p in zip(top["kind"], top["path"])}
@@ -244,7 +244,7 @@ def test_audit_finds_planted_label_errors_among_its_top_suspects(sample_data, tm
     assert len(planted) == 16  # 7 + 7 + 2
     for path, t in planted:
         assert fixed[path] == t, path
-    again = run_cli("audit.py", run, check=False)
+    again = run_here("audit.py", run, check=False)
     assert again.returncode != 0 and "--overwrite" in again.stderr
 
 
@@ -313,10 +313,11 @@ def test_soft_pseudo_labels_are_drawn_from_their_probabilities(work):
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_pseudo_soft_trains_and_needs_pseudo_labels(work, tmp_path):
-    result = run_cli("train.py", *FAST, "--epochs", "1", "--pseudo_soft", "--model_dir", tmp_path, cwd=work, check=False)
+def test_pseudo_soft_trains_and_needs_pseudo_labels(work, tmp_path, run_here):
+    result = run_here("train.py", *FAST, "--epochs", "1", "--pseudo_soft", "--model_dir", tmp_path, cwd=work,
+                      check=False)
     assert result.returncode == 2 and "--pseudo_soft needs --pseudo_labels" in result.stderr
     assert not any(tmp_path.iterdir())
-    result = run_cli("train.py", *FAST, "--epochs", "1", "--model_dir", tmp_path, "--pseudo_labels",
-                     work / "soft_probs.csv", "--pseudo_threshold", "0.6", "--pseudo_soft", cwd=work)
+    result = run_here("train.py", *FAST, "--epochs", "1", "--model_dir", tmp_path, "--pseudo_labels",
+                      work / "soft_probs.csv", "--pseudo_threshold", "0.6", "--pseudo_soft", cwd=work)
     assert "pseudo labels: 70 eval images at top probability >= 0.6, soft" in result.stdout

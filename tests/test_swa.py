@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FAST, run_cli
+from conftest import FAST
 from maskcls.swa import SWA, refresh_bn
 
 
@@ -65,9 +65,9 @@ def test_swa_averages_from_its_epoch_at_its_rate_and_resumes_mid_anneal():
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_swa_run_writes_a_refreshed_scored_average_that_inference_uses(work, tmp_path):
-    run_cli("train.py", *FAST, "--epochs", "3", "--swa_start", "2", "--swa_lr", "5e-4", "--name", "swa",
-            "--model_dir", tmp_path, cwd=work)
+def test_swa_run_writes_a_refreshed_scored_average_that_inference_uses(work, tmp_path, run_here):
+    run_here("train.py", *FAST, "--epochs", "3", "--swa_start", "2", "--swa_lr", "5e-4", "--name", "swa",
+             "--model_dir", tmp_path, cwd=work)
     run_dir = tmp_path / "swa"
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert metrics["lr"].tolist()[1:] == pytest.approx([5e-4, 5e-4])  # SWALR holds the rate from epoch 2
@@ -79,8 +79,8 @@ def test_swa_run_writes_a_refreshed_scored_average_that_inference_uses(work, tmp
     assert stats and any(not torch.allclose(swa["model"][k], averaged["module." + k]) for k in stats)
     weights = [k for k in swa["model"] if k.endswith("weight") and "module." + k in averaged]
     assert all(torch.equal(swa["model"][k], averaged["module." + k]) for k in weights)  # the average itself
-    run_cli("inference.py", "--model_dir", run_dir, "--checkpoint", "swa.pth", "--output", tmp_path / "swa.csv",
-            cwd=work)
+    run_here("inference.py", "--model_dir", run_dir, "--checkpoint", "swa.pth", "--output", tmp_path / "swa.csv",
+             cwd=work)
     assert pd.read_csv(tmp_path / "swa.csv")["ans"].between(0, 17).all()
     assert os.path.isfile(run_dir / "best.pth")
 
@@ -107,9 +107,9 @@ def test_ema_bn_refresh_scores_a_refreshed_copy_and_leaves_the_average_alone():
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_ema_bn_refresh_run_saves_the_refreshed_average(work, tmp_path):
-    run_cli("train.py", *FAST, "--epochs", "2", "--ema", "0.9", "--ema_bn_refresh", "True", "--val_ratio", "0",
-            "--name", "ema", "--model_dir", tmp_path, cwd=work)
+def test_ema_bn_refresh_run_saves_the_refreshed_average(work, tmp_path, run_here):
+    run_here("train.py", *FAST, "--epochs", "2", "--ema", "0.9", "--ema_bn_refresh", "True", "--val_ratio", "0",
+             "--name", "ema", "--model_dir", tmp_path, cwd=work)
     best = torch.load(tmp_path / "ema" / "best.pth", weights_only=True)
     best = best.get("model", best)
     average = torch.load(tmp_path / "ema" / "last.pth", weights_only=True)["ema"]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from augmentation import parse_tta, tta_logits
-from conftest import FAST, run_cli
+from conftest import FAST
 from dataset import DATASETS, Sample
 import dataset
 from loss import MultiTaskLoss, split_target
@@ -39,13 +39,13 @@ def test_folds_group_people_and_hold_out_each_image_once(sample_data):
 
 
 @pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
-def test_kfold_run_oof_and_fold_ensemble(work, tmp_path):
+def test_kfold_run_oof_and_fold_ensemble(work, tmp_path, run_here):
     extra = tmp_path / "extra" / "5"
     extra.mkdir(parents=True)
     for src in list((work / "data" / "eval" / "images").iterdir())[:3]:
         shutil.copy(src, extra / src.name)
-    run_cli("train.py", *FAST, "--epochs", "1", "--kfold", "3", "--name", "kf", "--extra_data", extra.parent,
-            cwd=work)
+    run_here("train.py", *FAST, "--epochs", "1", "--kfold", "3", "--name", "kf", "--extra_data", extra.parent,
+             cwd=work)
     parent = work / "runs" / "kf"
     for fold in ("fold1", "fold2", "fold3"):
         assert (parent / fold / "best.pth").is_file() and (parent / fold / "config.json").is_file()
@@ -64,7 +64,7 @@ def test_kfold_run_oof_and_fold_ensemble(work, tmp_path):
     for fold, f1 in enumerate(summary["fold_f1"], start=1):
         metrics = pd.read_csv(parent / f"fold{fold}" / "metrics.csv")
         assert f1 == pytest.approx(metrics["val_f1"].max(), abs=1e-5)
-    result = run_cli("inference.py", "--model_dir", parent, "--output", work / "kf.csv", cwd=work)
+    result = run_here("inference.py", "--model_dir", parent, "--output", work / "kf.csv", cwd=work)
     assert "fold1" in result.stdout and "fold3" in result.stdout
     assert len(pd.read_csv(work / "kf.csv")) == len(pd.read_csv(work / "data" / "eval" / "info.csv"))
 
@@ -238,14 +238,14 @@ def test_task_f1_decomposes_the_18_classes():
 
 # ---------------------------------------------------------------- all of it, end to end
 @pytest.mark.slow  # an end-to-end run of a minute or so: `pytest -m 'not slow'` skips it
-def test_toolkit_flags_end_to_end(work, tmp_path):
+def test_toolkit_flags_end_to_end(work, tmp_path, run_here):
     """Save probabilities, ensemble them, then train with pseudo-labels, extra data, relabel,
     age bins, the weighted sampler, a multi-task MSD head and validation TTA."""
     base = ["--epochs", "1", *FAST]
-    run_cli("train.py", *base, "--name", "plain", cwd=work)
+    run_here("train.py", *base, "--name", "plain", cwd=work)
     probs = tmp_path / "a.csv"
-    run_cli("inference.py", "--model_dir", work / "runs" / "plain", "--output", probs, "--save_probs",
-            "--tta", "hflip,zoom", cwd=work)
+    run_here("inference.py", "--model_dir", work / "runs" / "plain", "--output", probs, "--save_probs",
+             "--tta", "hflip,zoom", cwd=work)
     saved = pd.read_csv(tmp_path / "a_probs.csv")
     assert list(saved.columns) == ["ImageID", *MASK_CLASSES]
     assert np.allclose(saved[MASK_CLASSES].sum(axis=1), 1, atol=1e-3)
@@ -257,8 +257,8 @@ def test_toolkit_flags_end_to_end(work, tmp_path):
     pseudo.loc[:2, MASK_CLASSES] = 0.05 / 17
     pseudo.loc[:2, MASK_CLASSES[4]] = 0.95
     pseudo.to_csv(tmp_path / "pseudo_probs.csv", index=False)
-    run_cli("ensemble.py", tmp_path / "a_probs.csv", tmp_path / "pseudo_probs.csv", "--output",
-            tmp_path / "ens.csv", "--info", work / "data" / "eval" / "info.csv", cwd=work)
+    run_here("ensemble.py", tmp_path / "a_probs.csv", tmp_path / "pseudo_probs.csv", "--output",
+             tmp_path / "ens.csv", "--info", work / "data" / "eval" / "info.csv", cwd=work)
     assert pd.read_csv(tmp_path / "ens.csv")["ImageID"].tolist() == info["ImageID"].tolist()
 
     extra = tmp_path / "extra"
@@ -268,11 +268,11 @@ def test_toolkit_flags_end_to_end(work, tmp_path):
             shutil.copy(src, extra / str(i) / src.name)
     person = _meta(work / "data" / "train").iloc[0]["path"]
     pd.DataFrame({"path": [person], "age": ["61"]}).to_csv(tmp_path / "fix.csv", index=False)
-    result = run_cli("train.py", *base, "--name", "kitchen", "--pseudo_labels", tmp_path / "pseudo_probs.csv",
-                     "--pseudo_data_dir", work / "data" / "eval", "--extra_data", extra,
-                     "--relabel", tmp_path / "fix.csv", "--age_bins", "30,58", "--sampler", "weighted",
-                     "--head", "multitask", "--task_weights", "1,0.5,2", "--msd", "2", "--val_tta", "hflip",
-                     cwd=work)
+    result = run_here("train.py", *base, "--name", "kitchen", "--pseudo_labels", tmp_path / "pseudo_probs.csv",
+                      "--pseudo_data_dir", work / "data" / "eval", "--extra_data", extra,
+                      "--relabel", tmp_path / "fix.csv", "--age_bins", "30,58", "--sampler", "weighted",
+                      "--head", "multitask", "--task_weights", "1,0.5,2", "--msd", "2", "--val_tta", "hflip",
+                      cwd=work)
     assert "pseudo labels: 3 eval images" in result.stdout and "extra data: 4 training images" in result.stdout
     assert "relabel: 7 image label(s) changed" in result.stdout
     run_dir = work / "runs" / "kitchen"
@@ -287,7 +287,7 @@ def test_toolkit_flags_end_to_end(work, tmp_path):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["head"] == "multitask" and config["msd"] == 2 and config["age_bins"] == [30, 58]
     # inference rebuilds the multi-task MSD model from config.json alone
-    run_cli("inference.py", "--model_dir", run_dir, "--output", tmp_path / "mt.csv", cwd=work)
+    run_here("inference.py", "--model_dir", run_dir, "--output", tmp_path / "mt.csv", cwd=work)
     assert pd.read_csv(tmp_path / "mt.csv")["ans"].between(0, 17).all()
 
 
@@ -325,7 +325,7 @@ def test_pipeline_cropping_in_photo_pixels_gets_full_size_photos(work, tmp_path,
 
 
 @pytest.mark.slow  # trains or starts a CLI (seconds): `pytest -m 'not slow'` skips it
-def test_facecrop_training_reuses_the_cache_and_inference_crops_too(work, tmp_path):
+def test_facecrop_training_reuses_the_cache_and_inference_crops_too(work, tmp_path, run_here):
     import facecrop
     import train
     data = work / "data_face"
@@ -344,7 +344,7 @@ def test_facecrop_training_reuses_the_cache_and_inference_crops_too(work, tmp_pa
     assert (data / "train" / ".face_boxes.csv").is_file()
     config = json.loads(open(os.path.join(run_dir, "config.json")).read())
     assert config["facecrop"] is True and config["face_margin"] == 0.3
-    result = run_cli("inference.py", "--model_dir", run_dir, "--data_dir", data / "eval",
-                     "--output", tmp_path / "face.csv", cwd=work)
+    result = run_here("inference.py", "--model_dir", run_dir, "--data_dir", data / "eval",
+                      "--output", tmp_path / "face.csv", cwd=work)
     assert "face boxes:" in result.stdout  # inference applied the run's face crop
     assert (data / "eval" / "images" / ".face_boxes.csv").is_file()
