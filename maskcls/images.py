@@ -482,9 +482,20 @@ class DeviceLoader:
         for images, *rest in self.loader:  # uint8 [N, H, W, C] (augmentation.ToHWCTensor)
             images = images.to(self.device, non_blocking=True)
             if self.hflip:  # on the uint8 batch, a quarter of the bytes; the same pixels as after normalizing
-                flip = (torch.rand(len(images), generator=generator) < self.hflip).to(self.device, non_blocking=True)
-                images = torch.where(flip.view(-1, 1, 1, 1), images.flip(2), images)
+                images = flip_images(images, torch.rand(len(images), generator=generator) < self.hflip)
             yield [self.normalize(images), *rest]
+
+
+def flip_images(images, flip):
+    """uint8 [N, H, W, C] with the images where `flip` (a CPU bool [N]) holds mirrored left to right.
+    On a CPU in place, one OpenCV flip per image: 0.2 ms for 32 images of 224x224, where torch's
+    flip and where over the batch took 5 ms of the main process's time between two steps."""
+    if images.device.type != "cpu" or not images.is_contiguous() or images.shape[-1] > 4:
+        return torch.where(flip.to(images.device, non_blocking=True).view(-1, 1, 1, 1), images.flip(2), images)
+    pixels = images.numpy()
+    for i in flip.nonzero().flatten().tolist():
+        cv2.flip(pixels[i], 1, dst=pixels[i])
+    return images
 
 
 def device_loader(loader, transform, device, seed=0):
