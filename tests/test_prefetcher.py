@@ -11,7 +11,7 @@ from albumentations.pytorch import ToTensorV2
 
 from augmentation import TimmAutoAugment, eval_transform, split_for_device, train_transform
 from conftest import FAST
-from maskcls.images import DeviceLoader, EpochSampler, ImageDataset, device_loader, make_loader
+from maskcls.images import DeviceLoader, EpochSampler, ImageDataset, device_loader, flip_images, make_loader
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -55,6 +55,16 @@ def test_device_flips_are_the_flips_the_workers_made(photos):
     assert mean == pytest.approx([m * 255 for m in MEAN]) and std == pytest.approx([s * 255 for s in STD])
     for (a, _), (b, _) in zip(_batches(photos, always, False), _batches(photos, always, True), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4, 5])
+def test_cpu_flips_in_place_mirror_exactly_the_chosen_images(channels):
+    batch = torch.randint(0, 256, (6, 5, 7, channels), dtype=torch.uint8)
+    chosen = torch.tensor([True, False, True, True, False, False])
+    want = torch.where(chosen.view(-1, 1, 1, 1), batch.flip(2), batch)
+    assert torch.equal(flip_images(batch.clone(), chosen), want)  # OpenCV in place (5 channels: torch)
+    strided = batch.clone().permute(0, 2, 1, 3)  # not contiguous: torch's flip, on a copy
+    assert torch.equal(flip_images(strided, chosen), torch.where(chosen.view(-1, 1, 1, 1), strided.flip(2), strided))
 
 
 def test_device_flips_depend_on_seed_and_epoch_only(photos):
