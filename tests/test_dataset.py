@@ -11,6 +11,7 @@ from dataset import DATASETS, read_eval_dir, read_mask_train
 import dataset
 from maskcls import labels
 from maskcls.cli import UserError
+from maskcls import images
 from maskcls.images import load_image
 from maskcls.labels import MASK_CLASSES, NUM_CLASSES, age_band, decode_label, encode_label
 
@@ -212,6 +213,37 @@ def test_reduced_jpeg_decode_is_at_least_the_asked_size(sample_data):
     small = load_image(path, min_size=(128, 96))
     assert full.shape == (512, 384, 3)
     assert small.shape[0] >= 128 and small.shape[1] >= 96 and small.shape[0] < 512
+
+
+def test_opencv_jpeg_decode_gives_pils_pixels_and_keeps_its_refusals(sample_data, tmp_path, monkeypatch):
+    """Colour JPEGs decode with OpenCV (faster, same libjpeg-turbo): the same pixels as PIL at every
+    reduced scale and crop; a file cut short, a greyscale or rotated JPEG and other formats go to PIL."""
+    photos = sorted((sample_data / "train" / "images").glob("*/*.jp*g"))[:12]
+    odd = tmp_path / "odd.jpg"  # odd sides: the reduced sizes round up
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (75, 101, 3), dtype=np.uint8)).save(odd, quality=90)
+    cases = [(None, None), ((224, 224), None), ((128, 96), None), ((64, 48), None), ((16, 12), None),
+             ((64, 48), (40, 60, 300, 420)), (None, (10, 20, 200, 300))]
+    calls = []
+    real = images.decode_jpeg
+    monkeypatch.setattr(images, "decode_jpeg", lambda *a: calls.append(1) or real(*a))
+    fast = {(p, c): load_image(p, *c) for p in [*photos, odd] for c in cases if p != odd or c[1] is None}
+    assert len(calls) == len(fast)
+    monkeypatch.setattr(images, "decode_jpeg", lambda *a: None)  # PIL alone
+    for (path, case), pixels in fast.items():
+        assert np.array_equal(pixels, load_image(path, *case)), (path.name, case)
+    monkeypatch.setattr(images, "decode_jpeg", real)
+    with Image.open(photos[0]) as img:  # the OpenCV path served them (None: PIL's)
+        assert images.decode_jpeg(photos[0].read_bytes(), img, *img.size) is not None
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(photos[0].read_bytes()[:-2000])  # no end-of-image marker: PIL decodes, and refuses it
+    with Image.open(cut) as img:
+        assert images.decode_jpeg(cut.read_bytes(), img, *img.size) is None
+    with pytest.raises(UserError, match="cut.jpg"):
+        load_image(cut)
+    Image.new("L", (8, 6), 77).save(tmp_path / "grey.jpg")
+    with Image.open(tmp_path / "grey.jpg") as img:
+        assert images.decode_jpeg((tmp_path / "grey.jpg").read_bytes(), img, 8, 6) is None
+    assert load_image(tmp_path / "grey.jpg").shape == (6, 8, 3)
 
 
 def test_eval_dir(sample_data, tmp_path):
