@@ -215,35 +215,41 @@ def test_reduced_jpeg_decode_is_at_least_the_asked_size(sample_data):
     assert small.shape[0] >= 128 and small.shape[1] >= 96 and small.shape[0] < 512
 
 
-def test_opencv_jpeg_decode_gives_pils_pixels_and_keeps_its_refusals(sample_data, tmp_path, monkeypatch):
-    """Colour JPEGs decode with OpenCV (faster, same libjpeg-turbo): the same pixels as PIL at every
-    reduced scale and crop; a file cut short, a greyscale or rotated JPEG and other formats go to PIL."""
+def test_opencv_decode_gives_pils_pixels_and_keeps_its_refusals(sample_data, tmp_path, monkeypatch):
+    """Colour JPEGs decode with OpenCV (faster): the same pixels as PIL at every reduced scale and
+    crop; a JPEG cut short, greyscale or rotated, and every other format (PNGs of every kind) go to
+    PIL."""
     photos = sorted((sample_data / "train" / "images").glob("*/*.jp*g"))[:12]
+    photos += sorted((sample_data / "train" / "images").glob("*/*.png"))[:4]
+    assert len(photos) == 16
     odd = tmp_path / "odd.jpg"  # odd sides: the reduced sizes round up
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (75, 101, 3), dtype=np.uint8)).save(odd, quality=90)
     cases = [(None, None), ((224, 224), None), ((128, 96), None), ((64, 48), None), ((16, 12), None),
              ((64, 48), (40, 60, 300, 420)), (None, (10, 20, 200, 300))]
     calls = []
-    real = images.decode_jpeg
-    monkeypatch.setattr(images, "decode_jpeg", lambda *a: calls.append(1) or real(*a))
+    real = images.decode_opencv
+    monkeypatch.setattr(images, "decode_opencv", lambda *a: calls.append(1) or real(*a))
     fast = {(p, c): load_image(p, *c) for p in [*photos, odd] for c in cases if p != odd or c[1] is None}
     assert len(calls) == len(fast)
-    monkeypatch.setattr(images, "decode_jpeg", lambda *a: None)  # PIL alone
+    monkeypatch.setattr(images, "decode_opencv", lambda *a: None)  # PIL alone
     for (path, case), pixels in fast.items():
         assert np.array_equal(pixels, load_image(path, *case)), (path.name, case)
-    monkeypatch.setattr(images, "decode_jpeg", real)
+    monkeypatch.setattr(images, "decode_opencv", real)
     with Image.open(photos[0]) as img:  # the OpenCV path served them (None: PIL's)
-        assert images.decode_jpeg(photos[0].read_bytes(), img, *img.size) is not None
+        assert images.decode_opencv(photos[0].read_bytes(), img, *img.size) is not None
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(photos[0].read_bytes()[:-2000])  # no end-of-image marker: PIL decodes, and refuses it
     with Image.open(cut) as img:
-        assert images.decode_jpeg(cut.read_bytes(), img, *img.size) is None
+        assert images.decode_opencv(cut.read_bytes(), img, *img.size) is None
     with pytest.raises(UserError, match="cut.jpg"):
         load_image(cut)
     Image.new("L", (8, 6), 77).save(tmp_path / "grey.jpg")
     with Image.open(tmp_path / "grey.jpg") as img:
-        assert images.decode_jpeg((tmp_path / "grey.jpg").read_bytes(), img, 8, 6) is None
+        assert images.decode_opencv((tmp_path / "grey.jpg").read_bytes(), img, 8, 6) is None
     assert load_image(tmp_path / "grey.jpg").shape == (6, 8, 3)
+    png = next(p for p in photos if p.suffix == ".png")
+    with Image.open(png) as img:
+        assert images.decode_opencv(png.read_bytes(), img, *img.size) is None
 
 
 def test_eval_dir(sample_data, tmp_path):
