@@ -1,4 +1,5 @@
-"""The CLIs end to end, as real subprocesses on generated data."""
+"""The CLIs end to end on generated data: the reference command as a real subprocess, the rest
+through each CLI's main in this process (run_here: the same parsing, run folder and exit codes)."""
 import json
 import os
 import shutil
