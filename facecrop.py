@@ -20,6 +20,7 @@ Examples:
 """
 import maskcls  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import argparse
+import contextlib
 import csv
 import hashlib
 import math
@@ -81,11 +82,40 @@ class Detector:
                 net.to(memory_format=torch.channels_last)
         self.calls += 1
         self.images += len(images)
-        boxes, _ = self.mtcnn.detect(list(images))
+        with box_resizes_on_one_thread():
+            boxes, _ = self.mtcnn.detect(list(images))
         return [None if found is None else [float(v) for v in found[0]] for found in boxes]
 
 
 DETECTOR = Detector()
+BOX_SIZES = ((24, 24), (48, 48))  # what R-Net and O-Net take
+
+
+@contextlib.contextmanager
+def box_resizes_on_one_thread():
+    """While MTCNN runs, facenet-pytorch's per-box resize (each of ~60 candidate boxes a photo cut
+    out and shrunk to R-Net's 24x24, then O-Net's 48x48 by an area interpolation, one call a box)
+    runs on one thread. torch runs that op on all its threads at any size, and with OpenMP's
+    passive waiting (set in maskcls) each call wakes the sleeping threads: 0.10-0.15 ms a box
+    instead of 0.03-0.06 on one thread, 40% of a batched detection. The same op on the same
+    pixels, so the same boxes; the image pyramid (whole batches) keeps every thread."""
+    from facenet_pytorch.models.utils import detect_face
+    resize = detect_face.imresample
+
+    def one_box_one_thread(image, size):
+        if len(image) != 1 or tuple(size) not in BOX_SIZES:
+            return resize(image, size)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return resize(image, size)
+        finally:
+            torch.set_num_threads(threads)
+    detect_face.imresample = one_box_one_thread
+    try:
+        yield
+    finally:
+        detect_face.imresample = resize
 
 
 def detect_boxes(images, batch_size=BATCH_SIZE):

@@ -1,5 +1,6 @@
 """facecrop.py: real MTCNN on a real photograph, the crop and its fallback, the box cache, batching
 and the CLI end to end."""
+import contextlib
 import os
 
 import numpy as np
@@ -112,6 +113,36 @@ def test_channels_last_nets_find_the_same_boxes(photo):
         assert found is not None
         expected = np.asarray(found[0], dtype=float) * 2  # the detection copy is half size
         assert np.allclose(box, expected, atol=0.05), (box, expected)
+
+
+def test_box_resizes_run_on_one_thread_and_find_the_same_boxes(photo, monkeypatch):
+    """facenet-pytorch's per-box resizes run on one thread while MTCNN runs (the image pyramid on
+    all of them); the boxes are exactly those found without that, and everything is put back,
+    also when detection fails."""
+    from facenet_pytorch.models.utils import detect_face
+    images = [portrait(photo, shift) for shift in (0, -30, 30)]
+    stock_resize, threads, seen = detect_face.imresample, torch.get_num_threads(), []
+
+    def spy(image, size):
+        seen.append((len(image), tuple(size), torch.get_num_threads()))
+        return stock_resize(image, size)
+    monkeypatch.setattr(detect_face, "imresample", spy)
+    ours = facecrop.detect_boxes(images)
+    assert detect_face.imresample is spy and torch.get_num_threads() == threads
+    boxes = [s for s in seen if s[1] in facecrop.BOX_SIZES]
+    assert len(boxes) > 10 and all(s[0] == 1 and s[2] == 1 for s in boxes)
+    assert all(s[0] == len(images) and s[2] == threads for s in seen if s[1] not in facecrop.BOX_SIZES)
+    with monkeypatch.context() as m:
+        m.setattr(facecrop, "box_resizes_on_one_thread", contextlib.nullcontext)
+        assert facecrop.detect_boxes(images) == ours
+        assert seen[-1][2] == threads  # unwrapped, the boxes were resized on every thread
+
+    def broken(image, size):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(detect_face, "imresample", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        facecrop.detect_boxes(images[:1])
+    assert detect_face.imresample is broken and torch.get_num_threads() == threads
 
 
 def test_cache_detects_only_new_or_changed_images(tmp_path, photo):
