@@ -36,6 +36,8 @@ range of those ratios, `others CPU` the share of the machine other processes use
   image decoded). infer_warm_vs_ceiling: the same with the store an earlier inference filled.
 - contended_slowdown: a training epoch as train.py runs it, beside one other CPU-bound process
   (a busy loop), against the same epoch alone: how much slower, lower is better.
+  contended_small_slowdown: the same at 32x32 (640 images, batches of 16), where the main
+  process's thread probe (maskcls.runtime.probe_threads) picks its compute threads as train.py's.
 - train_vs_baseline, train_vs_timm, infer_vs_baseline, infer_vs_timm (section peers): the same
   model on the same images for the same steps, trained and predicting the project's way
   (train.py's defaults: precision auto, the in-run cache; inference.py's) against the boostcamp
@@ -107,6 +109,8 @@ ROWS = [("loader_vs_naive", "loader, every image decoded", "loader", "naive", 3.
         ("compile_train_vs_eager", "model step, compiled vs not", "train_compiled", "train_eager", 1.0, False,
          "compile"),
         ("contended_slowdown", "train epoch beside a CPU hog", "train_hog", "train_quiet", 2.5, False, "contended"),
+        ("contended_small_slowdown", "the same at 32x32", "train_hog_small", "train_quiet_small", 2.5, False,
+         "contended_small"),
         ("train_vs_baseline", "training vs the baseline's", "peer_ours", "peer_baseline", 2.0, False, "peers"),
         ("train_vs_timm", "training vs timm's loop", "peer_ours", "peer_timm", 2.0, False, "peers"),
         ("infer_vs_baseline", "inference vs the baseline's", "peer_ours_infer", "peer_baseline_infer", 2.0, False,
@@ -138,7 +142,8 @@ def get_args_parser():
                         default=None, metavar="NAME,NAME",
                         help="quality: which of its datasets (default: digits, and lfw_subset with scikit-image)")
     parser.add_argument("--sections", default=None,
-                        help="which sections to run (default: loader,train,infer,detect, and compile without --quick)")
+                        help="which sections to run (default: loader,train,infer,detect,contended,"
+                             "contended_small,peers, and compile without --quick)")
     # internal: run one section in this (child) process and write its raw rates to --result
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -365,8 +370,25 @@ def section_train(args, plan, device):
 def section_contended(args, plan, device):
     """A training epoch as train.py runs it (loader workers and all), alone and beside one other
     CPU-bound process (a busy loop started for the epoch and stopped after it)."""
-    real = project_training(args, plan, device)[0]
+    return alone_and_beside_a_hog(project_training(args, plan, device)[0], plan, device)
 
+
+SMALL_SIZE, SMALL_BATCH = (32, 32), 16  # contended_small: where a team of compute threads stalled most
+SMALL_IMAGES = 640                      # ... and enough images for an epoch of a few seconds
+
+
+def section_contended_small(args, plan, device):
+    """The same at 32x32 in batches of 16 (train.py's batch for ~900 images), where train.py's
+    thread probe (maskcls.runtime.probe_threads) gives the main process one compute thread: two
+    stalled at every small op's barrier beside the hog (train.py on digits, resnet18 at 32x32:
+    epochs of 14-16 s beside it against 4-5 s alone, 3.3 s beside it in batches of 32)."""
+    small = argparse.Namespace(**{**vars(args), "resize": SMALL_SIZE, "batch_size": SMALL_BATCH})
+    real = project_training(small, dict(plan, train=max(plan["train"], SMALL_IMAGES)), device)[0]
+    return alone_and_beside_a_hog(real, plan, device, "_small")
+
+
+def alone_and_beside_a_hog(real, plan, device, suffix=""):
+    """compare() of the epoch `real` alone and beside a busy loop (train_quiet, train_hog + suffix)."""
     def beside_a_hog():
         hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
@@ -377,7 +399,7 @@ def section_contended(args, plan, device):
         finally:
             hog.kill()
             hog.wait()
-    return compare({"train_quiet": real, "train_hog": beside_a_hog}, plan["rounds"], device)
+    return compare({f"train_quiet{suffix}": real, f"train_hog{suffix}": beside_a_hog}, plan["rounds"], device)
 
 
 # ---------------------------------------------------------------- peers: the same work done their way
@@ -865,7 +887,8 @@ def quality_table(rows, plan, model):
 
 
 SECTIONS = {"loader": section_loader, "train": section_train, "infer": section_infer, "detect": section_detect,
-            "compile": section_compile, "contended": section_contended, "peers": section_peers,
+            "compile": section_compile, "contended": section_contended,
+            "contended_small": section_contended_small, "peers": section_peers,
             "quality_timm": section_quality_timm}
 
 
@@ -945,7 +968,7 @@ def main(args):
             json.dump(SECTIONS[args.section](args, plan, device), f)
         return None
     AUGMENTATIONS.get(args.augmentation)  # an unknown name: one line, before any work
-    default = "loader,train,infer,detect,contended,peers" + ("" if args.quick else ",compile")
+    default = "loader,train,infer,detect,contended,contended_small,peers" + ("" if args.quick else ",compile")
     sections = [s.strip() for s in (args.sections or default).split(",") if s.strip()]
     choices = [*(name for name in SECTIONS if name != "quality_timm"), "quality"]
     unknown = [s for s in sections if s not in choices]

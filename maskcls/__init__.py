@@ -26,8 +26,10 @@ import os
 # CPU-bound work (another run, a test suite) spinning threads keep the cores from the threads
 # that have work: an epoch of resnet18 at 32x32 on 900 images took 5.3-6.1 s beside one busy
 # process instead of 1.5-1.7 s (8-11 s beside two), and 2.5-2.7 s (4-5 s) with passive waiting,
-# which costs nothing measurable on a quiet machine. Set before torch loads OpenMP; a value the
-# user set wins.
+# at no measurable cost to that epoch on a quiet machine. Its price is on tiny ops that torch
+# spreads over every thread: each wakes the sleeping ones (resnet18's bare step at 32x32 140-173
+# ms against 107-128 spinning; facecrop runs its thousands of box resizes on one thread for it).
+# Set before torch loads OpenMP; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

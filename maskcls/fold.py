@@ -93,6 +93,7 @@ def fold_config(args, data, train_count, val_count, runtime):
             "mean": list(source.mean), "std": list(source.std), "label_scheme": source.label_scheme, "tasks": tasks,
             "data_dir": source.root, "train_images": train_count, "val_images": val_count,
             "precision": precision.name, "channels_last": precision.channels_last, "precision_probe": runtime.probe,
+            "threads_probe": runtime.threads_probe,
             "world_size": runtime.context.world_size}
 
 

@@ -103,15 +103,63 @@ def probe_precision(model_name, input_size, batch, channels_last=None):
     a setup always runs at the same precision here and the same seed gives the same metrics."""
     key = "|".join(map(str, (cpu_name(), torch.__version__, model_name, input_size, min(batch, PROBE_BATCH),
                              channels_last)))
-    cache = _read_probes()
-    if key in cache:
-        return cache[key]["choice"], {**cache[key], "cached": True}
+    saved = _read_probes().get(key)
+    if isinstance(saved, dict) and saved.get("choice") in ("fp32", "bf16"):  # anything else: probed again
+        return saved["choice"], {**saved, "cached": True}
     timings = {name: _step_seconds(model_name, input_size, min(batch, PROBE_BATCH), name, channels_last)
                for name in ("fp32", "bf16")}
     choice = min(timings, key=timings.get)
     result = {"choice": choice, **{k: round(v, 5) for k, v in timings.items()}}
     _write_probe(key, result)
     return choice, {**result, "cached": False}
+
+
+# The main process trains on one compute thread where a few bare training steps on it are at most
+# this much slower than on all of them (probe_threads). Beside other CPU-bound work a team of
+# threads stalls at every op's barrier whenever one of its threads is descheduled; one thread
+# does not. Measured on 2 cores, train.py on digits (resnet18, batch 16, seconds an epoch, quiet
+# / beside a busy loop): 32x32 two threads 4.0-5.1 / 13.4-16.6, one 4.2-5.3 / 3.6-4.9; 64x64
+# 6.7-8.1 / 20.6-28.6, one 6.5-7.2 / 6.6-7.4; 96x96 quiet 9.3-12.8, one 10.9-12.5; 128x128
+# 11.0-14.3 / 38.7-39.1, one 16.9-17.8 / 16.6-17.6. The bare steps (bf16) put one thread at
+# 1.0-1.2x the time of two at 32x32, 1.13-1.33x at 64x64, 1.18-1.41x at 96x96 and 1.40-1.45x at
+# 128x128: in an epoch the loader workers take part of the other core, so the bare steps
+# overstate the second thread. Where two are kept (128x128: 1.3x faster on a quiet machine, the
+# usual case), OMP_NUM_THREADS=1 asks for one on a machine known to be shared.
+ONE_THREAD_MARGIN = 1.3
+THREADS_PROBE_BATCH = 16  # the ratio at batch 16 was the one at 32 and 64 (within the noise), at a quarter of the time
+THREADS_PROBE_ROUNDS = 3  # one step timing on each side a round, rounds interleaved, stopped when clear
+
+
+def probe_threads(model_name, input_size, batch, precision):
+    """(compute threads for the main process, {'threads': n, 'all': seconds a step on every
+    thread, 'one': on one thread, 'cached': bool}): one thread where a few training steps of the
+    model at its size and precision run at most ONE_THREAD_MARGIN slower on it (small inputs),
+    every thread otherwise. Kept like the precision probe (probe_cache()), per machine, torch
+    version, model, size, batch, precision and thread count, so a setup always trains on the same
+    number of threads (float sums depend on it)."""
+    threads = torch.get_num_threads()
+    batch = min(batch, THREADS_PROBE_BATCH)
+    key = "|".join(map(str, ("threads", cpu_name(), torch.__version__, model_name, input_size, batch,
+                             precision.name, precision.channels_last, threads)))
+    saved = _read_probes().get(key)
+    if isinstance(saved, dict) and saved.get("threads") in (1, threads):  # anything else: probed again
+        return saved["threads"], {**saved, "cached": True}
+    timings = {threads: [], 1: []}
+    try:
+        for _ in range(THREADS_PROBE_ROUNDS):  # interleaved; the fastest of each kept
+            for count in (threads, 1):
+                torch.set_num_threads(count)
+                timings[count].append(_step_seconds(model_name, input_size, batch, precision.name,
+                                                    precision.channels_last))
+            ratio = min(timings[1]) / min(timings[threads])
+            if not 1.0 < ratio < 2 * ONE_THREAD_MARGIN - 1:  # clear after one round: far from the margin
+                break
+    finally:
+        torch.set_num_threads(threads)
+    result = {"threads": 1 if ratio <= ONE_THREAD_MARGIN else threads,
+              "all": round(min(timings[threads]), 5), "one": round(min(timings[1]), 5)}
+    _write_probe(key, result)
+    return result["threads"], {**result, "cached": False}
 
 
 def _step_seconds(model_name, input_size, batch, name, channels_last):
@@ -200,28 +248,44 @@ class Runtime:
     context: distributed.Context
     input_size: tuple
     probe: dict = None
+    threads_probe: dict = None  # probe_threads' answer, where it was asked
+    threads_before: int = None  # the thread count close() puts back
 
     @classmethod
     def start(cls, device_choice, precision_choice, channels_last, input_size, model=None, batch=64):
         """Join torchrun's process group (if any) and resolve the device and the precision: with
         `auto` on a CPU with native bf16 and a `model` name, the faster of fp32 and bf16 for that
-        model, input size and `batch` (probe_precision)."""
+        model, input size and `batch` (probe_precision). On a CPU, with a `model` name, outside
+        torchrun and unless OMP_NUM_THREADS says how many: the main process's compute threads
+        (probe_threads), put back by close()."""
         context, device = distributed.setup(device_choice)
         device = device or resolve_device(device_choice)
-        probe = None
+        probe = threads_probe = None
+        before = torch.get_num_threads()
         try:
             precision = resolve_precision(precision_choice, device, channels_last, input_size)
             if precision_choice == "auto" and device.type == "cpu" and model is not None and cpu_has_native_bf16():
                 name, probe = probe_precision(model, tuple(input_size), batch, channels_last)
                 precision = resolve_precision(name, device, channels_last, input_size)
+            if device.type == "cpu" and model is not None and not context.enabled and before > 1 \
+                    and not os.environ.get("OMP_NUM_THREADS"):
+                threads, threads_probe = probe_threads(model, tuple(input_size), batch, precision)
+                torch.set_num_threads(threads)
         except BaseException:
             distributed.teardown(context)
             raise
-        return cls(device, precision, context, tuple(input_size), probe)
+        return cls(device, precision, context, tuple(input_size), probe, threads_probe, before)
 
     @property
     def is_main(self):
         return self.context.is_main
 
+    @property
+    def threads(self):
+        """The compute threads of this process (on a CPU: probe_threads' choice, or OMP_NUM_THREADS)."""
+        return torch.get_num_threads()
+
     def close(self):
+        if self.threads_before is not None:
+            torch.set_num_threads(self.threads_before)
         distributed.teardown(self.context)

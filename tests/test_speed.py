@@ -38,6 +38,7 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
 def test_precision_auto_probes_the_faster_one_once_per_setup(monkeypatch, tmp_path):
     from maskcls import runtime
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the thread probe: the next test
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     timed, real_step = [], runtime._step_seconds
 
@@ -56,6 +57,86 @@ def test_precision_auto_probes_the_faster_one_once_per_setup(monkeypatch, tmp_pa
     monkeypatch.setattr(runtime, "_step_seconds", real_step)
     real = runtime.probe_precision("BaseModel", (32, 24), 8)  # real steps, both precisions
     assert real[0] in ("fp32", "bf16") and real[1]["fp32"] > 0 and real[1]["bf16"] > 0
+
+
+@pytest.fixture
+def two_threads():
+    """At least two compute threads for the test (the thread probe needs a choice), put back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield torch.get_num_threads()
+    torch.set_num_threads(before)
+
+
+def test_main_process_threads_probed_once_per_setup(monkeypatch, tmp_path, two_threads):
+    """On a CPU the main process trains on one thread where a few steps on it are at most
+    ONE_THREAD_MARGIN slower than on all (small inputs), on all otherwise; once per setup, at the
+    precision chosen, put back by close(), and never where OMP_NUM_THREADS decides."""
+    from maskcls import runtime
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)  # fp32: no precision probe
+    timed, real_step_seconds = [], runtime._step_seconds
+
+    def step_seconds(model, size, batch, name, channels_last):
+        one = torch.get_num_threads() == 1
+        timed.append((size, name, torch.get_num_threads()))
+        if one:
+            return {(32, 32): 0.09, (64, 64): 0.12, (128, 128): 0.30}[size]
+        return 0.05 if name == "bf16" else 0.10
+    monkeypatch.setattr(runtime, "_step_seconds", step_seconds)
+
+    small = runtime.Runtime.start("cpu", "auto", None, (32, 32), "resnet18", 64)
+    assert small.threads == torch.get_num_threads() == 1
+    assert small.threads_probe == {"threads": 1, "all": 0.1, "one": 0.09, "cached": False}
+    small.close()
+    assert torch.get_num_threads() == two_threads
+    large = runtime.Runtime.start("cpu", "auto", None, (128, 128), "resnet18", 64)
+    assert large.threads == two_threads and large.threads_probe["threads"] == two_threads
+    large.close()
+    assert timed == [((32, 32), "fp32", two_threads), ((32, 32), "fp32", 1),
+                     ((128, 128), "fp32", two_threads), ((128, 128), "fp32", 1)]
+    again = runtime.Runtime.start("cpu", "auto", None, (32, 32), "resnet18", 64)
+    assert again.threads == 1 and again.threads_probe["cached"] and len(timed) == 4  # not probed again
+    again.close()
+
+    # a damaged entry is probed again, never trusted
+    saved = json.loads(open(runtime.probe_cache()).read())
+    key = next(k for k in saved if k.startswith("threads|") and "(32, 32)" in k)
+    saved[key]["threads"] = 7
+    open(runtime.probe_cache(), "w").write(json.dumps(saved))
+    runtime.Runtime.start("cpu", "auto", None, (32, 32), "resnet18", 64).close()
+    assert len(timed) == 6 and json.loads(open(runtime.probe_cache()).read())[key]["threads"] == 1
+
+    # after the bf16 probe, at the precision it chose
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    bf16 = runtime.Runtime.start("cpu", "auto", None, (32, 32), "resnet18", 64)
+    assert bf16.precision.name == "bf16" and bf16.threads_probe == {"threads": two_threads, "all": 0.05,
+                                                                    "one": 0.09, "cached": False}
+    assert [t[1:] for t in timed[6:]] == [("fp32", two_threads), ("bf16", two_threads), ("bf16", two_threads),
+                                          ("bf16", 1)]
+    bf16.close()
+
+    # near the margin (1.2x): three interleaved rounds, the fastest of each side compared
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    near = runtime.Runtime.start("cpu", "auto", None, (64, 64), "resnet18", 64)
+    assert near.threads == 1 and [t[2] for t in timed[10:]] == [two_threads, 1] * runtime.THREADS_PROBE_ROUNDS
+    near.close()
+    del timed[10:]
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+
+    # asked for by the environment, or no model named: no probe, the thread count untouched
+    monkeypatch.setenv("OMP_NUM_THREADS", str(two_threads))
+    pinned = runtime.Runtime.start("cpu", "auto", None, (64, 64), "resnet18", 64)
+    assert pinned.threads_probe is None and pinned.threads == two_threads
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert runtime.Runtime.start("cpu", "fp32", None, (64, 64)).threads_probe is None
+    assert [t[1:] for t in timed[10:]] == [("fp32", two_threads), ("bf16", two_threads)]  # precision only
+
+    monkeypatch.setattr(runtime, "_step_seconds", real_step_seconds)
+    threads, probe = runtime.probe_threads("BaseModel", (32, 24), 8, runtime.resolve_precision("fp32", "cpu"))
+    assert threads in (1, two_threads) and probe["one"] > 0 and probe["all"] > 0
+    assert torch.get_num_threads() == two_threads
 
 
 def test_bf16_channels_last_step_matches_fp32_closely():
