@@ -118,7 +118,7 @@ def probe_precision(model_name, input_size, batch, channels_last=None):
 # this much slower than on all of them (probe_threads). Beside other CPU-bound work a team of
 # threads stalls at every op's barrier whenever one of its threads is descheduled; one thread
 # does not. Measured on 2 cores, train.py on digits (resnet18, batch 16, seconds an epoch, quiet
-# / beside a busy loop): 32x32 two threads 4.0-5.1 / 13.4-16.6, one 4.2-5.3 / 3.6-4.9; 64x64
+# / beside a busy loop): 32x32 two threads 4.0-5.1 / 13.4-21.8, one 4.2-5.3 / 3.6-4.9; 64x64
 # 6.7-8.1 / 20.6-28.6, one 6.5-7.2 / 6.6-7.4; 96x96 quiet 9.3-12.8, one 10.9-12.5; 128x128
 # 11.0-14.3 / 38.7-39.1, one 16.9-17.8 / 16.6-17.6. The bare steps (bf16) put one thread at
 # 1.0-1.2x the time of two at 32x32, 1.13-1.33x at 64x64, 1.18-1.41x at 96x96 and 1.40-1.45x at
