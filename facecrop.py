@@ -82,13 +82,21 @@ class Detector:
                 net.to(memory_format=torch.channels_last)
         self.calls += 1
         self.images += len(images)
-        with box_resizes_on_one_thread():
-            boxes, _ = self.mtcnn.detect(list(images))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(DETECT_THREADS)  # a run on one compute thread (small inputs) still detects on all
+        try:
+            with box_resizes_on_one_thread():
+                boxes, _ = self.mtcnn.detect(list(images))
+        finally:
+            torch.set_num_threads(threads)
         return [None if found is None else [float(v) for v in found[0]] for found in boxes]
 
 
 DETECTOR = Detector()
 BOX_SIZES = ((24, 24), (48, 48))  # what R-Net and O-Net take
+# The process's compute threads at import, before a run's thread probe (maskcls.runtime.probe_threads)
+# may give its training one: detection on one thread took 1.3-1.5x as long (32 canvases, batches of 16).
+DETECT_THREADS = torch.get_num_threads()
 
 
 @contextlib.contextmanager

@@ -137,6 +137,17 @@ def test_box_resizes_run_on_one_thread_and_find_the_same_boxes(photo, monkeypatc
         assert facecrop.detect_boxes(images) == ours
         assert seen[-1][2] == threads  # unwrapped, the boxes were resized on every thread
 
+    # a run the thread probe put on one compute thread: MTCNN still gets the process's own count
+    monkeypatch.setattr(facecrop, "DETECT_THREADS", 2)
+    torch.set_num_threads(1)
+    start = len(seen)
+    try:
+        assert facecrop.detect_boxes(images) == ours and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    pyramid = [s[2] for s in seen[start:] if s[1] not in facecrop.BOX_SIZES]
+    assert pyramid and set(pyramid) == {2} and all(s[2] == 1 for s in seen[start:] if s[1] in facecrop.BOX_SIZES)
+
     def broken(image, size):
         raise RuntimeError("boom")
     monkeypatch.setattr(detect_face, "imresample", broken)
