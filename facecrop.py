@@ -37,6 +37,7 @@ from maskcls import cli
 from maskcls.atomic import replacing
 from maskcls.cli import UserError
 from maskcls.images import load_image
+from maskcls.runtime import num_threads
 
 FACE_MARGIN = 0.3  # grow the face box by this share of its width (left, right) and height (top, bottom)
 # Detection runs on a copy whose shorter side is DETECT_SIDE px (never enlarged). On a 384x512
@@ -82,13 +83,9 @@ class Detector:
                 net.to(memory_format=torch.channels_last)
         self.calls += 1
         self.images += len(images)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(DETECT_THREADS)  # a run on one compute thread (small inputs) still detects on all
-        try:
-            with box_resizes_on_one_thread():
-                boxes, _ = self.mtcnn.detect(list(images))
-        finally:
-            torch.set_num_threads(threads)
+        # a run on one compute thread (small inputs) still detects on all
+        with num_threads(DETECT_THREADS), box_resizes_on_one_thread():
+            boxes, _ = self.mtcnn.detect(list(images))
         return [None if found is None else [float(v) for v in found[0]] for found in boxes]
 
 
@@ -113,12 +110,8 @@ def box_resizes_on_one_thread():
     def one_box_one_thread(image, size):
         if len(image) != 1 or tuple(size) not in BOX_SIZES:
             return resize(image, size)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with num_threads(1):
             return resize(image, size)
-        finally:
-            torch.set_num_threads(threads)
     detect_face.imresample = one_box_one_thread
     try:
         yield

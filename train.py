@@ -49,8 +49,7 @@ DEFAULT_SMOOTHING = 0.0         # off: it caps confidence, which --pseudo_thresh
 # what config.json records beside the flags: skipped when it is read back with --config / --resume
 DERIVED_KEYS = ("input_size", "prepared_size", "num_classes", "classes", "mean", "std", "label_scheme", "tasks",
                 "train_images", "val_images", "world_size", "fold_dirs", "seed_dirs", "precision_probe", "threads_probe",
-                "refit_of",
-                "refit_estimate")
+                "refit_of", "refit_estimate")
 
 
 # ---------------------------------------------------------------- the flags

@@ -206,10 +206,10 @@ def train_fold(args, data, split, run_dir, runtime, cache=None, resume=False, cl
     clock = clock or RunClock(args.epochs - state["epoch"])
     log = start_run_folder(fold, data, split, checkpoint, state, args, run_dir, resume) if context.is_main else None
     threads = runtime.threads
+    on_cpu = f", {threads} compute thread{'s' if threads > 1 else ''}" if runtime.device.type == "cpu" else ""
     print(f"run {run_dir}: {args.model} at {resize[0]}x{resize[1]}, {len(fold.train.paths)} train / "
           f"{len(fold.val.paths)} val images, {fold.config['num_classes']} classes, {runtime.device} {precision.name}"
-          f"{' channels_last' if precision.channels_last else ''}"
-          f"{f', {threads} compute thread' + 's' * (threads > 1) if runtime.device.type == 'cpu' else ''}", flush=True)
+          f"{' channels_last' if precision.channels_last else ''}{on_cpu}", flush=True)
     if not fold.validates:
         print(f"no validation (--val_ratio 0): every epoch replaces best.pth, so it holds the last epoch's "
               f"{'EMA ' if args.ema else ''}weights; that is the result")

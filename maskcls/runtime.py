@@ -145,21 +145,29 @@ def probe_threads(model_name, input_size, batch, precision):
     if isinstance(saved, dict) and saved.get("threads") in (1, threads):  # anything else: probed again
         return saved["threads"], {**saved, "cached": True}
     timings = {threads: [], 1: []}
-    try:
-        for _ in range(THREADS_PROBE_ROUNDS):  # interleaved; the fastest of each kept
-            for count in (threads, 1):
-                torch.set_num_threads(count)
+    for _ in range(THREADS_PROBE_ROUNDS):  # interleaved; the fastest of each kept
+        for count in (threads, 1):
+            with num_threads(count):
                 timings[count].append(_step_seconds(model_name, input_size, batch, precision.name,
                                                     precision.channels_last))
-            ratio = min(timings[1]) / min(timings[threads])
-            if not 1.0 < ratio < 2 * ONE_THREAD_MARGIN - 1:  # clear after one round: far from the margin
-                break
-    finally:
-        torch.set_num_threads(threads)
+        ratio = min(timings[1]) / min(timings[threads])
+        if not 1.0 < ratio < 2 * ONE_THREAD_MARGIN - 1:  # clear after one round: far from the margin
+            break
     result = {"threads": 1 if ratio <= ONE_THREAD_MARGIN else threads,
               "all": round(min(timings[threads]), 5), "one": round(min(timings[1]), 5)}
     _write_probe(key, result)
     return result["threads"], {**result, "cached": False}
+
+
+@contextlib.contextmanager
+def num_threads(count):
+    """This process's torch compute threads set to `count` inside, put back after (also on an error)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _step_seconds(model_name, input_size, batch, name, channels_last):
