@@ -5,7 +5,7 @@
 
 The model is exported in fp32 with a softmax on its output (probabilities, like inference.py's)
 and a dynamic batch size. preprocessing.json says what an image needs before it: resized with
-area interpolation to `prepared_size` (then to `input_size`), RGB scaled to 0..1, normalized
+antialiased interpolation to `prepared_size` (then to `input_size`), RGB scaled to 0..1, normalized
 with `mean` / `std`, NCHW, cropped to the face first when `facecrop` is on (MTCNN box grown by
 `face_margin`), and the class names in output order. The export is then run with onnxruntime
 on real images (the run's validation images, or --data_dir) prepared exactly as inference.py
@@ -76,9 +76,9 @@ def preprocessing(config, file_name):
     return {"model_file": file_name, "input_name": "image", "output_name": "probabilities", "layout": "NCHW",
             "dtype": "float32", "input_size": list(config["input_size"]),
             "prepared_size": list(run_prepared_size(config)),
-            "resize": "to prepared_size: area (cv2.INTER_AREA) where it shrinks, bicubic (cv2.INTER_CUBIC) where "
-            "it enlarges (area first where one side shrinks, the other grows); then bilinear to input_size where "
-            "they differ", "scale": "RGB / 255", "mean": list(config["mean"]),
+            "resize": "to prepared_size: antialiased bilinear (PIL's Image.BILINEAR, torchvision's Resize; within 1 "
+            "of it) where it shrinks, bicubic (cv2.INTER_CUBIC) where it enlarges (the shrinking first where one "
+            "side shrinks, the other grows); then bilinear to input_size where they differ", "scale": "RGB / 255", "mean": list(config["mean"]),
             "std": list(config["std"]), "facecrop": facecrop,
             "face_margin": config.get("face_margin", FACE_MARGIN) if facecrop else None,
             "classes": list(config["classes"])}

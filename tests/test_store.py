@@ -187,11 +187,13 @@ def test_a_second_run_decodes_nothing(work, tmp_path, run_here, monkeypatch):
     assert decoded == found == []  # no store
 
 
-def test_prepare_image_shrinks_by_area_and_enlarges_smoothly():
+def test_prepare_image_shrinks_antialiased_and_enlarges_smoothly():
     """Area interpolation enlarges like nearest neighbour (an 8x8 digit became 4x4-pixel blocks at
-    32x32): enlarging is bicubic, shrinking stays area, and a side that shrinks while the other
-    grows is shrunk by area first."""
+    32x32): enlarging is bicubic. Shrinking is antialiased bilinear, PIL's BILINEAR filter (within
+    1 of its values, not the aliasing bilinear of OpenCV), on colour and greyscale, contiguous or
+    a cropped view; a side that shrinks while the other grows is shrunk first."""
     import cv2
+    from PIL import Image
     rng = np.random.default_rng(0)
     small = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
     up = prepare_image(small, (32, 32))
@@ -199,10 +201,15 @@ def test_prepare_image_shrinks_by_area_and_enlarges_smoothly():
     blocks = up.reshape(8, 4, 8, 4, 3)
     assert (blocks.max(axis=(1, 3)) != blocks.min(axis=(1, 3))).mean() > 0.9  # not 4x4 blocks of one value
     big = (rng.random((64, 48, 3)) * 255).astype(np.uint8)
-    assert np.array_equal(prepare_image(big, (32, 24)), cv2.resize(big, (24, 32), interpolation=cv2.INTER_AREA))
+    for image in (big, big[3:50, 5:40], big[..., 0]):
+        down = prepare_image(image, (23, 17))
+        pil = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((17, 23), Image.BILINEAR))
+        assert down.shape == pil.shape and down.dtype == np.uint8 and down.flags.writeable
+        assert np.abs(down.astype(int) - pil).max() <= 1
+        aliased = cv2.resize(image, (17, 23), interpolation=cv2.INTER_LINEAR)
+        assert np.abs(down.astype(int) - aliased).mean() > 5 * np.abs(down.astype(int) - pil).mean()
     tall = (rng.random((100, 10, 3)) * 255).astype(np.uint8)
     mixed = prepare_image(tall, (50, 20))
     assert mixed.shape == (50, 20, 3)
-    assert np.array_equal(mixed, cv2.resize(cv2.resize(tall, (10, 50), interpolation=cv2.INTER_AREA), (20, 50),
-                                            interpolation=cv2.INTER_CUBIC))
+    assert np.array_equal(mixed, cv2.resize(prepare_image(tall, (50, 10)), (20, 50), interpolation=cv2.INTER_CUBIC))
     assert prepare_image(big, (64, 48)) is big
