@@ -146,7 +146,7 @@ def shrink(image, height, width):
     1 of PIL's values), by torch's uint8 kernel: 0.37 ms for a 384x512 photo to 224x224 on one
     thread, where OpenCV's area interpolation (the filter before) took 0.94-1.1 ms at these
     non-integer scales, as much as decoding the photo."""
-    pixels = torch.from_numpy(np.ascontiguousarray(image))
+    pixels = torch.from_numpy(np.require(image, requirements=("C", "W")))  # a view or PIL's read-only array: copied
     if pixels.ndim == 2:
         return shrink(image[..., None], height, width)[..., 0]
     batch = pixels.permute(2, 0, 1)[None]  # channels-last memory: the kernel's fast layout

@@ -201,7 +201,9 @@ def test_prepare_image_shrinks_antialiased_and_enlarges_smoothly():
     blocks = up.reshape(8, 4, 8, 4, 3)
     assert (blocks.max(axis=(1, 3)) != blocks.min(axis=(1, 3))).mean() > 0.9  # not 4x4 blocks of one value
     big = (rng.random((64, 48, 3)) * 255).astype(np.uint8)
-    for image in (big, big[3:50, 5:40], big[..., 0]):
+    frozen = big.copy()
+    frozen.flags.writeable = False  # np.asarray of a PIL image
+    for image in (big, big[3:50, 5:40], big[..., 0], frozen):
         down = prepare_image(image, (23, 17))
         pil = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((17, 23), Image.BILINEAR))
         assert down.shape == pil.shape and down.dtype == np.uint8 and down.flags.writeable
