@@ -2,6 +2,7 @@
 flipped on the device (the GPU, or the main process on a CPU); the same pixels as normalizing in
 the workers."""
 import json
+import time
 
 import albumentations as A
 import numpy as np
@@ -11,7 +12,8 @@ from albumentations.pytorch import ToTensorV2
 
 from augmentation import TimmAutoAugment, eval_transform, split_for_device, train_transform
 from conftest import FAST
-from maskcls.images import DeviceLoader, EpochSampler, ImageDataset, device_loader, flip_images, make_loader
+from maskcls.images import (DeviceLoader, EpochSampler, ImageDataset, ReusedBatches, device_loader, flip_images,
+                            make_loader)
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -125,3 +127,48 @@ def test_prefetcher_run_trains_and_predicts(work, tmp_path, run_here):
     run_here("inference.py", "--model_dir", tmp_path / "pf", "--prefetcher", "False", "--output", tmp_path / "b.csv",
              cwd=work)
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+
+
+class NumberedImages(torch.utils.data.Dataset):
+    """Item i: a uint8 4x5 image filled with i and the label i. Every fourth item takes 30 ms, so
+    the workers finish out of order and the fast ones run as far ahead as the loader lets them."""
+
+    def __init__(self, count):
+        self.count, self.transform = count, None
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, item):
+        index = item[0] if isinstance(item, tuple) else item
+        if index % 4 == 0:
+            time.sleep(0.03)
+        return torch.full((4, 5, 3), index, dtype=torch.uint8), index
+
+
+def test_reused_batch_buffers_are_never_overwritten_while_read():
+    """The --prefetcher path's workers stack each batch into one of a few shared buffers they
+    reuse (images.ReusedBatches): every image still arrives with its own label, over shuffled
+    epochs, a short last batch, out-of-order workers and a slow consumer, and the main process
+    maps each buffer once (no fresh segment per batch). The raw loader keeps torch's collate."""
+    transform = eval_transform((4, 5), MEAN, STD)
+    dataset = NumberedImages(23)
+    sampler = EpochSampler(len(dataset), seed=1)
+    raw = make_loader(dataset, 2, 2, "cpu", sampler=sampler)
+    assert raw.collate_fn is torch.utils.data.default_collate
+    loader = device_loader(raw, transform, "cpu")
+    assert isinstance(raw.collate_fn, ReusedBatches) and raw.collate_fn.count == raw.prefetch_factor + 2
+    mapped, normalize = [], loader.normalize
+    loader.normalize = lambda images: (mapped.append(images.untyped_storage().data_ptr()), normalize(images))[1]
+    mean, std = torch.tensor(MEAN) * 255, torch.tensor(STD) * 255
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        seen = []
+        for images, labels in loader:
+            time.sleep(0.01)  # a step: the workers fill every buffer they may
+            values = images * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+            expected = labels.view(-1, 1, 1, 1).float().expand_as(values)
+            assert torch.allclose(values, expected, atol=1e-3), (epoch, labels.tolist())
+            seen += labels.tolist()
+        assert sorted(seen) == list(range(23)) and seen != sorted(seen)
+    assert len(mapped) == 36 and len(set(mapped)) <= raw.collate_fn.count * 2
