@@ -78,7 +78,8 @@ def preprocessing(config, file_name):
             "prepared_size": list(run_prepared_size(config)),
             "resize": "to prepared_size: antialiased bilinear (PIL's Image.BILINEAR, torchvision's Resize; within 1 "
             "of it) where it shrinks, bicubic (cv2.INTER_CUBIC) where it enlarges (the shrinking first where one "
-            "side shrinks, the other grows); then bilinear to input_size where they differ", "scale": "RGB / 255", "mean": list(config["mean"]),
+            "side shrinks, the other grows); then bilinear to input_size where they differ",
+            "scale": "RGB / 255", "mean": list(config["mean"]),
             "std": list(config["std"]), "facecrop": facecrop,
             "face_margin": config.get("face_margin", FACE_MARGIN) if facecrop else None,
             "classes": list(config["classes"])}

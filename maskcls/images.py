@@ -564,8 +564,8 @@ class ReusedBatches:
     `prefetch_factor` batches in flight beyond the one the main process is reading (the
     DataLoader hands out tasks in turn and no more than prefetch_factor x workers at once), and
     it cycles through `prefetch_factor + 2` buffers. So the batch must be used up (copied,
-    normalized) before the next one is taken, as DeviceLoader does; the raw loader is never
-    given this collate_fn."""
+    normalized) before the next one is taken, as DeviceLoader does: only the DataLoader a
+    DeviceLoader wraps gets this collate_fn (device_loader), and nothing else iterates it."""
 
     def __init__(self, prefetch_factor):
         self.count, self.buffers = prefetch_factor + 2, []
