@@ -568,8 +568,8 @@ class ReusedBatches:
     DeviceLoader wraps gets this collate_fn (device_loader), and nothing else iterates it."""
 
     def __init__(self, prefetch_factor):
-        self.count, self.buffers = prefetch_factor + 2, []
-        self.taken = 0
+        self.count, self.taken = prefetch_factor + 2, 0
+        self.buffers = [None] * self.count
 
     def __call__(self, samples):
         if torch.utils.data.get_worker_info() is None or not isinstance(samples[0], (tuple, list)):
@@ -581,12 +581,9 @@ class ReusedBatches:
             return torch.utils.data.default_collate(samples)
         slot = self.taken % self.count
         self.taken += 1
-        if slot == len(self.buffers):
-            self.buffers.append(None)
-        shape = (len(images), *first.shape)
         buffer = self.buffers[slot]
-        if buffer is None or buffer.shape[1:] != shape[1:] or len(buffer) < len(images):
-            buffer = self.buffers[slot] = torch.empty(shape, dtype=torch.uint8).share_memory_()
+        if buffer is None or buffer.shape[1:] != first.shape or len(buffer) < len(images):
+            buffer = self.buffers[slot] = torch.empty((len(images), *first.shape), dtype=torch.uint8).share_memory_()
         batch = torch.stack(images, out=buffer[:len(images)])
         return [batch, *torch.utils.data.default_collate([sample[1:] for sample in samples])]
 
