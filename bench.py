@@ -38,6 +38,8 @@ range of those ratios, `others CPU` the share of the machine other processes use
   (a busy loop), against the same epoch alone: how much slower, lower is better.
   contended_small_slowdown: the same at 32x32 (640 images, batches of 16), where the main
   process's thread probe (maskcls.runtime.probe_threads) picks its compute threads as train.py's.
+  train_small_vs_ceiling: that quiet epoch against its in-memory steps (as train_vs_ceiling), so
+  the step is held to its ceiling at the small size too, where per-batch costs weigh most.
 - train_vs_baseline, train_vs_timm, infer_vs_baseline, infer_vs_timm (section peers): the same
   model on the same images for the same steps, trained and predicting the project's way
   (train.py's defaults: precision auto, the in-run cache; inference.py's) against the boostcamp
@@ -111,6 +113,8 @@ ROWS = [("loader_vs_naive", "loader, every image decoded", "loader", "naive", 3.
         ("contended_slowdown", "train epoch beside a CPU hog", "train_hog", "train_quiet", 2.5, False, "contended"),
         ("contended_small_slowdown", "the same at 32x32", "train_hog_small", "train_quiet_small", 2.5, False,
          "contended_small"),
+        ("train_small_vs_ceiling", "train step vs model-only, 32x32", "train_quiet_small", "train_ceiling_small",
+         0.9, False, "contended_small"),
         ("train_vs_baseline", "training vs the baseline's", "peer_ours", "peer_baseline", 2.0, False, "peers"),
         ("train_vs_timm", "training vs timm's loop", "peer_ours", "peer_timm", 2.0, False, "peers"),
         ("infer_vs_baseline", "inference vs the baseline's", "peer_ours_infer", "peer_baseline_infer", 2.0, False,
@@ -383,12 +387,15 @@ def section_contended_small(args, plan, device):
     stalled at every small op's barrier beside the hog (train.py on digits, resnet18 at 32x32:
     epochs of 14-16 s beside it against 4-5 s alone, 3.3 s beside it in batches of 32)."""
     small = argparse.Namespace(**{**vars(args), "resize": SMALL_SIZE, "batch_size": SMALL_BATCH})
-    real = project_training(small, dict(plan, train=max(plan["train"], SMALL_IMAGES)), device)[0]
-    return alone_and_beside_a_hog(real, plan, device, "_small")
+    real, model, optimizer, precision, images, target, steps, criterion = project_training(
+        small, dict(plan, train=max(plan["train"], SMALL_IMAGES)), device)
+    ceiling = in_memory_steps(model, optimizer, precision, images, target, steps, criterion)
+    return alone_and_beside_a_hog(real, plan, device, "_small", {"train_ceiling_small": ceiling})
 
 
-def alone_and_beside_a_hog(real, plan, device, suffix=""):
-    """compare() of the epoch `real` alone and beside a busy loop (train_quiet, train_hog + suffix)."""
+def alone_and_beside_a_hog(real, plan, device, suffix="", others=None):
+    """compare() of the epoch `real` alone and beside a busy loop (train_quiet, train_hog + suffix),
+    and of any `others` ({name: fn}) in the same rounds."""
     def beside_a_hog():
         hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
@@ -399,7 +406,8 @@ def alone_and_beside_a_hog(real, plan, device, suffix=""):
         finally:
             hog.kill()
             hog.wait()
-    return compare({f"train_quiet{suffix}": real, f"train_hog{suffix}": beside_a_hog}, plan["rounds"], device)
+    return compare({f"train_quiet{suffix}": real, f"train_hog{suffix}": beside_a_hog, **(others or {})},
+                   plan["rounds"], device)
 
 
 # ---------------------------------------------------------------- peers: the same work done their way

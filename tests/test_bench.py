@@ -24,6 +24,20 @@ def test_loader_and_infer_sections_report_every_row(sample_data, tmp_path):
         assert row in result.stdout, row
 
 
+@pytest.mark.slow  # trains resnet18 alone, beside a busy loop and on batches in memory (about a minute)
+def test_train_and_small_sections_report_every_row(sample_data, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("bench.py", "--quick", "--sections", "train,contended_small", "--data", sample_data, "--json",
+                     out, "--resize", "64,64", "--batch_size", "8", "--num_workers", "2")
+    figures = json.loads(out.read_text())
+    for key in ("train_vs_ceiling", "contended_small_slowdown", "train_small_vs_ceiling"):
+        assert figures[key] > 0, key
+    for name in ("train", "train_ceiling", "train_quiet_small", "train_hog_small", "train_ceiling_small"):
+        assert figures[f"{name}_imgs_per_s"] > 0, name
+    for row in ("train step vs model-only", "the same at 32x32", "train step vs model-only, 32x32"):
+        assert row in result.stdout, row
+
+
 @pytest.mark.slow  # trains resnet18 five ways on digits (about two minutes)
 def test_quality_section_runs_every_recipe(tmp_path):
     out = tmp_path / "quality.json"
