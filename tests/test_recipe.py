@@ -376,9 +376,13 @@ def test_select_keeps_the_last_epoch_by_default_and_the_best_when_asked(work, tm
     on test: README, Training quality), best with --patience; --select best keeps the highest val
     macro F1, a tie to the later epoch. best.pth, last.pth's progress and config.json agree."""
     for name, extra in (("last", []), ("best", ["--select", "best"]), ("stop", ["--patience", "3"])):
-        run_here("train.py", *FAST, "--epochs", "4", "--name", name, "--model_dir", tmp_path, *extra, cwd=work)
+        out = run_here("train.py", *FAST, "--epochs", "4", "--name", name, "--model_dir", tmp_path, *extra,
+                       cwd=work).stdout
         run_dir = tmp_path / name
         f1 = pd.read_csv(run_dir / "metrics.csv")["val_f1"].tolist()
+        # the log marks the epochs where val F1 peaks (a tie to the later one), whatever best.pth keeps
+        marked = [line.endswith("*best*") for line in out.splitlines() if line.startswith("epoch ")]
+        assert marked == [f1[i] >= max(f1[:i], default=-1) for i in range(len(f1))], (name, f1, marked)
         kept = torch.load(run_dir / "best.pth", weights_only=True)
         progress = torch.load(run_dir / "last.pth", weights_only=True)
         highest = max(range(len(f1)), key=lambda i: (f1[i], i)) + 1  # the later of tied epochs
