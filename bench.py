@@ -949,8 +949,9 @@ def summarize(raw, others, precision):
         figures[f"{name}_peak_rss_mb"] = stats["peak_rss_mb"]
         if stats["peak_gpu_mb"] is not None:
             figures[f"{name}_peak_gpu_mb"] = round(stats["peak_gpu_mb"])
-    header = (f"{'measurement':<28} {'ours':>7} {'ref':>7} {'ratio':>6} {'spread':>6}  {'target':<7} {'':<14} "
-              f"{'peak RSS MB':>13} {'others':>6}\n{'':<28} {'img/s':>7} {'img/s':>7} {'':>6} {'':>6}  {'':<7} "
+    width = max(len(row[1]) for row in ROWS)  # the measurement column
+    header = (f"{'measurement':<{width}} {'ours':>7} {'ref':>7} {'ratio':>6} {'spread':>6}  {'target':<7} {'':<14} "
+              f"{'peak RSS MB':>13} {'others':>6}\n{'':<{width}} {'img/s':>7} {'img/s':>7} {'':>6} {'':>6}  {'':<7} "
               f"{'':<14} {'ours / ref':>13} {'CPU':>6}")
     for key, what, ours, ref, target, precisions, section in ROWS:
         if ours not in raw:
@@ -961,7 +962,7 @@ def summarize(raw, others, precision):
         good = ratio <= target if slowdown else ratio >= target
         verdict = "n/a: auto=fp32" if precisions and precision == "fp32" else "met" if good else "NOT met"
         busy = others.get(section)
-        lines.append(f"{what:<28} {figures[ours + '_imgs_per_s']:>7.1f} {figures[ref + '_imgs_per_s']:>7.1f} "
+        lines.append(f"{what:<{width}} {figures[ours + '_imgs_per_s']:>7.1f} {figures[ref + '_imgs_per_s']:>7.1f} "
                      f"{ratio:>5.2f}x {(max(ratios) - min(ratios)) / ratio:>6.0%}  {'<=' if slowdown else '>='} "
                      f"{target:<4g} {verdict:<14} {figures[ours + '_peak_rss_mb']:>6} / {figures[ref + '_peak_rss_mb']:<4} "
                      f"{'?' if busy is None else format(busy, '.0%'):>6}")
