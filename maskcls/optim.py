@@ -20,6 +20,7 @@ import contextlib
 import functools
 import logging
 import math
+import warnings
 
 import timm.optim
 import timm.scheduler
@@ -65,13 +66,18 @@ def _timm_scheduler(sched, optimizer, epochs, updates_per_epoch, on_updates=Fals
 def _quiet_timm_scheduler():
     """timm's cosine and poly schedules log a warning when a one-epoch run keeps its rate
     ("will have no effect"): true, harmless, and a stray line on stderr around a user error's
-    one line. Muted while one is built."""
+    one line. Muted while one is built. So is timm's FutureWarning on its plateau schedule: its
+    reason, that a resumed run restarts the plateau logic, does not hold here (last.pth keeps
+    the counters timm leaves out: SchedulerState), and its advice names a script that is not
+    the project's."""
     loggers = [logging.getLogger(f"timm.scheduler.{name}") for name in ("cosine_lr", "poly_lr")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="PlateauLRScheduler is deprecated", category=FutureWarning)
+            yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)

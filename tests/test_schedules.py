@@ -3,6 +3,7 @@
 switch at --aug_off_epoch."""
 import math
 import os
+import warnings
 
 import pandas as pd
 import pytest
@@ -33,6 +34,15 @@ def test_one_cycle_rises_to_the_peak_at_30_percent_then_anneals_to_almost_nothin
         seen.append(optimizer.param_groups[0]["lr"])
     assert seen[0] == pytest.approx(1e-5) and seen[4] == pytest.approx(1e-2 / ONE_CYCLE_DIV)
     assert seen[-1] < 1e-3
+
+
+def test_the_plateau_schedule_is_built_without_timm_s_deprecation_warning():
+    """timm warns that a resumed plateau run restarts its logic; the project keeps its counters
+    (tests/test_recipe.py), so the warning would only mislead: none reaches the user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler = build_scheduler(_optimizer(), "plateau", 10, 1)
+    assert type(scheduler).__name__ == "PlateauLRScheduler"
 
 
 def test_flat_then_cosine_holds_the_peak_then_anneals():
