@@ -166,9 +166,9 @@ def fit(fold, state, checkpoint, log, args, run_dir, context, clock, monitor=Non
         state["epoch"] = epoch
         if context.is_main:  # metrics row first: a crash after it is redone on --resume
             seconds = time.time() - tic
-            # marked *best* where val F1 peaks (with --select last best.pth takes every epoch, but
-            # a lower F1 is not marked best), *last* where nothing is validated
-            log.epoch({**row, "seconds": seconds}, improved or (val is None and is_best), clock.tick(seconds))
+            # the log marks the val F1 peaks (best.pth may hold a later epoch: --select last), and
+            # every epoch of a run without validation (printed *last*)
+            log.epoch({**row, "seconds": seconds}, improved or not fold.validates, clock.tick(seconds))
             if is_best:
                 record_best(fold, checkpoint, val, weights, state, run_dir)
             if val is not None:
